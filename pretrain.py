@@ -279,8 +279,9 @@ def parse_args(argv=None):
     # --- data
     ap.add_argument("--mixture", default=None, help="JSON/TOML mixture file (default: the embedded corpus)")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--tokenizer", default=None, help="a .tiktoken file (default: cl100k_base + specials)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per rank per micro-step")
+    ap.add_argument("--tokenizer", default=None, help="cl100k_base, cl100k_base:N or a .tiktoken file (default: "
+                    "cl100k_base, cut to the preset's vocab_size)")
+    ap.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_position_embeddings")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the steps of this phase (default: from "
@@ -297,7 +298,7 @@ def parse_args(argv=None):
     ap.add_argument("--mtp-weight-final", type=float, default=0.1, help="lambda in phase 3 (DeepSeek-V3: 0.1)")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=4, help="per source")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
                     "(for time-limited job slots; continue with --resume)")
@@ -315,23 +316,38 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = compute_init(args.device)
     torch.manual_seed(args.seed + ctx.rank)
-    config = M.get_config(args.preset)
+    # --- tokenizer, config and the plan: steps per phase are fixed in phase 1 and read back in phases 2-3
+    phase_dir = os.path.join(args.out_dir, f"phase{args.phase}")
+    prev_dir = os.path.join(args.out_dir, f"phase{args.phase - 1}")
+    prev_meta = None
+    if args.phase > 1:
+        prev_step = M.latest_step(prev_dir)
+        if prev_step is None:
+            raise SystemExit(f"phase {args.phase} starts from phase {args.phase - 1}'s final checkpoint, but "
+                             f"{prev_dir} has none: run `python pretrain.py --phase {args.phase - 1}` with the "
+                             "same flags first")
+        with open(os.path.join(prev_dir, f"meta_{prev_step:06d}.json")) as f:
+            prev_meta = json.load(f)
+    preset_config = M.get_config(args.preset)
+    tok = data.get_tokenizer(args.tokenizer or (prev_meta or {}).get("tokenizer")
+                             or data.tokenizer_for_vocab(preset_config.vocab_size))
+    config = M.get_config(args.preset, vocab_size=tok.vocab_size)  # the model's vocabulary is the tokenizer's
     seq_len = args.seq_len or config.max_position_embeddings
-    lr = args.lr or (0.02 if args.optimizer == "muon" else 3e-3)
-
-    # --- tokenizer and data
-    tok = data.get_tokenizer(args.tokenizer)
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but preset {args.preset} has "
-                         f"vocab_size {config.vocab_size}; pick a matching preset or tokenizer")
+    lr = args.lr or 3e-3  # Muon's updates are scaled to AdamW's RMS, so one peak LR serves both
     mixture = data.load_mixture(args.mixture)
+    if args.phase not in mixture.phases:
+        raise SystemExit(f"the mixture {args.mixture or '(default)'} has no phase {args.phase} "
+                         f"(it has {sorted(mixture.phases)})")
     world = args.world_size or ctx.world_size
     tokens_per_step = args.batch_size * seq_len * args.grad_accum * world
-    phase_steps = {p: max(1, math.ceil(mixture.phases[p].tokens / tokens_per_step)) for p in (1, 2, 3)}
+    if prev_meta is not None:
+        phase_steps = {int(p): n for p, n in prev_meta["phase_steps"].items()}
+    else:
+        phase_steps = {p: max(1, math.ceil(ph.tokens / tokens_per_step)) for p, ph in mixture.phases.items()}
     if args.steps is not None:
         phase_steps[args.phase] = args.steps
     total = sum(phase_steps.values())
-    start = sum(phase_steps[p] for p in range(1, args.phase))
+    start = sum(n for p, n in phase_steps.items() if p < args.phase)
     warmup, decay = max(1, round(args.warmup_frac * total)), max(1, round(args.decay_frac * total))
     n_params = M.count_params(config)
     parallel = args.parallel if args.parallel != "auto" else ("fsdp" if n_params["total"] > 2e9 else "ddp")
@@ -340,8 +356,7 @@ def main(argv=None):
         if ctx.master:
             print(M.summary(config, seq_len, n_gpus=world if parallel == "fsdp" else 1))
             fpt = M.flops_per_token(config, seq_len)
-            for p in (1, 2, 3):
-                ph = mixture.phases[p]
+            for p, ph in sorted(mixture.phases.items()):
                 print(f"phase {p}: {ph.tokens:,} tokens = {phase_steps[p]} steps of {tokens_per_step:,} tokens, "
                       f"{fpt * phase_steps[p] * tokens_per_step:.3g} FLOPs, mixture {ph.weights}")
             print(f"world size {world} ({parallel}), global steps {total}: warmup {warmup}, decay to zero over the "
@@ -353,30 +368,30 @@ def main(argv=None):
         raise SystemExit("--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper) and Triton; "
                          f"this run's device is {ctx.device}")
 
+    if ctx.ddp and not ctx.master:  # rank 0 builds the token shards once, the others then read its cache
+        dist.barrier()
     shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(args.phase,),
                                log=print if ctx.master else (lambda *a, **k: None))
+    if ctx.ddp and ctx.master:
+        dist.barrier()
     loader = data.TokenLoader(data.phase_sources(mixture, shards, args.phase), args.batch_size, seq_len,
                               rank=ctx.rank, world_size=ctx.world_size, seed=args.seed + args.phase)
     # validation: the same few batches of every source's held-out documents, each source weighted equally
     val = [b for name in sorted(shards) for b in data.val_batches(
         shards[name].val, args.batch_size, seq_len, args.eval_batches, rank=ctx.rank, world_size=ctx.world_size)]
 
-    # --- model: fresh in phase 1, the previous phase's final checkpoint in phases 2 and 3
-    phase_dir = os.path.join(args.out_dir, f"phase{args.phase}")
+    # --- model: fresh in phase 1, the previous phase's final checkpoint (weights + optimizer) in phases 2 and 3
     optim_state = None
     if args.phase == 1:
         model = M.Mellum(config).init_weights(args.seed)
     else:
-        prev = os.path.join(args.out_dir, f"phase{args.phase - 1}")
-        step = M.latest_step(prev)
-        if step != start:
-            raise SystemExit(f"phase {args.phase} starts from phase {args.phase - 1}'s final checkpoint (step "
-                             f"{start}) in {prev}, but found {'none' if step is None else f'step {step}'}: "
-                             f"run `python pretrain.py --phase {args.phase - 1}` with the same flags first")
-        model, meta = M.load_checkpoint(prev, step)
+        if prev_step != start:
+            raise SystemExit(f"{prev_dir} ends at step {prev_step}, but phase {args.phase} starts at step {start}: "
+                             f"finish phase {args.phase - 1} first (`--phase {args.phase - 1} --resume`)")
+        model, meta = M.load_checkpoint(prev_dir, prev_step)
         if meta["config"] != config.to_hf():
-            raise SystemExit(f"{prev}: checkpoint was trained with another config than --preset {args.preset}")
-        optim_state = M.load_optim_state(prev, step, ctx.rank)["optimizer"]
+            raise SystemExit(f"{prev_dir}: checkpoint was trained with another config than --preset {args.preset}")
+        optim_state = M.load_optim_state(prev_dir, prev_step, ctx.rank)["optimizer"]
     model.to(ctx.device)
     if args.fp8:
         model.set_fp8(True)

@@ -1309,3 +1309,99 @@ def test_default_corpus_small_caps(tmp_path):
     assert any("tokens train" in line for line in lines)
     math_tokens = np.asarray(data.read_shard(out["math"].train))
     assert "\n#### " in _tok().decode(math_tokens[:400].tolist())
+
+
+# =============================================================================
+# pretrain.py
+
+import pretrain  # noqa: E402
+
+_REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _mixture_file(tmp_path, tokens=(4000, 2000, 2000)):
+    """A user mixture of generated math documents in a .jsonl file (no default-corpus build: seconds)."""
+    rng = random.Random(0)
+    docs = tmp_path / "docs.jsonl"
+    if not docs.exists():
+        with open(docs, "w") as f:
+            for _ in range(400):
+                q, solution, _ = data.make_math_problem(rng)
+                f.write(json.dumps({"text": f"Question: {q}\nAnswer: {solution}"}) + "\n")
+    spec = {"sources": {"drill": {"paths": [str(docs)]}},
+            "phases": {str(p): {"weights": {"drill": 1.0}, "tokens": n} for p, n in zip((1, 2, 3), tokens)}}
+    path = tmp_path / "mixture.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _pretrain(tmp_path, out, *extra):
+    argv = ["--phase", "1", "--preset", "test", "--tokenizer", "cl100k_base:256", "--mixture", _mixture_file(tmp_path),
+            "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / out), "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", "1000", "--ckpt-every", "1000", "--eval-batches", "2",
+            "--log-every", "1000", "--device", "cpu", *extra]
+    return pretrain.main(argv)
+
+
+def _losses(tmp_path, out, phase=1):
+    with open(tmp_path / out / f"phase{phase}" / "metrics.jsonl") as f:
+        return [r["ce"] for r in map(json.loads, f) if "ce" in r]
+
+
+def test_whd_schedule_boundaries():
+    total, warmup, decay = 100, 10, 30
+    values = [pretrain.whd_schedule(s, total, warmup, decay) for s in range(total + 1)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(v == 1.0 for v in values[10:70])  # hold
+    assert values[70] == pytest.approx(1.0) and values[85] == pytest.approx(0.5)  # linear decay ...
+    assert values[100] == 0.0 and values[99] == pytest.approx(1 / 30)  # ... reaching zero at the end
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_pretrain_loss_drops_and_phases_chain(tmp_path):
+    _pretrain(tmp_path, "run", "--steps", "30", "--lr", "1e-2")
+    ce = _losses(tmp_path, "run")
+    assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.5, ce
+    _pretrain(tmp_path, "run", "--phase", "2", "--steps", "2")  # phase 2 starts at phase 1's final step
+    assert M.latest_step(str(tmp_path / "run" / "phase2")) == 32
+    with pytest.raises(SystemExit, match="ends at step"):  # phase 3 before phase 2 finished its plan
+        with open(tmp_path / "run" / "phase2" / "meta_000032.json") as f:
+            meta = json.load(f)
+        meta["phase_steps"]["2"] = 5
+        with open(tmp_path / "run" / "phase2" / "meta_000032.json", "w") as f:
+            json.dump(meta, f)
+        _pretrain(tmp_path, "run", "--phase", "3")
+
+
+def test_pretrain_phase2_without_phase1_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="run `python pretrain.py --phase 1`"):
+        _pretrain(tmp_path, "none", "--phase", "2")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_exactly(tmp_path):
+    _pretrain(tmp_path, "full", "--phase", "1", "--steps", "8")
+    _pretrain(tmp_path, "cut", "--phase", "1", "--steps", "8", "--stop-after", "3")
+    assert len(_losses(tmp_path, "cut")) == 3
+    _pretrain(tmp_path, "cut", "--phase", "1", "--steps", "8", "--resume")
+    assert _losses(tmp_path, "cut") == _losses(tmp_path, "full")  # bit-identical loss sequence
+    a, _ = M.load_checkpoint(str(tmp_path / "full" / "phase1"))
+    b, _ = M.load_checkpoint(str(tmp_path / "cut" / "phase1"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    import subprocess
+    import sys
+    _pretrain(tmp_path, "one", "--phase", "1", "--steps", "4")  # builds the shards too
+    common = ["--preset", "test", "--tokenizer", "cl100k_base:256", "--mixture", _mixture_file(tmp_path),
+              "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
+              "--seq-len", "32", "--eval-every", "1000", "--ckpt-every", "1000", "--eval-batches", "2",
+              "--phase", "1", "--steps", "4", "--device", "cpu"]
+    port = str(29500 + os.getpid() % 1000)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    os.path.join(_REPO, "pretrain.py"), *common], check=True, env=env, cwd=_REPO, timeout=600)
+    # same global batch (2 ranks x 2 rows = 4 rows): same losses up to the per-rank aux-loss statistics
+    np.testing.assert_allclose(_losses(tmp_path, "two"), _losses(tmp_path, "one"), rtol=2e-3, atol=2e-3)
