@@ -196,6 +196,10 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     """Rows of x grouped by expert (offs_E: int32 cumulative ends); rows of group e are multiplied by w[e].T."""
     if fp8:
         return kernels.fp8_grouped_linear(x_RI, w_EOI, offs_E)
+    if x_RI.size(0) < w_EOI.size(0):  # fewer rows than experts (decoding): gather the experts in use, skip the rest
+        e_R = torch.searchsorted(offs_E, torch.arange(x_RI.size(0), device=x_RI.device, dtype=offs_E.dtype),
+                                 right=True)
+        return torch.bmm(w_EOI[e_R].to(x_RI.dtype), x_RI[:, :, None]).squeeze(-1)
     if torch.is_autocast_enabled(x_RI.device.type):  # _grouped_mm has no autocast rule: cast by hand
         dtype = torch.get_autocast_dtype(x_RI.device.type)
         x_RI, w_EOI = x_RI.to(dtype), w_EOI.to(dtype)

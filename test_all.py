@@ -6,13 +6,16 @@ Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), 
 sample.py, extend.py. Helpers are prefixed with _ and live next to the tests that use them.
 """
 import base64
+import copy
 import datetime
+import functools
 import io
 import json
 import math
 import os
 import random
 import re
+from contextlib import redirect_stdout
 from fractions import Fraction
 
 import torch
@@ -31,6 +34,8 @@ import kernels  # noqa: E402
 import model as M  # noqa: E402
 import muon  # noqa: E402
 from muon import MuonAdamW, newton_schulz, param_groups  # noqa: E402
+import pretrain  # noqa: E402
+import sample as S  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -69,25 +74,26 @@ def test_rope_matches_complex_rotation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_matches_per_token_loop():
+@pytest.mark.parametrize("shape", [(2, 7), (1, 1)])  # grouped GEMM, and the decoding path (fewer rows than experts)
+def test_moe_matches_per_token_loop(shape):
     torch.manual_seed(0)
     cfg = M.get_config("test")
     moe = M.MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    x = torch.randn(2, 7, cfg.hidden_size)
+    x = torch.randn(*shape, cfg.hidden_size)
     with torch.no_grad():
         got = moe(x)
     want = torch.zeros_like(x).view(-1, cfg.hidden_size)
     Fe = cfg.moe_intermediate_size
     for t, xt in enumerate(x.view(-1, cfg.hidden_size)):
-        probs = torch.softmax((moe.gate.weight @ xt).double(), dim=0)
+        probs = torch.softmax((moe.gate.weight.detach() @ xt).double(), dim=0)
         top = sorted(range(cfg.num_experts), key=lambda e: -probs[e])[: cfg.num_experts_per_tok]
         norm = sum(probs[e] for e in top)
         for e in top:
             gate_up = moe.experts.gate_up_proj[e] @ xt
             h = F.silu(gate_up[:Fe]) * gate_up[Fe:]
-            want[t] += float(probs[e] / norm) * (moe.experts.down_proj[e] @ h)
+            want[t] += float(probs[e] / norm) * (moe.experts.down_proj[e] @ h).detach()
     torch.testing.assert_close(got, want.view_as(x), rtol=1e-4, atol=1e-4)
     # load statistics count every routed slot
     assert moe.load.sum().item() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
@@ -1315,8 +1321,6 @@ def test_default_corpus_small_caps(tmp_path):
 # =============================================================================
 # pretrain.py
 
-import pretrain  # noqa: E402
-
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -1406,3 +1410,266 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                     os.path.join(_REPO, "pretrain.py"), *common], check=True, env=env, cwd=_REPO, timeout=600)
     # same global batch (2 ranks x 2 rows = 4 rows): same losses up to the per-rank aux-loss statistics
     np.testing.assert_allclose(_losses(tmp_path, "two"), _losses(tmp_path, "one"), rtol=2e-3, atol=2e-3)
+
+
+# =============================================================================
+# sample.py
+
+@functools.lru_cache(maxsize=None)
+def _trained_model():
+    """The `test` preset trained for a few AdamW steps on a 16-token cycle (scattered over the vocabulary), so the
+    main model is confident and the MTP head drafts well. Shared by the tests that need it (seconds)."""
+    torch.manual_seed(0)
+    model = M.Mellum(M.get_config("test")).init_weights(0)
+    gen = torch.Generator().manual_seed(0)
+    cycle = torch.randperm(256, generator=gen)[:16]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(25):
+        start = torch.randint(0, 16, (4, 1), generator=gen)
+        seq = cycle[(start + torch.arange(33)[None]) % 16]
+        _, losses = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        (losses["ce"] + losses["mtp"] + 0.01 * losses["aux"]).backward()
+        opt.step()
+    return model.eval(), cycle
+
+
+def _naive_greedy(model, idx, n, n_vocab=None, stop=None):
+    """Reference: recompute the whole sequence every step and take the argmax (no cache, no helper from sample)."""
+    seq, out = idx, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(seq)
+            t = int(logits[0, -1, :n_vocab].argmax())
+            out.append(t)
+            if t == stop:
+                break
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+    return out
+
+
+def _prompt(cycle, n=6):
+    return cycle[torch.arange(n) % 16][None]
+
+
+# -----------------------------------------------------------------------------
+# KV cache vs full forward
+
+
+def test_cached_logits_and_mtp_match_full_forward_past_the_window():
+    # random weights: every position matters. Window 8 + slack 4 = a ring of 12 slots, wrapped twice below.
+    cfg = M.get_config("test")
+    model = M.Mellum(cfg).init_weights(1).eval()
+    seq = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    draft = torch.tensor([[7]])
+    cache = M.KVCache(cfg, 1, 48)
+    tol = dict(atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        h_full = model.hidden(seq)
+        logits_full = model.lm_head(h_full)
+        mtp_full = model.mtp_hidden(h_full[:, :-1], seq[:, 1:])  # MTP at t reads h_t and token t+1
+
+        h = model.hidden(seq[:, :5], cache)
+        torch.testing.assert_close(model.lm_head(h), logits_full[:, :5], **tol)
+        h_prev = h[:, -1:]
+        model.mtp_hidden(h[:, :-1], seq[:, 1:5], cache)
+        for t in range(5, 40):
+            if t % 7 == 0:  # the speculative pattern: verify [x_t, draft], then forget the draft position
+                h2 = model.hidden(torch.cat([seq[:, t:t + 1], draft], dim=1), cache)
+                cache.rewind(1)
+                h = h2[:, :1]
+            else:
+                h = model.hidden(seq[:, t:t + 1], cache)
+            torch.testing.assert_close(model.lm_head(h)[:, 0], logits_full[:, t], **tol)
+            m = model.mtp_hidden(h_prev, seq[:, t:t + 1], cache)  # the MTP at position t-1
+            torch.testing.assert_close(m[:, 0], mtp_full[:, t - 1], **tol)
+            h_prev = h
+        assert cache.pos == 40 and cache.mtp.pos == 39
+
+
+def test_generate_with_cache_matches_full_recompute_greedy():
+    model, cycle = _trained_model()
+    idx = _prompt(cycle)
+    want = _naive_greedy(model, idx, 40)  # 46 positions: the sliding rings wrap
+    for use_cache in (True, False):
+        tokens, stats = S.generate(model, idx, 40, temperature=0, use_cache=use_cache)
+        assert tokens == [want], f"use_cache={use_cache}"
+        assert stats["tokens"] == 40 and stats["forwards"] == 40
+
+
+def test_generate_batch_rows_and_stop_token():
+    model, cycle = _trained_model()
+    idx = torch.stack([_prompt(cycle)[0], _prompt(cycle[3:])[0]])
+    want = [_naive_greedy(model, idx[b:b + 1], 20) for b in range(2)]
+    stop = want[1][4]  # row 1 stops at its 5th token (kept); row 0 runs on unless it meets the same id
+    tokens, _ = S.generate(model, idx, 20, temperature=0, stop_token=stop)
+    for b in range(2):
+        cut = want[b].index(stop) + 1 if stop in want[b] else 20
+        assert tokens[b] == want[b][:cut]
+    assert len(tokens[1]) == 5
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    model, cycle = _trained_model()
+    idx = _prompt(cycle)
+    want = _naive_greedy(model, idx, 50)
+    tokens, stats = S.generate(model, idx, 50, temperature=0, speculative=True)
+    assert tokens == [want]
+    assert stats["accepted"] > 0 and stats["forwards"] < 50, stats
+    # a useless draft head (re-randomised MTP) forces rejections and rewinds: the tokens must not change
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in bad.mtp.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    tokens, stats = S.generate(bad, idx, 50, temperature=0, speculative=True)
+    assert tokens == [want]
+    assert stats["drafted"] - stats["accepted"] > 10, stats
+    # a draft restricted to ids < 128 cannot propose the cycle's larger ids: rejections, same tokens
+    tokens, stats = S.generate(model, idx, 50, temperature=0, speculative=True, draft_vocab=128)
+    assert tokens == [want]
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+
+
+def test_speculative_sampling_with_top_k_1_equals_greedy():
+    # top_k=1 makes p and q one-hot: the sampling path (accept_or_resample, resampling, bonus token) must then
+    # reproduce greedy exactly, whether drafts are accepted or rejected
+    model, cycle = _trained_model()
+    idx = _prompt(cycle)
+    want = _naive_greedy(model, idx, 30)
+    for draft_vocab in (None, 128):
+        gen = torch.Generator().manual_seed(0)
+        tokens, stats = S.generate(model, idx, 30, temperature=1.0, top_k=1, generator=gen, speculative=True,
+                                   draft_vocab=draft_vocab)
+        assert tokens == [want] and stats["accepted"] > 0, draft_vocab
+
+
+def test_accept_or_resample_keeps_the_target_distribution():
+    # Monte Carlo over N independent drafts d ~ q: the emitted token must follow p (Leviathan et al. 2023, thm 1)
+    # and the acceptance rate must be sum_x min(p(x), q(x)). Standard error per bin <= 0.5/sqrt(N) = 5e-4:
+    # tolerance 3e-3 is 6 standard errors, while q differs from p by up to 0.3. q(4) = 0 < p(4), as with a
+    # draft restricted to part of the vocabulary: token 4 can only come from resampling.
+    N = 1_000_000
+    p = torch.tensor([0.5, 0.05, 0.3, 0.0, 0.15])
+    q = torch.tensor([0.3, 0.35, 0.1, 0.25, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    draft = torch.multinomial(q, N, replacement=True, generator=gen)
+    accepted, token = S.accept_or_resample(p.expand(N, 5), q.expand(N, 5), draft, gen)
+    freq = torch.bincount(token, minlength=5).float() / N
+    torch.testing.assert_close(freq, p, atol=3e-3, rtol=0)
+    torch.testing.assert_close(accepted.float().mean(), torch.minimum(p, q).sum(), atol=3e-3, rtol=0)
+    assert not (token[~accepted] == draft[~accepted]).all()  # rejections do resample
+    assert (freq - q).abs().max() > 0.1  # the check above can tell p from q
+
+
+def test_accept_or_resample_one_hot_cases():
+    p = torch.tensor([0.0, 1.0, 0.0])
+    accepted, token = S.accept_or_resample(p, p, torch.tensor(1))
+    assert bool(accepted) and int(token) == 1
+    accepted, token = S.accept_or_resample(p, torch.tensor([1.0, 0.0, 0.0]), torch.tensor(0))
+    assert not bool(accepted) and int(token) == 1
+
+
+# -----------------------------------------------------------------------------
+# Sampling filters
+
+
+def test_probabilities_hand_cases():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = p.log()
+    tol = dict(atol=1e-6, rtol=0)
+    torch.testing.assert_close(S.probabilities(logits), p, **tol)
+    torch.testing.assert_close(S.probabilities(logits, top_k=2), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]), **tol)
+    # nucleus 0.6: 0.5 is below it, 0.5 + 0.2 reaches it -> keep two; 0.8 needs 0.5 + 0.2 + 0.15 = 0.85
+    torch.testing.assert_close(S.probabilities(logits, top_p=0.6), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]), **tol)
+    torch.testing.assert_close(S.probabilities(logits, top_p=0.8),
+                               torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, **tol)
+    # temperature 2 on log-probabilities: proportional to sqrt(p)
+    torch.testing.assert_close(S.probabilities(logits, 2.0), p.sqrt() / p.sqrt().sum(), **tol)
+    # rows are independent
+    both = S.probabilities(torch.stack([logits, logits.flip(0)]), top_k=1)
+    torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0]]), **tol)
+
+
+# -----------------------------------------------------------------------------
+# Bad input and the command line
+
+
+def _byte_tokenizer(path):
+    """A .tiktoken file with the 256 single bytes and no merges: 256 ids + data.py's special tokens."""
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+    return path
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        S.load_model(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        S.load_model(str(tmp_path))
+    # the byte tokenizer has 256 + specials ids: more than the test preset's 256 embeddings
+    model = M.Mellum(M.get_config("test")).init_weights(0)
+    M.save_checkpoint(str(tmp_path / "ckpt"), 0, model, {"tokenizer": _byte_tokenizer(str(tmp_path / "b.tiktoken"))})
+    with pytest.raises(ValueError, match="tokenizer .* does not belong to this checkpoint"):
+        S.load_model(str(tmp_path / "ckpt"))
+    pytest.importorskip("safetensors")
+    model.save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        S.load_model(str(tmp_path / "hf"))
+    idx = torch.zeros(1, 60, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        S.generate(model, idx, 5)
+    no_mtp = M.Mellum(M.get_config("test", num_mtp_layers=0)).init_weights(0)
+    with pytest.raises(ValueError, match="needs the MTP module"):
+        S.generate(no_mtp, idx[:, :4], 5, speculative=True)
+
+
+def test_command_line_streams_greedy_text_and_benchmarks(tmp_path):
+    # vocab 384 holds the byte tokenizer's 269 ids; larger init so the random model's argmax has clear margins
+    cfg = M.get_config("test", vocab_size=384, initializer_range=0.1)
+    model = M.Mellum(cfg).init_weights(3).eval()
+    tok_path = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
+    M.save_checkpoint(str(tmp_path / "ckpt"), 5, model, {"tokenizer": tok_path, "stage": "test"})
+    import data
+    tok = data.get_tokenizer(tok_path)
+    prompt = "def f(x):"
+    want = _naive_greedy(model, torch.tensor([tok.encode(prompt)]), 12, n_vocab=tok.n_vocab, stop=tok.eot)
+    want_text = prompt + tok.decode([t for t in want if t != tok.eot])
+    for extra in ([], ["--speculative"]):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "12",
+                    "--temperature", "0", *extra])
+        assert out.getvalue() == want_text, extra
+    out = io.StringIO()
+    with redirect_stdout(out):
+        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "12", "--bench"])
+    text = out.getvalue()
+    for row in ("no cache (full recompute)", "KV cache + speculative", "keeping every position on every layer"):
+        assert row in text
+    assert "WARNING" not in text  # the cached and speculative greedy runs gave the no-cache run's tokens
+    with pytest.raises(SystemExit, match="context is 64"):
+        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "x" * 80])
+
+
+def test_hugging_face_directory_uses_its_tokenizer_json(tmp_path):
+    pytest.importorskip("safetensors")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate("def f x return".split())}}
+    hf_tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    hf_tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model = M.Mellum(M.get_config("test")).init_weights(0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    hf_tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    loaded, tok, meta = S.load_model(str(tmp_path / "hf"))
+    assert meta == {} and tok.n_vocab == 6 and tok.eot == 1
+    assert tok.encode("def f x") == [2, 3, 4]
+    # too many ids for the model's 256 embeddings
+    hf_tok.add_tokens([f"w{i}" for i in range(300)])
+    hf_tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="does not belong to this checkpoint"):
+        S.load_model(str(tmp_path / "hf"))

@@ -1,0 +1,420 @@
+"""
+Generation with Mellum 2: KV-cache decoding, and speculative decoding that uses the model's own MTP head as the
+draft model (DeepSeek-V3, https://arxiv.org/abs/2412.19437 sec. 5.4.3).
+
+CPU or one GPU (a training stage's output directory, latest step, or a Hugging Face-format directory):
+    python sample.py --ckpt out/pretrain/phase1 --prompt "def fibonacci(n):"
+    python sample.py --ckpt out/pretrain/phase1 --prompt "import os" --speculative --temperature 0
+    python sample.py --ckpt out/pretrain/phase1 --prompts-file prompts.txt      # one prompt per line
+    python sample.py --ckpt out/pretrain/phase1 --chat                           # interactive
+    python sample.py --ckpt out/pretrain/phase1 --bench    # tokens/s: no cache, cache, cache + speculative
+
+Contents, top to bottom
+  probabilities          logits -> sampling distribution (temperature, top-k, top-p); greedy = argmax of logits
+  accept_or_resample     the speculative-sampling rule (Leviathan et al. 2023, https://arxiv.org/abs/2211.17192;
+                         Chen et al. 2023, https://arxiv.org/abs/2302.01318): keeps the output distribution exact
+  generate               prefill once, then one token per step through the KV cache (or, for the benchmark, a
+                         full recompute per step), or MTP speculative decoding; rlvr.py samples with it
+  load_model             checkpoint + its tokenizer, vocabulary checked
+  bench, main            the benchmark and the command line
+
+Speculative decoding, one step (the MTP module at position t reads h_t and token t+1 and predicts token t+2):
+  x_n is sampled but not yet fed; the MTP has run at n-1 and drafted d for x_{n+1}. The main model runs on
+  [x_n, d] (positions n, n+1) in one forward. If d is accepted, x_{n+2} is sampled from the second position's
+  logits: two tokens for one forward, and the MTP then runs on positions n, n+1 in one call (its cache must hold
+  every position before it drafts again). If d is rejected, x_{n+1} is resampled, the main cache forgets
+  position n+1 (cache.rewind(1); sliding layers keep spare slots for that) and the MTP runs on position n.
+
+Footguns
+- The model has no padding mask: the rows of one batch must share the prompt length (the command line decodes
+  prompts one at a time); speculative decoding takes one row.
+- Greedy speculative decoding gives plain greedy's tokens because both take the argmax of the same model; the
+  verify forward computes two positions at once, so a logit tie within rounding error could still break
+  differently (never seen in the tests).
+- The returned tokens include the stop token when one was produced. Ids >= n_vocab (the vocabulary padding of
+  data.Tokenizer) are never sampled.
+- --chat is plain continuation of each line until a chat template exists (it arrives with SFT).
+- --draft-vocab assumes ids are ordered by frequency (true of tiktoken BPE ranks); if they are not, only the
+  acceptance rate suffers, never the output.
+- Measured on CPU, `tiny` preset: one speculative step (2-token verify + the 1-layer MTP + two LM heads) costs
+  ~1.4-1.5 plain steps, so even 100% acceptance gives only ~1.2-1.5x there: the MTP layer is a quarter of a
+  4-layer model. The deeper the model, the smaller that share (1/28 for mellum2-12b).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import model as M
+
+# -----------------------------------------------------------------------------
+# Sampling distributions and the speculative acceptance rule
+
+
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """(..., V) logits -> (..., V) float32 probabilities at temperature > 0 (greedy decoding takes the argmax of
+    the logits instead). top_k keeps the k most likely tokens; top_p the smallest set whose mass reaches p
+    (nucleus sampling, Holtzman et al. 2019, https://arxiv.org/abs/1904.09751); both renormalise."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: drop a token once it is >= p
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _pick(dist, greedy, gen):
+    """One token per row of (B, V) logits (greedy) or probabilities -> (B,)."""
+    if greedy:
+        return dist.argmax(-1)
+    return torch.multinomial(dist, 1, generator=gen)[:, 0]
+
+
+def _logits(model, h, rows=None):
+    """lm_head on (R, D) rows as W @ h.T: one pass over the (V, D) weight whatever R is. On CPU, F.linear with
+    2-3 rows runs a GEMM that costs R times one row (measured: 1 row 7 ms, 2 rows 14 ms, W @ h.T 2 rows 6 ms for
+    V=100352, D=128, one thread), which would eat the speculative gain: the verify step needs two rows."""
+    return (model.lm_head.weight[:rows] @ h.T).T
+
+
+def accept_or_resample(p, q, draft, gen=None):
+    """Speculative sampling for drafts drawn from q: accept draft with probability min(1, p(draft) / q(draft)),
+    otherwise draw from norm(max(p - q, 0)). The result is distributed exactly as p. p, q (..., V); draft (...).
+    Returns (accepted (...) bool, token (...))."""
+    p_d = p.gather(-1, draft[..., None])[..., 0]
+    q_d = q.gather(-1, draft[..., None])[..., 0]
+    u = torch.rand(p_d.shape, generator=gen, device=p.device)
+    accepted = u * q_d < p_d  # u < p/q without dividing by q
+    if accepted.all():  # the common case when decoding: skip building the residual
+        return accepted, draft
+    residual = (p - q).clamp_min(0)
+    # the residual is all zero only when p == q, where every draft is accepted; p keeps multinomial well-defined
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    resampled = torch.multinomial(residual.reshape(-1, p.size(-1)), 1, generator=gen).view(draft.shape)
+    return accepted, torch.where(accepted, draft, resampled)
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             stop_token=None, speculative=False, draft_vocab=None, use_cache=True, n_vocab=None, on_token=None):
+    """Continue the prompts idx (B, T) of token ids. Returns (tokens, stats): tokens[b] lists the new ids of row b
+    (ending at the first stop_token, included); stats holds tokens, seconds, tokens_per_s, forwards (main-model
+    calls), kv_cache_bytes and, when speculative, drafted / accepted / acceptance_rate.
+    n_vocab: sample only ids < n_vocab (the tokenizer's real vocabulary). draft_vocab: the speculative draft
+    proposes only ids < draft_vocab (see _speculate; None = all). on_token(row, id) is called as tokens are
+    produced (streaming). use_cache=False recomputes the whole sequence every step (the benchmark baseline)."""
+    config = model.config
+    B, T = idx.shape
+    if T + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens (config.max_position_embeddings): shorten one")
+    if speculative and (model.mtp is None or B != 1 or not use_cache):
+        raise ValueError("speculative decoding needs the MTP module (config.num_mtp_layers = 1), one prompt row and "
+                         f"the KV cache; got num_mtp_layers={config.num_mtp_layers}, {B} rows, use_cache={use_cache}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one token")
+    greedy = temperature == 0
+    n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
+    draft_vocab = min(draft_vocab or n_vocab, n_vocab)
+
+    def dist(h, rows=n_vocab):  # final hidden states (R, D) -> logits (greedy) or probabilities over ids < rows
+        logits = _logits(model, h, rows)
+        return logits if greedy else probabilities(logits, temperature, top_k, top_p)
+
+    tokens, done = [[] for _ in range(B)], [False] * B
+
+    def emit(tok_B):  # record one token per row; True once every row has finished
+        for b in range(B):
+            if not done[b]:
+                t = int(tok_B[b])
+                tokens[b].append(t)
+                if on_token:
+                    on_token(b, t)
+                done[b] = t == stop_token or len(tokens[b]) == max_new_tokens
+        return all(done)
+
+    stats = dict(forwards=1, kv_cache_bytes=0)
+    t0 = time.perf_counter()
+    if not use_cache:
+        seq = idx
+        while not emit(x := _pick(dist(model.hidden(seq)[:, -1]), greedy, generator)):
+            seq = torch.cat([seq, x[:, None]], dim=1)
+            stats["forwards"] += 1
+    else:
+        dtype = next(model.parameters()).dtype
+        cache = M.KVCache(config, B, T + max_new_tokens, device=idx.device, dtype=dtype)
+        h = model.hidden(idx, cache)
+        x = _pick(dist(h[:, -1]), greedy, generator)
+        if speculative:
+            _speculate(model, idx, h, x, cache, dist, greedy, generator, emit, stats, draft_vocab)
+        else:
+            while not emit(x):
+                x = _pick(dist(model.hidden(x[:, None], cache)[:, -1]), greedy, generator)
+                stats["forwards"] += 1
+        stats["kv_cache_bytes"] = cache.nbytes()
+    seconds = time.perf_counter() - t0
+    n = sum(len(t) for t in tokens)
+    stats.update(tokens=n, seconds=seconds, tokens_per_s=n / max(seconds, 1e-9))
+    return tokens, stats
+
+
+def _speculate(model, idx, h, x, cache, dist, greedy, gen, emit, stats, draft_vocab):
+    """The speculative loop (see the module docstring). h: prefill hidden states, x (1,): the first new token.
+    draft_vocab K: the draft scores only ids < K (FR-Spec, Zhao et al. 2025, https://arxiv.org/abs/2502.14856:
+    a BPE vocabulary lists its most frequent merges first, and the LM head dominates a small model's draft
+    cost). Any draft distribution keeps the output exact; a smaller one only lowers the acceptance rate."""
+    stats.update(drafted=0, accepted=0)
+    # the MTP catches up on every prompt position in its first call: position t reads h_t and token t+1
+    mtp_h, mtp_next = h, torch.cat([idx[:, 1:], x[:, None]], dim=1)
+    while not emit(x):
+        q = dist(model.mtp_hidden(mtp_h, mtp_next, cache)[:, -1], draft_vocab)  # the draft's view of x_{n+1}
+        d = _pick(q, greedy, gen)
+        h = model.hidden(torch.stack([x, d], dim=1), cache)  # verify: positions n, n+1
+        p = dist(h[0])  # (2, V): row 0 for x_{n+1}; row 1 for x_{n+2}, valid if d is accepted
+        stats["forwards"] += 1
+        stats["drafted"] += 1
+        if greedy:
+            y = p[0].argmax()[None]
+            accepted = bool(y == d)
+        else:
+            q = torch.nn.functional.pad(q, (0, p.size(-1) - q.size(-1)))  # ids >= draft_vocab: q = 0
+            accepted, y = accept_or_resample(p[0], q[0], d[0], gen)
+            accepted, y = bool(accepted), y[None]
+        if accepted:
+            stats["accepted"] += 1
+            if emit(d):
+                break
+            x = _pick(p[1:], greedy, gen)
+            mtp_h, mtp_next = h, torch.stack([d, x], dim=1)
+        else:
+            cache.rewind(1)  # position n+1 held the rejected draft
+            x = y
+            mtp_h, mtp_next = h[:, :1], x[:, None]
+    stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint + tokenizer
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (needs the optional `tokenizers` package), with data.Tokenizer's interface."""
+
+    def __init__(self, model_dir):
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model_dir}: a Hugging Face-format directory needs a tokenizer.json next to "
+                                    "config.json to encode prompts")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise RuntimeError(f"{path} needs the optional package `tokenizers` (pip install tokenizers)") from e
+        self._tok = Tokenizer.from_file(path)
+        self.name = path
+        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+        self.eot = eos[0] if isinstance(eos, list) else eos
+        if self.eot is None:
+            self.eot = self._tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_model(ckpt, step=None, device="cpu"):
+    """(model in eval mode, tokenizer, meta) from a training stage's checkpoint directory or a Hugging Face-format
+    directory. Raises on a missing checkpoint and on a tokenizer with more ids than the model's embedding."""
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such directory (give a training stage's output directory such "
+                                "as out/pretrain/phase1, or a Hugging Face-format directory with config.json)")
+    model, meta = M.load_checkpoint(ckpt, step, device)
+    if meta:
+        import data  # the tokenizer recorded by the stage that wrote the checkpoint
+        tok = data.get_tokenizer(meta.get("tokenizer"))
+    else:
+        tok = HFTokenizer(ckpt)
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"{ckpt}: tokenizer {tok.name} has {tok.n_vocab} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}: this tokenizer does not belong to this checkpoint")
+    return model.eval(), tok, meta
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: no cache vs cache vs cache + speculative, and the sliding-window KV-cache saving
+
+
+def bench(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, n_vocab, draft_vocab, repeats=3):
+    config, device = model.config, prompt_ids.device
+    max_new_tokens = min(max_new_tokens, config.max_position_embeddings - prompt_ids.size(1))
+    spec = dict(speculative=True, draft_vocab=draft_vocab)
+    runs = [("no cache (full recompute)", 0, dict(use_cache=False)), ("KV cache", 0, {}),
+            ("KV cache + speculative", 0, dict(speculative=True))]
+    if draft_vocab < n_vocab:
+        runs += [(f"  draft ids < {draft_vocab}", 0, spec)]
+    if temperature > 0:
+        runs += [("KV cache", temperature, {}), ("KV cache + speculative", temperature, spec)]
+    generate(model, prompt_ids, min(8, max_new_tokens), temperature=0, n_vocab=n_vocab, **spec)  # warm-up
+    print(f"{config.num_hidden_layers} layers, D={config.hidden_size}, V={config.vocab_size}, device {device}, "
+          f"{torch.get_num_threads()} threads; prompt {prompt_ids.size(1)} tokens, {max_new_tokens} new tokens, "
+          f"no stop token, best of {repeats} runs")
+    print(f"{'decoding':<32}{'temp':>6}{'tokens':>8}{'tok/s':>9}{'speed-up':>10}{'accepted':>10}{'tok/fwd':>9}")
+    best = [None] * len(runs)
+    for _ in range(repeats):  # interleaved, fastest of each kept: other work may share the machine
+        for i, (name, temp, kw) in enumerate(runs):
+            gen = torch.Generator(device=device).manual_seed(seed)  # same seed: every repeat gives the same tokens
+            toks, s = generate(model, prompt_ids, max_new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
+                               generator=gen, n_vocab=n_vocab, **kw)
+            if best[i] is None or s["tokens_per_s"] > best[i][1]["tokens_per_s"]:
+                best[i] = toks, s
+    plain = {temp: s["tokens_per_s"] for (name, temp, _), (_, s) in zip(runs, best) if name == "KV cache"}
+    greedy_tokens = best[0][0]
+    for (name, temp, _), (toks, s) in zip(runs, best):
+        speed = f"{s['tokens_per_s'] / plain[temp]:.2f}x" if name != runs[0][0] else "-"
+        acc = f"{s['acceptance_rate']:.1%}" if "acceptance_rate" in s else "-"
+        print(f"{name:<32}{temp:>6g}{s['tokens']:>8}{s['tokens_per_s']:>9.1f}{speed:>10}{acc:>10}"
+              f"{s['tokens'] / s['forwards']:>9.2f}")
+        if temp == 0 and toks != greedy_tokens:
+            first = next(i for i, (a, b) in enumerate(zip(toks[0], greedy_tokens[0])) if a != b)
+            print(f"  WARNING: greedy tokens differ from the no-cache run from position {first} on")
+    print("speed-up: vs plain KV-cache decoding at the same temperature; tok/fwd: tokens per main-model forward")
+    full_types = [M.FULL] * (config.num_hidden_layers + config.num_mtp_layers)
+    for ctx in sorted({config.max_position_embeddings, 131_072}):
+        windowed = M.KVCache(config, 1, ctx, device="meta").nbytes()
+        every = M.KVCache(config, 1, ctx, device="meta", layer_types=full_types).nbytes()
+        print(f"KV cache at {ctx} tokens (fp32, batch 1, MTP included): {windowed / 2**20:.1f} MiB with "
+              f"sliding-window rings vs {every / 2**20:.1f} MiB keeping every position on every layer "
+              f"({every / windowed:.2f}x)")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class _StreamPrinter:
+    """on_token callback printing the decoded text as it grows. A token can end inside a UTF-8 character (byte-level
+    BPE): such text is held back until the character completes, or until finish()."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, row, t):
+        if t != self.tok.eot:
+            self.ids.append(t)
+            text = self.tok.decode(self.ids)
+            if not text.endswith("\ufffd"):
+                self.finish(text)
+
+    def finish(self, text=None):
+        text = self.tok.decode(self.ids) if text is None else text
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate with a nanoMellum checkpoint (KV cache, MTP speculative "
+                                 "decoding)")
+    # --- what to load and what to continue
+    ap.add_argument("--ckpt", required=True, help="training checkpoint dir (latest step) or Hugging Face dir")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ap.add_argument("--prompt", default="def fibonacci(n):\n", help="text to continue")
+    ap.add_argument("--prompts-file", default=None, help="one prompt per line (write \\n for a newline inside "
+                    "one), decoded one at a time")
+    ap.add_argument("--chat", action="store_true", help="interactive loop (plain continuation until SFT's template)")
+    ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative")
+    # --- decoding
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=50, help="0 = off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speculative", action="store_true", help="MTP-drafted speculative decoding")
+    ap.add_argument("--draft-vocab", type=int, default=32768, help="the draft proposes only ids below this "
+                    "(the most frequent BPE merges; cheaper draft head, same output); 0 = all")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    args = ap.parse_args(argv)
+
+    # --- model and tokenizer
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, tok, meta = load_model(args.ckpt, args.step, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"sample.py: {e}")
+    config = model.config
+    context = config.max_position_embeddings
+    print(f"loaded {args.ckpt} ({meta.get('stage') or meta.get('phase') or 'Hugging Face format'}, step "
+          f"{meta.get('step', '-')}): {config.num_hidden_layers} layers, D={config.hidden_size}, context {context}, "
+          f"MTP {'yes' if model.mtp is not None else 'no'}; tokenizer {tok.name}", file=sys.stderr)
+    if args.speculative and model.mtp is None:
+        sys.exit("sample.py: --speculative needs the MTP module, and this checkpoint has none")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+
+    def encode(text):
+        ids = tok.encode(text)
+        if not ids:
+            sys.exit("sample.py: the prompt is empty")
+        if len(ids) >= context:
+            sys.exit(f"sample.py: the prompt has {len(ids)} tokens, the model's context is {context}: shorten it")
+        return torch.tensor([ids], device=device)
+
+    if args.bench:
+        bench(model, encode(args.prompt), args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
+              draft_vocab=min(args.draft_vocab or tok.n_vocab, tok.n_vocab), **sampling)
+        return
+
+    # --- generate
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def complete(text):
+        idx = encode(text)
+        max_new = min(args.max_new_tokens, context - idx.size(1))
+        if max_new < args.max_new_tokens:
+            print(f"[generating {max_new} tokens: the context of {context} is full after that]", file=sys.stderr)
+        print(text, end="", flush=True)
+        printer = _StreamPrinter(tok)
+        _, s = generate(model, idx, max_new, generator=gen, stop_token=tok.eot, speculative=args.speculative,
+                        draft_vocab=args.draft_vocab or None, n_vocab=tok.n_vocab, on_token=printer, **sampling)
+        printer.finish()
+        line = (f"\n[{s['tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_s']:.1f} tok/s; KV cache "
+                f"{s['kv_cache_bytes'] / 2**20:.2f} MiB")
+        if args.speculative:
+            line += f"; drafts accepted {s['accepted']}/{s['drafted']} ({s['acceptance_rate']:.1%})"
+        print(line + "]", file=sys.stderr)
+
+    if args.chat:
+        print("chat: each line is continued (no chat template before SFT); Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if line.strip():
+                complete(line)
+    elif args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = [p.rstrip("\n").replace("\\n", "\n") for p in f if p.strip()]
+        for i, p in enumerate(prompts):
+            print(f"--- prompt {i + 1}/{len(prompts)}", file=sys.stderr)
+            complete(p)
+    else:
+        complete(args.prompt)
+
+
+if __name__ == "__main__":
+    main()
