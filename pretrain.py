@@ -155,13 +155,14 @@ def train(ctx, model, loader, val_loss_fn, *, out_dir, stage, steps, lr, schedul
     `optim_state` (from an earlier stage's checkpoint) seeds the optimizer. Returns final metrics."""
     raw = model
     end_step = start_step + steps
-    if resume and M.latest_step(out_dir) is not None:
+    resumed = resume and M.latest_step(out_dir) is not None
+    if resumed:
         start_step = M.latest_step(out_dir)
-        resumed, rmeta = M.load_checkpoint(out_dir, start_step)
+        ckpt_model, rmeta = M.load_checkpoint(out_dir, start_step)
         if rmeta["config"] != raw.config.to_hf():
             raise ValueError(f"{out_dir}: checkpoint config differs from this run's model; resume with the same "
                              "--preset / flags, or use a new --out-dir")
-        raw.load_state_dict(resumed.state_dict())
+        raw.load_state_dict(ckpt_model.state_dict())
         extra = M.load_optim_state(out_dir, start_step, ctx.rank)
         optim_state = extra["optimizer"]
         loader.load_state_dict(extra["loader"])
@@ -199,6 +200,11 @@ def train(ctx, model, loader, val_loss_fn, *, out_dir, stage, steps, lr, schedul
             dist.barrier()
 
     val_loss = float("nan")
+    if not resumed:  # where this stage starts from, for the record
+        val_loss = val_loss_fn(model)
+        log(dict(step=start_step, val_loss=val_loss))
+        if ctx.master:
+            print(f"step {start_step:6d} | val loss {val_loss:.4f} (start of {stage})")
     bar = tqdm(range(start_step, end_step), desc=stage, disable=not ctx.master, dynamic_ncols=True,
                initial=start_step, total=end_step)
     model.train()

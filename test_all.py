@@ -39,7 +39,7 @@ from muon import MuonAdamW, newton_schulz, param_groups  # noqa: E402
 import pretrain  # noqa: E402
 import sample as S  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny shapes: one thread is as fast, and immune to oversubscribed cores
 
 
 def _tiny_model(seed=0, **overrides):
