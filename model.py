@@ -22,6 +22,7 @@ Footguns:
 - `torch._grouped_mm` wants int32 cumulative *end* offsets, one per expert; empty experts are fine.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -126,9 +127,9 @@ PRESETS = {
                         num_key_value_heads=4, head_dim=128, sliding_window=1024, max_position_embeddings=8192,
                         intermediate_size=7168, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=896),
     # ~1.05B total / ~0.35B active: fp32 master weights + grads + Muon/AdamW state ~14 GB, fits one 24 GB card.
-    "mellum2-1b": dict(vocab_size=100_352, hidden_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
-                       head_dim=128, sliding_window=1024, max_position_embeddings=4096, intermediate_size=2816,
-                       num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512),
+    "mellum2-1b": dict(vocab_size=100_352, hidden_size=1024, num_hidden_layers=16, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=128, sliding_window=1024, max_position_embeddings=4096,
+                       intermediate_size=2816, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512),
     "tiny": {},
     # For tests: a few thousand parameters per layer, tiny vocabulary.
     "test": dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -169,9 +170,15 @@ def rope_frequencies(head_dim, params):
     return inv_freq.float(), mscale
 
 
+@functools.lru_cache(maxsize=64)  # keyed by value, so a config changed by extend.py gets its own entry
+def _rope_frequencies_cached(head_dim, params):
+    return rope_frequencies(head_dim, dict(params))
+
+
 def rope_cos_sin(config, layer_type, pos, dtype):
     """cos, sin of shape (T, head_dim) for integer positions `pos` (T,), rotate-half layout."""
-    inv_freq, scale = rope_frequencies(config.head_dim, config.rope_parameters[layer_type])
+    params = tuple(sorted(config.rope_parameters[layer_type].items()))
+    inv_freq, scale = _rope_frequencies_cached(config.head_dim, params)
     freqs = pos.float()[:, None] * inv_freq.to(pos.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -196,10 +203,6 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     """Rows of x grouped by expert (offs_E: int32 cumulative ends); rows of group e are multiplied by w[e].T."""
     if fp8:
         return kernels.fp8_grouped_linear(x_RI, w_EOI, offs_E)
-    if x_RI.size(0) < w_EOI.size(0):  # fewer rows than experts (decoding): gather the experts in use, skip the rest
-        e_R = torch.searchsorted(offs_E, torch.arange(x_RI.size(0), device=x_RI.device, dtype=offs_E.dtype),
-                                 right=True)
-        return torch.bmm(w_EOI[e_R].to(x_RI.dtype), x_RI[:, :, None]).squeeze(-1)
     if torch.is_autocast_enabled(x_RI.device.type):  # _grouped_mm has no autocast rule: cast by hand
         dtype = torch.get_autocast_dtype(x_RI.device.type)
         x_RI, w_EOI = x_RI.to(dtype), w_EOI.to(dtype)
@@ -473,14 +476,15 @@ class Mellum(nn.Module):
             if isinstance(m, (Linear, Experts)):
                 m.fp8 = enabled
 
-    def _cos_sin(self, T, start, device, dtype):
+    def _cos_sin(self, T, start, device, dtype, layer_types):
         pos = torch.arange(start, start + T, device=device)
-        return {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in set(self.config.layer_types) | {SLIDING}}
+        return {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
 
     def hidden(self, idx, cache=None):
         """Final (normalised) hidden states (B, T, D) of the main model."""
         x = self.model.embed_tokens(idx)
-        rope = self._cos_sin(idx.size(1), cache.pos if cache else 0, idx.device, x.dtype)
+        start = cache.pos if cache else 0
+        rope = self._cos_sin(idx.size(1), start, idx.device, x.dtype, set(self.config.layer_types))
         for layer, lt in zip(self.model.layers, self.config.layer_types):
             x = layer(x, *rope[lt], cache)
         if cache is not None:
@@ -491,7 +495,7 @@ class Mellum(nn.Module):
         """MTP hidden states: h (B, T, D) at positions t, next_idx (B, T) the tokens at t+1."""
         mcache = cache.mtp if cache is not None else None
         start = mcache.pos if mcache else 0
-        rope = self._cos_sin(h.size(1), start, h.device, h.dtype)
+        rope = self._cos_sin(h.size(1), start, h.device, h.dtype, [SLIDING])
         out = self.mtp(h, self.model.embed_tokens(next_idx), *rope[SLIDING], mcache)
         if mcache is not None:
             mcache.advance(h.size(1))

@@ -76,7 +76,7 @@ def test_rope_matches_complex_rotation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 7), (1, 1)])  # grouped GEMM, and the decoding path (fewer rows than experts)
+@pytest.mark.parametrize("shape", [(2, 7), (1, 1)])  # many tokens per expert, and one token (empty experts)
 def test_moe_matches_per_token_loop(shape):
     torch.manual_seed(0)
     cfg = M.get_config("test")
