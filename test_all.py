@@ -1385,6 +1385,11 @@ def test_pretrain_phase2_without_phase1_is_a_clear_error(tmp_path):
         _pretrain(tmp_path, "none", "--phase", "2")
 
 
+def test_pretrain_fp8_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--fp8 needs a CUDA GPU"):
+        _pretrain(tmp_path, "fp8", "--fp8")
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path):
     _pretrain(tmp_path, "full", "--phase", "1", "--steps", "8")
