@@ -459,7 +459,7 @@ class Mellum(nn.Module):
     def init_weights(self, seed=None):
         """Normal(0, initializer_range) for every matrix, ones for norms (as the reference implementation)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
@@ -504,6 +504,9 @@ class Mellum(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) -> logits (B, T, V) and the loss parts {ce, mtp, aux} (unweighted) when targets are given.
         targets (B, T) are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1]."""
+        moes = self.moe_layers()
+        for m in moes:  # the aux loss counts only the MoE layers this forward runs (the MTP's may not)
+            m.aux_loss = None
         h = self.hidden(idx, cache)
         logits = self.lm_head(h)
         if targets is None:
@@ -516,8 +519,8 @@ class Mellum(nn.Module):
             losses["mtp"] = F.cross_entropy(mtp_logits.view(-1, V), targets[:, 1:].reshape(-1), ignore_index=-1)
         else:
             losses["mtp"] = logits.new_zeros(())
-        moes = self.moe_layers()
-        losses["aux"] = torch.stack([m.aux_loss for m in moes]).mean() if moes else logits.new_zeros(())
+        aux = [m.aux_loss for m in moes if m.aux_loss is not None]
+        losses["aux"] = torch.stack(aux).mean() if aux else logits.new_zeros(())
         return logits, losses
 
     def expert_load(self):
