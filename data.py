@@ -61,15 +61,19 @@ DATA_DIR = os.path.join(REPO_DIR, "data")
 # -----------------------------------------------------------------------------
 # Tokenizer
 
-# Appended after the BPE ranks, in this order (ids n_bpe, n_bpe+1, ...). The FIM triple follows Bavarian et al.
-# 2022 (arXiv 2207.14255); the chat roles, think and tool markers are for sft.py / rlvr.py.
+# Appended after the BPE ranks, in this order (ids n_bpe, n_bpe+1, ...). Every tag the model must emit or stop on
+# is one token, so generation can stop on it and the renderer can mask by id. Names follow Mellum 2: the FIM
+# sentinels and <filename> of Mellum-4B (Bavarian et al. 2022, arXiv 2207.14255), ChatML turn delimiters, and
+# the released chat template's think / tool tags (Hermes-style tool calls, Qwen3-style think blocks).
 SPECIAL_TOKENS = (
-    "<|endoftext|>",                                    # document separator, end of a generation
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-    "<|im_start|>", "<|im_end|>",                        # chat turn delimiters
-    "<|system|>", "<|user|>", "<|assistant|>",           # chat roles, written after <|im_start|>
-    "<|think|>", "<|/think|>",                           # reasoning trace of the Thinking variant
-    "<|tool_call|>", "<|tool_result|>",
+    "<|endoftext|>",                                    # document separator in pre-training
+    "<fim_prefix>", "<fim_middle>", "<fim_suffix>",     # fill-in-the-middle sentinels
+    "<filename>",                                       # repository context: a file's path precedes its text
+    "<|im_start|>", "<|im_end|>",                        # chat turns; <|im_end|> ends a turn and a generation
+    "<think>", "</think>",                              # the Thinking variant's reasoning block
+    "<tool_call>", "</tool_call>",                      # a function call the model emits (JSON inside)
+    "<tool_response>", "</tool_response>",              # a tool's result, injected in a user turn
+    "<tools>", "</tools>",                              # the tool schemas listed in the system turn
 )
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # verified by tiktoken on load
 
@@ -87,9 +91,9 @@ class Tokenizer:
         self.n_vocab = self._enc.n_vocab
         self.vocab_size = -(-self.n_vocab // 128) * 128  # embedding rows; multiples of 128 suit GPU matmuls
         self.eot = self.special["<|endoftext|>"]
-        self.fim_prefix = self.special["<|fim_prefix|>"]
-        self.fim_middle = self.special["<|fim_middle|>"]
-        self.fim_suffix = self.special["<|fim_suffix|>"]
+        self.fim_prefix = self.special["<fim_prefix>"]
+        self.fim_middle = self.special["<fim_middle>"]
+        self.fim_suffix = self.special["<fim_suffix>"]
 
     def encode(self, text):
         return self._enc.encode_ordinary(text)
@@ -360,7 +364,7 @@ def make_math_problem(rng):
 # -----------------------------------------------------------------------------
 # Fill-in-the-middle (Bavarian et al. 2022, arXiv 2207.14255)
 #
-# Document-level, character-level spans, PSM order: <|fim_prefix|> pre <|fim_suffix|> suf <|fim_middle|> mid.
+# Document-level, character-level spans, PSM order: <fim_prefix> pre <fim_suffix> suf <fim_middle> mid.
 # Rate 0.5: the paper shows FIM rates up to 0.9 leave left-to-right loss unchanged ("FIM for free"); half the code
 # documents stay plain left-to-right, as in SantaCoder/StarCoder, which trained code-completion models this way.
 
@@ -589,7 +593,7 @@ def doc_starts(tokens, eot):
 # -----------------------------------------------------------------------------
 # prepare_data: tokenise each source once, in parallel, into cached (train, val) shards
 
-CACHE_VERSION = 1       # bump when corpus building or tokenisation changes: old caches are then ignored
+CACHE_VERSION = 2       # bump when corpus building or tokenisation changes: old caches are then ignored
 VAL_FRACTION = 0.02     # of each source's documents, chosen by a hash of their content
 MIN_VAL_DOCS = 8        # so that small sources still have a validation split
 

@@ -996,8 +996,8 @@ def test_tokenizer_specials_and_padding():
     assert tok.n_vocab == 100_256 + len(data.SPECIAL_TOKENS)
     assert tok.vocab_size == 100_352 and tok.vocab_size % 128 == 0
     assert tok.eot == 100_256 and tok.fim_prefix == 100_257 and tok.fim_middle == 100_258 and tok.fim_suffix == 100_259
-    assert tok.encode_special("<|/think|>") == 100_256 + data.SPECIAL_TOKENS.index("<|/think|>")
-    text = "def f(x):\n    return x  # <|endoftext|> <|fim_prefix|> stays text, héllo 世界"
+    assert tok.encode_special("</think>") == 100_256 + data.SPECIAL_TOKENS.index("</think>")
+    text = "def f(x):\n    return x  # <|endoftext|> <fim_prefix> <|im_end|> stays text, héllo 世界"
     ids = tok.encode(text)
     assert not set(ids) & set(tok.special.values())
     assert tok.decode(ids) == text
