@@ -66,7 +66,8 @@ def test_rope_matches_complex_rotation():
     cfg = M.get_config("test")
     hd, T = cfg.head_dim, 11
     x = torch.randn(1, 2, T, hd)
-    for lt, theta in [(M.FULL, 500_000.0), (M.SLIDING, 10_000.0)]:
+    assert cfg.rope_parameters[M.SLIDING]["rope_theta"] == cfg.rope_parameters[M.FULL]["rope_theta"] == 500_000.0
+    for lt, theta in [(M.FULL, 500_000.0), (M.SLIDING, 500_000.0)]:  # the released config: 500k on both types
         cos, sin = M.rope_cos_sin(cfg, lt, torch.arange(T), torch.float32)
         got = M.apply_rope(x, cos, sin)
         freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
@@ -98,28 +99,112 @@ def test_moe_matches_per_token_loop(shape):
             want[t] += float(probs[e] / norm) * (moe.experts.down_proj[e] @ h).detach()
     torch.testing.assert_close(got, want.view_as(x), rtol=1e-4, atol=1e-4)
     # load statistics count every routed slot
-    assert moe.load.sum().item() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
+    assert moe.count_E.sum().item() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
 
 
-def test_aux_loss_formula():
+def _router_inputs(model, x):
+    """Run model.hidden(x) and capture the input of every MoE layer (main model only), for hand-written losses."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+             for m in model.model.modules() if isinstance(m, M.MoE)]
+    with torch.no_grad():
+        model.hidden(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _hand_router_stats(model, xs):
+    """Per MoE layer: (counts (E,), mean probabilities (E,), mean logsumexp^2) of the router on input xs (N, D),
+    written out with explicit loops over tokens."""
+    out = []
+    for moe, x in zip([m for m in model.model.modules() if isinstance(m, M.MoE)], xs):
+        W = moe.gate.weight.detach().double()
+        E, K = W.size(0), moe.top_k
+        counts, psum, zsum = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64), 0.0
+        rows = x.reshape(-1, x.size(-1)).double()
+        for xt in rows:
+            logits = W @ xt
+            probs = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
+            for e in sorted(range(E), key=lambda e: -probs[e])[:K]:
+                counts[e] += 1
+            psum += probs
+            zsum += float(torch.log(torch.exp(logits).sum())) ** 2
+        out.append((counts, psum / len(rows), zsum / len(rows)))
+    return out
+
+
+def _router_model(num_mtp_layers=0):
     torch.manual_seed(0)
-    cfg = M.get_config("test")
-    moe = M.MoE(cfg)
-    torch.nn.init.normal_(moe.gate.weight, std=1.0)
-    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.1)
-    torch.nn.init.normal_(moe.experts.down_proj, std=0.1)
-    x = torch.randn(3, 5, cfg.hidden_size)
-    moe(x)
-    E, K = cfg.num_experts, cfg.num_experts_per_tok
-    probs = torch.softmax(x.view(-1, cfg.hidden_size) @ moe.gate.weight.T, dim=-1)
-    chosen = probs.topk(K, dim=-1).indices
-    f = torch.tensor([(chosen == e).sum().item() for e in range(E)], dtype=torch.float32) / chosen.numel()
-    want = E * sum(f[e] * probs[:, e].mean() for e in range(E))
-    torch.testing.assert_close(moe.aux_loss, want, rtol=1e-5, atol=1e-6)
-    # uniform routing gives exactly 1
-    moe.gate.weight.data.zero_()
-    moe(x)
-    assert abs(moe.aux_loss.item() - 1.0) < 1e-6
+    model = _tiny_model(num_mtp_layers=num_mtp_layers).train()
+    for m in model.moe_layers():  # a confident router, so the expert counts are far from uniform
+        torch.nn.init.normal_(m.gate.weight, std=0.5)
+    return model
+
+
+def test_router_losses_match_hand_formula_over_two_micro_batches():
+    # Switch aux per layer: E * sum_e f_e P_e with f from the counts of micro-batches 1..i (global batch so far)
+    # and P from micro-batch i alone; summed over layers. z-loss: mean over tokens of logsumexp^2, summed.
+    model = _router_model()
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randint(0, 256, (2, 6), generator=gen), torch.randint(0, 256, (3, 4), generator=gen)]
+    stats = [_hand_router_stats(model, _router_inputs(model, x)) for x in xs]
+    model.reset_router_counts()
+    for i, x in enumerate(xs):
+        _, losses = model(x, torch.roll(x, -1, 1))
+        E = model.config.num_experts
+        want_aux, want_z = 0.0, 0.0
+        for layer in range(len(stats[0])):
+            counts = sum(stats[j][layer][0] for j in range(i + 1))
+            want_aux += E * float((counts / counts.sum() * stats[i][layer][1]).sum())
+            want_z += stats[i][layer][2]
+        assert losses["aux"].item() == pytest.approx(want_aux, rel=1e-5)
+        assert losses["z"].item() == pytest.approx(want_z, rel=1e-5)
+    # a new step forgets the old counts; eval uses this forward's counts alone
+    model.reset_router_counts()
+    _, losses = model(xs[1], torch.roll(xs[1], -1, 1))
+    local = sum(E * float((s[0] / s[0].sum() * s[1]).sum()) for s in stats[1])
+    assert losses["aux"].item() == pytest.approx(local, rel=1e-5)
+    model.eval()
+    _, again = model(xs[1], torch.roll(xs[1], -1, 1))
+    assert again["aux"].item() == pytest.approx(local, rel=1e-5)
+    # uniform routing: exactly 1 per layer; the gradient flows through P only (f is a count)
+    for m in model.moe_layers():
+        m.gate.weight.data.zero_()
+    _, losses = model(xs[0], torch.roll(xs[0], -1, 1))
+    assert losses["aux"].item() == pytest.approx(len(model.moe_layers()), rel=1e-6)
+
+
+def _router_rank_worker(rank, world, tmp, xs):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = _router_model()
+    model.reset_router_counts()
+    aux = []
+    for x in xs[rank]:  # this rank's two micro-batches
+        _, losses = model(x, torch.roll(x, -1, 1))
+        aux.append(losses["aux"].item())
+    torch.save(aux, f"{tmp}/aux{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_batch_aux_loss_over_two_ranks(tmp_path):
+    # f_e of micro-batch i on rank r counts micro-batches 1..i of *both* ranks; P_e is rank r's own micro-batch.
+    gen = torch.Generator().manual_seed(2)
+    xs = [[torch.randint(0, 256, (2, 5), generator=gen) for _ in range(2)] for _ in range(2)]
+    torch.multiprocessing.spawn(_router_rank_worker, args=(2, str(tmp_path), xs), nprocs=2)
+    model = _router_model()
+    E = model.config.num_experts
+    stats = [[_hand_router_stats(model, _router_inputs(model, x)) for x in xs[r]] for r in range(2)]
+    for r in range(2):
+        got = torch.load(tmp_path / f"aux{r}.pt")
+        for i in range(2):
+            want = 0.0
+            for layer in range(len(stats[r][i])):
+                counts = sum(stats[q][j][layer][0] for q in range(2) for j in range(i + 1))
+                want += E * float((counts / counts.sum() * stats[r][i][layer][1]).sum())
+            assert got[i] == pytest.approx(want, rel=1e-5), (r, i)
 
 
 @pytest.mark.parametrize("chunks", [[11] + [1] * 19, [5, 12, 13], [30]])
