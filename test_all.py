@@ -1450,6 +1450,115 @@ def test_whd_schedule_boundaries():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
+def test_batch_ramp_hand_values():
+    # the report's ramp: 2,048 -> 4,096 sequences over 19,000 steps, in rounds of 2 sequences x 256 ranks
+    ramp = functools.partial(pretrain.batch_ramp, start=2048, end=4096, ramp_steps=19_000, unit=512)
+    assert [ramp(s) for s in (0, 4749, 4750, 9499, 9500, 14250, 18999, 19_000, 300_000)] == \
+        [2048, 2048, 2560, 2560, 3072, 3584, 3584, 4096, 4096]
+    assert pretrain.batch_ramp(0, 2, 8, 10, unit=4) == 4  # never below one round of micro-batches
+    # tokens -> steps under the ramp: 3 steps of 2 + 3 steps of 3 sequences (x 10 tokens) = 150 tokens, then 4 each
+    at = functools.partial(pretrain.batch_ramp, start=2, end=4, ramp_steps=6, unit=1)
+    assert [at(s) for s in range(8)] == [2, 2, 2, 3, 3, 3, 4, 4]
+    assert pretrain.steps_for_tokens(150, 0, 10, at, 6) == 6
+    assert pretrain.steps_for_tokens(151, 0, 10, at, 6) == 7
+    assert pretrain.steps_for_tokens(230, 0, 10, at, 6) == 8
+    assert pretrain.steps_for_tokens(40, 3, 10, at, 6) == 2  # a later phase starts inside the ramp
+
+
+def test_dry_run_prints_the_reports_recipe_for_mellum2_12b(capsys):
+    pretrain.main(["--preset", "mellum2-12b", "--phase", "1", "--dry-run", "--world-size", "256"])
+    out = capsys.readouterr().out
+    for fact in ["8,192-token sequences", "micro-batch 2 x 256 ranks", "global batch 2,048 -> 4,096 sequences",
+                 "reached at step 19,000", "peak lr 0.0003", "warmup 2,000 steps",
+                 "linear decay to 0 over the last 49,306 of 323,459 steps", "mtp weight 0.1", "aux coef 0.001",
+                 "phase 1: budget 6.18T tokens", "phase 2: budget 2.79T tokens", "phase 3: budget 1.69T tokens",
+                 "(global 274,153..323,459)"]:
+        assert fact in out, fact
+    # phase 1's steps carry its 6.18T tokens under the ramp: 4,750 steps at each of 2,048 / 2,560 / 3,072 / 3,584
+    # sequences, then 4,096 per step
+    ramp_tokens = 4750 * (2048 + 2560 + 3072 + 3584) * 8192
+    p1 = 19_000 + math.ceil((6.18e12 - ramp_tokens) / (4096 * 8192))
+    assert f"phase 1: budget 6.18T tokens, {p1:,} steps (global 0..{p1:,})" in out
+
+
+def test_compile_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--compile needs a CUDA GPU"):
+        _pretrain(tmp_path, "compile", "--compile")
+
+
+def _masked_batches(seed=0):
+    """Three micro-batches of 2 rows whose targets are masked (-1) in different amounts."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for keep in (1.0, 0.3, 0.7):
+        x = torch.randint(0, 256, (2, 12), generator=gen)
+        y = torch.randint(0, 256, (2, 12), generator=gen)
+        y[torch.rand(2, 12, generator=gen) > keep] = -1
+        batches.append((x, y))
+    return batches
+
+
+def test_token_normalised_losses_match_hand_computation():
+    # CE over a step = sum of -log p(target) over every unmasked target of every micro-batch / their count
+    model = _tiny_model().train()
+    batches = _masked_batches()
+    norm = pretrain.token_normaliser(batches, _CPU)
+    parts = pretrain.forward_backward(_CPU, model, model, batches, norm)
+    ce_sum = mtp_sum = n_ce = n_mtp = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            h = model.hidden(x)
+            logp = model.lm_head(h).double().log_softmax(-1)
+            logp_mtp = model.lm_head(model.mtp_hidden(h[:, :-1], x[:, 1:])).double().log_softmax(-1)
+            for b in range(x.size(0)):
+                for t in range(x.size(1)):
+                    if y[b, t] != -1:
+                        ce_sum, n_ce = ce_sum - logp[b, t, y[b, t]].item(), n_ce + 1
+                    if t >= 1 and y[b, t] != -1:  # the MTP head at t-1 predicts targets[t]
+                        mtp_sum, n_mtp = mtp_sum - logp_mtp[b, t - 1, y[b, t]].item(), n_mtp + 1
+    assert norm.tolist() == [n_ce, n_mtp]
+    assert parts[0].item() == pytest.approx(ce_sum / n_ce, rel=1e-5)
+    assert parts[1].item() == pytest.approx(mtp_sum / n_mtp, rel=1e-5)
+
+
+def test_fully_masked_step_gives_finite_loss_and_zero_gradients():
+    model = _tiny_model().train()
+    batches = [(x, torch.full_like(y, -1)) for x, y in _masked_batches()]
+    parts = pretrain.forward_backward(_CPU, model, model, batches, pretrain.token_normaliser(batches, _CPU),
+                                      aux_coef=0.0, z_coef=0.0)
+    assert parts[:2].tolist() == [0.0, 0.0] and torch.isfinite(parts).all()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # with the router losses on, the step is still finite (they train the router alone)
+    parts = pretrain.forward_backward(_CPU, model, model, batches, pretrain.token_normaliser(batches, _CPU))
+    assert torch.isfinite(parts).all() and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                               if p.grad is not None)
+
+
+def test_grad_accumulation_equals_one_big_batch_in_gradients():
+    # k micro-batches with unequal target counts vs one batch of all their rows: same gradients. (The balancing
+    # loss is left out: by design its f counts only the micro-batches so far; the z-loss is a token mean and stays.)
+    batches = _masked_batches(1)
+    big = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    grads = []
+    for bs in (batches, big):
+        model = _tiny_model().train()
+        pretrain.forward_backward(_CPU, model, model, bs, pretrain.token_normaliser(bs, _CPU), aux_coef=0.0,
+                                  z_coef=1e-2)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_batch_ramp_takes_more_micro_batches_per_step(tmp_path):
+    # the test preset's recipe ramps 2 -> 4 sequences over 20 steps; micro-batch 1: 2, then 3 micro-batches a step
+    _pretrain(tmp_path, "ramp", "--steps", "12", "--batch-size", "1")
+    with open(tmp_path / "ramp" / "phase1" / "metrics.jsonl") as f:
+        assert [r["batch"] for r in map(json.loads, f) if "batch" in r] == [2] * 10 + [3] * 2
+    state = torch.load(tmp_path / "ramp" / "phase1" / "optim_000012_rank0.pt", weights_only=False)
+    assert state["loader"]["step"] == 10 * 2 + 2 * 3  # the loader was called once per micro-batch
+
+
 def test_pretrain_loss_drops_and_phases_chain(tmp_path):
     _pretrain(tmp_path, "run", "--steps", "30", "--lr", "1e-2")
     ce = _losses(tmp_path, "run")
@@ -1883,7 +1992,7 @@ def test_extend_config_touches_only_full_layers():
     for a, b in zip(M.rope_cos_sin(cfg, M.SLIDING, pos, torch.float32), M.rope_cos_sin(ext, M.SLIDING, pos,
                                                                                          torch.float32)):
         assert torch.equal(a, b)
-    naive = 10_000.0 ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    naive = 500_000.0 ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     torch.testing.assert_close(M.rope_frequencies(cfg.head_dim, ext.rope_parameters[M.SLIDING])[0].double(), naive)
     assert not torch.allclose(M.rope_cos_sin(cfg, M.FULL, pos, torch.float32)[0],
                               M.rope_cos_sin(ext, M.FULL, pos, torch.float32)[0])
