@@ -21,9 +21,10 @@ Footguns:
 - forward returns the loss parts unweighted: ce and mtp are target sums divided by `norm` (default: this batch's
   own target counts, i.e. a mean), aux and z are sums over the MoE layers. The caller weights them
   (pretrain.forward_backward: mtp 0.1, aux 1e-3, z 1e-3 as in the report).
-- The balancing loss of a training forward uses expert counts accumulated since the last `reset_router_counts()`
-  (and all-reduced over ranks when torch.distributed is initialised): a training loop must call it at the start
-  of every optimizer step, and every rank must run the same number of training forwards.
+- After `reset_router_counts()`, the balancing loss of each training forward takes its expert shares from the
+  counts of all training forwards since (all-reduced over ranks when torch.distributed is initialised): a loop
+  that calls it must call it at the start of *every* optimizer step (pretrain.forward_backward does), and every
+  rank must run the same forwards. Without it, each forward uses its own local counts.
 - The MTP head sees the *normalised* final hidden state at t and the embedding of token t+1, and predicts t+2.
 - `torch._grouped_mm` wants int32 cumulative *end* offsets, one per expert; empty experts are fine.
 """
@@ -318,7 +319,7 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         # router statistics of the last forward, turned into the balancing losses by Mellum.router_losses
         self.count_E = self.probs_E = self.z = None
-        self.step_count_E = None  # counts summed over this optimizer step's micro-batches and ranks (training)
+        self.step_count_E = None  # counts summed over the step's micro-batches and ranks (after a reset)
         self.load = None  # the counts the balancing loss used (E,), for logging
 
     def forward(self, x):
@@ -540,9 +541,10 @@ class Mellum(nn.Module):
         return logits, losses
 
     def reset_router_counts(self):
-        """Start a new optimizer step: forget the expert counts of the previous step's micro-batches."""
+        """Start an optimizer step: the training forwards that follow take the balancing loss's expert shares from
+        their counts summed so far (over micro-batches and ranks), until the next reset."""
         for m in self.moe_layers():
-            m.step_count_E = None
+            m.step_count_E = torch.zeros(m.num_experts, dtype=torch.long, device=m.gate.weight.device)
 
     def router_losses(self, moes, like):
         """(aux, z) summed over the MoE layers that ran, in fp32.
@@ -557,15 +559,15 @@ class Mellum(nn.Module):
         layer. transformers' `router_aux_loss_coef` instead pools the routing of all layers and tokens of one
         forward into a single f and P (one term, a per-micro-batch statistic): local batches of 2 sequences are
         far easier to balance than the global batch, which is why the report balances globally.
-        Outside training (eval, no grad) f is this forward's own local counts."""
+        Before any reset_router_counts(), and outside training (eval, no grad), f is this forward's own counts."""
         if not moes:
             return like.new_zeros((), dtype=torch.float32), like.new_zeros((), dtype=torch.float32)
         count_LE = torch.stack([m.count_E for m in moes])
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and moes[0].step_count_E is not None:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(count_LE)
             for m, c_E in zip(moes, count_LE):
-                m.step_count_E = c_E if m.step_count_E is None else m.step_count_E + c_E
+                m.step_count_E = m.step_count_E + c_E
             count_LE = torch.stack([m.step_count_E for m in moes])
         for m, c_E in zip(moes, count_LE):
             m.load = c_E

@@ -33,8 +33,8 @@ Footguns:
 - Losses are normalised by the number of targets (y != -1) of the whole global batch, not per micro-batch:
   a micro-batch with few targets (padding, SFT masks) weighs less, exactly as in one big batch.
 - The balancing loss of a micro-batch uses the expert counts of the step so far (model.py, router_losses):
-  forward_backward resets them, so a loop that calls the model's forward directly must call
-  `reset_router_counts()` itself at every step.
+  forward_backward calls `reset_router_counts()` at the start of every step; a loop that calls the model's
+  forward directly must do the same, or it gets per-micro-batch counts.
 - --compile needs a GPU: on CPU torch.compile (torch 2.13) fails inside dynamo on torch._grouped_mm.
 """
 import argparse

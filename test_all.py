@@ -160,13 +160,18 @@ def test_router_losses_match_hand_formula_over_two_micro_batches():
             want_z += stats[i][layer][2]
         assert losses["aux"].item() == pytest.approx(want_aux, rel=1e-5)
         assert losses["z"].item() == pytest.approx(want_z, rel=1e-5)
-    # a new step forgets the old counts; eval uses this forward's counts alone
+    # a new step forgets the old counts; eval, and training without a reset, use this forward's counts alone
     model.reset_router_counts()
     _, losses = model(xs[1], torch.roll(xs[1], -1, 1))
     local = sum(E * float((s[0] / s[0].sum() * s[1]).sum()) for s in stats[1])
     assert losses["aux"].item() == pytest.approx(local, rel=1e-5)
     model.eval()
     _, again = model(xs[1], torch.roll(xs[1], -1, 1))
+    assert again["aux"].item() == pytest.approx(local, rel=1e-5)
+    fresh = _router_model()
+    for x in xs:
+        fresh(x, torch.roll(x, -1, 1))
+    _, again = fresh(xs[1], torch.roll(xs[1], -1, 1))
     assert again["aux"].item() == pytest.approx(local, rel=1e-5)
     # uniform routing: exactly 1 per layer; the gradient flows through P only (f is a count)
     for m in model.moe_layers():
@@ -1409,6 +1414,7 @@ def test_default_corpus_small_caps(tmp_path):
 # pretrain.py
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
+_CPU = pretrain.Compute(torch.device("cpu"))
 
 
 def _mixture_file(tmp_path, tokens=(4000, 2000, 2000)):
@@ -1880,7 +1886,6 @@ def test_hugging_face_directory_uses_its_tokenizer_json(tmp_path):
 # =============================================================================
 # extend.py
 
-_CPU = pretrain.Compute(torch.device("cpu"))
 
 
 def _test_model(seed=0, **overrides):
