@@ -525,9 +525,10 @@ def main(argv=None):
     for step in tqdm(range(step, steps), desc="extend", disable=not ctx.master, dynamic_ncols=True, initial=step,
                      total=steps):
         t0 = time.perf_counter()
-        lr_now = lr * pretrain.whd_schedule(step, steps, warmup, decay)
+        mult = pretrain.whd_schedule(step, steps, warmup, decay)
         for g in opt.param_groups:
-            g["lr"] = lr_now * g["base_lr"] / lr
+            g["lr"] = g["base_lr"] * mult
+        lr_now = lr * mult
         batches = [loader.next_batch() for _ in range(n_micro)]
         parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
                                           mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)

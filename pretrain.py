@@ -540,9 +540,10 @@ def main(argv=None):
                initial=step, total=end)
     for step in bar:
         t0 = time.perf_counter()
-        lr_now = lr * whd_schedule(step, total, warmup, decay)
+        mult = whd_schedule(step, total, warmup, decay)
         for g in opt.param_groups:
-            g["lr"] = lr_now * g["base_lr"] / lr
+            g["lr"] = g["base_lr"] * mult
+        lr_now = lr * mult
         batches = [loader.next_batch() for _ in range(batch_at(step) // unit)]
         parts = forward_backward(ctx, model, raw, batches, token_normaliser(batches, ctx), mtp_weight=args.mtp_weight,
                                  aux_coef=args.aux_coef)

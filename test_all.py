@@ -1637,7 +1637,7 @@ def _trained_model():
         seq = cycle[(start + torch.arange(33)[None]) % 16]
         _, losses = model(seq[:, :-1], seq[:, 1:])
         opt.zero_grad()
-        (losses["ce"] + losses["mtp"] + 0.01 * losses["aux"]).backward()
+        (losses["ce"] + losses["mtp"] + 0.002 * losses["aux"]).backward()  # aux sums 5 MoE layers
         opt.step()
     return model.eval(), cycle
 
@@ -2037,7 +2037,7 @@ def test_extended_checkpoint_round_trips(tmp_path):
             torch.testing.assert_close(loaded.eval()(idx)[0], want, rtol=0, atol=0)
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert saved["rope_parameters"][M.FULL]["rope_type"] == "yarn"
-    assert saved["rope_parameters"][M.SLIDING] == {"rope_type": "default", "rope_theta": 10_000.0}
+    assert saved["rope_parameters"][M.SLIDING] == {"rope_type": "default", "rope_theta": 500_000.0}
 
 
 def test_transformers_reproduces_extended_model(tmp_path):
