@@ -177,17 +177,17 @@ def steps_for_tokens(tokens, first_step, seq_len, batch_at, ramp_steps):
     return step - first_step + max(0, math.ceil((tokens - done) / (batch_at(step) * seq_len)))
 
 
-def plan_phases(recipe, budgets, seq_len, batch_at):
-    """{phase: steps} from the token budgets under the ramp. With pinned total_steps (the report's) phase 3 is the
+def plan_phases(budgets, seq_len, batch_at, ramp_steps, total_steps=None, decay_steps=None):
+    """{phase: steps} from the token budgets under the ramp. With a pinned total (the report's) phase 3 is the
     decay and phase 1 follows its budget; phase 2 takes the steps in between. (The report's step and token figures
     disagree by 1-2% for phases 2-3, by rounding and a mid-run move to 16 nodes: we keep its steps.)"""
     steps, at = {}, 0
     for p in sorted(budgets):
-        steps[p] = max(1, steps_for_tokens(budgets[p], at, seq_len, batch_at, recipe.ramp_steps))
+        steps[p] = max(1, steps_for_tokens(budgets[p], at, seq_len, batch_at, ramp_steps))
         at += steps[p]
-    if recipe.total_steps is not None:
-        steps[3] = int(recipe.decay)
-        steps[2] = recipe.total_steps - steps[1] - steps[3]
+    if total_steps is not None:
+        steps[3] = decay_steps
+        steps[2] = total_steps - steps[1] - steps[3]
     return steps
 
 
@@ -447,19 +447,20 @@ def main(argv=None):
     def batch_at(step):
         return batch_ramp(step, start_batch, end_batch, recipe.ramp_steps, unit)
 
-    budgets = recipe.phase_tokens if args.mixture is None and recipe.phase_tokens else \
-        {p: ph.tokens for p, ph in mixture.phases.items()}
+    pinned = args.mixture is None and recipe.phase_tokens is not None  # the recipe's budgets and step counts
+    budgets = recipe.phase_tokens if pinned else {p: ph.tokens for p, ph in mixture.phases.items()}
     if prev_meta is not None:
         phase_steps = {int(p): n for p, n in prev_meta["phase_steps"].items()}
     else:
-        phase_steps = plan_phases(recipe, budgets, T, batch_at)
+        phase_steps = plan_phases(budgets, T, batch_at, recipe.ramp_steps, *((recipe.total_steps, int(recipe.decay))
+                                                                             if pinned else ()))
     if args.steps is not None:
         phase_steps[args.phase] = args.steps
     total = sum(phase_steps.values())
     start = sum(n for p, n in phase_steps.items() if p < args.phase)
     end = start + phase_steps[args.phase]
     warmup, decay = (args.warmup or recipe.warmup), (args.decay or recipe.decay)
-    warmup, decay = (max(1, round(x * total)) if x < 1 else int(x) for x in (warmup, decay))
+    warmup, decay = (min(total, max(1, round(x * total)) if x < 1 else int(x)) for x in (warmup, decay))
     parallel = args.parallel if args.parallel != "auto" else \
         ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
 
