@@ -2006,6 +2006,19 @@ def test_extend_config_touches_only_full_layers():
         extend.extend_config(M.get_config("test", layer_types=[M.SLIDING] * 4), 2)
 
 
+def test_extension_recipe_for_mellum2_12b_is_the_reports():
+    big = M.get_config("mellum2-12b")
+    r = extend.recipe_for(big)
+    assert (r.factor, r.steps, r.lr, r.decay) == (16, 3500, 3e-5, 500)  # factor 16, 3,500 its, 3e-5, 500 decay
+    ext = extend.extend_config(big, r.factor)
+    assert ext.max_position_embeddings == 131_072
+    assert ext.rope_parameters[M.FULL]["original_max_position_embeddings"] == 8192
+    assert ext.rope_parameters[M.SLIDING] == {"rope_type": "default", "rope_theta": 500_000.0}
+    assert r.global_batch * 131_072 * r.steps == pytest.approx(117e9, rel=0.01)  # the report's ~117B tokens
+    assert extend.recipe_for(M.get_config("tiny")) is extend.RECIPES["default"]
+    assert extend.recipe_for(M.get_config("mellum2-12b", vocab_size=100_352)) is r  # vocabulary aside
+
+
 def test_extend_config_bad_input_and_composition():
     cfg = M.get_config("test")
     for bad in (0.5, 0.0, -2.0, float("nan")):
