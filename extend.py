@@ -142,8 +142,9 @@ def check_memory(config, batch_size, seq_len, device, training=True):
         what = "training step" if training else "evaluation forward"
         raise MemoryError(
             f"a {what} at context {seq_len:,} with batch size {batch_size} needs about {need / 2**30:.1f} GiB, but "
-            f"{device} has {have / 2**30:.1f} GiB free: lower --batch-size (and raise --grad-accum), lower --factor, "
-            "run on a GPU with the Triton kernels, or pass --skip-memory-check if the estimate is too pessimistic")
+            f"{device} has {have / 2**30:.1f} GiB free: lower --batch-size (--global-batch stays, in more "
+            "micro-batches), lower --factor, run on a GPU with the Triton kernels, or pass --skip-memory-check if "
+            "the estimate is too pessimistic")
 
 
 # -----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Config:
     num_experts: int = 64
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 64
-    router_aux_loss_coef: float = 0.001  # recorded for config.json; the training loss takes its coefficients as arguments
+    router_aux_loss_coef: float = 0.001  # recorded for config.json; the training loss takes its own coefficients
     num_mtp_layers: int = 1  # 0 or 1
     initializer_range: float = 0.02
 
