@@ -556,9 +556,10 @@ class Mellum(nn.Module):
         comes from the running sum of counts over the step's micro-batches so far (this one included), all-reduced
         over the data-parallel ranks at every micro-batch (every rank holds different data here: no TP / CP).
         The layers' terms are summed, not averaged (Megatron adds one per layer), so the coefficient applies per
-        layer. transformers' `router_aux_loss_coef` instead pools the routing of all layers and tokens of one
-        forward into a single f and P (one term, a per-micro-batch statistic): local batches of 2 sequences are
-        far easier to balance than the global batch, which is why the report balances globally.
+        layer. transformers' `load_balancing_loss_func` (weighted by `router_aux_loss_coef`) instead pools the
+        routing of all layers and tokens of one forward into a single f and P, with f per token rather than per
+        routed slot: one term, about K / L times ours at equal coefficient, and a statistic of one micro-batch,
+        which is far easier to balance than the global batch (the reason the report balances globally).
         Before any reset_router_counts(), and outside training (eval, no grad), f is this forward's own counts."""
         if not moes:
             return like.new_zeros((), dtype=torch.float32), like.new_zeros((), dtype=torch.float32)
