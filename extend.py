@@ -520,6 +520,7 @@ def main(argv=None):
         f"({parallel})")
 
     # --- the loop
+    first = step
     if step == 0:
         pretrain.log_metrics(metrics, dict(step=0, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
     fpt, peak = M.flops_per_token(config, T), pretrain.peak_flops(ctx.device)
@@ -544,7 +545,7 @@ def main(argv=None):
                                            imbalance=pretrain.imbalance(raw)),
                              ctx, echo=(step + 1) % args.log_every == 0)
         done = step + 1 == steps
-        stopping = args.stop_after is not None and step + 1 >= args.stop_after
+        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
         if (step + 1) % args.eval_every == 0 or done:
             pretrain.log_metrics(metrics, dict(step=step + 1, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
         if (step + 1) % args.ckpt_every == 0 or done or stopping:

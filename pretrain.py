@@ -533,7 +533,7 @@ def main(argv=None):
         return {"step": step, "val_loss": float("nan")}
 
     # --- the loop: each step takes batch_at(step) / unit micro-batches, so the batch ramp is real
-    val_loss = float("nan")
+    val_loss, first = float("nan"), step
     if step == start:  # where this phase starts from, for the record
         val_loss = evaluate(model, val, ctx)
         log_metrics(metrics, dict(step=step, val_loss=val_loss), ctx)
@@ -560,7 +560,7 @@ def main(argv=None):
         log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
         bar.set_postfix(loss=f"{ce:.3f}", lr=f"{lr_now:.2e}")
         done = step + 1 == end
-        stopping = args.stop_after is not None and step + 1 - start >= args.stop_after
+        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
         if (step + 1) % args.eval_every == 0 or done:
             val_loss = evaluate(model, val, ctx)
             log_metrics(metrics, dict(step=step + 1, val_loss=val_loss), ctx)
