@@ -1592,10 +1592,14 @@ def test_pretrain_fp8_on_cpu_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path):
-    _pretrain(tmp_path, "full", "--phase", "1", "--steps", "8")
-    _pretrain(tmp_path, "cut", "--phase", "1", "--steps", "8", "--stop-after", "3")
-    assert len(_losses(tmp_path, "cut")) == 3
-    _pretrain(tmp_path, "cut", "--phase", "1", "--steps", "8", "--resume")
+    # micro-batch 1: the test recipe's ramp goes from 2 to 3 micro-batches per step at step 10, inside the cuts
+    run = ("--phase", "1", "--steps", "12", "--batch-size", "1")
+    _pretrain(tmp_path, "full", *run)
+    _pretrain(tmp_path, "cut", *run, "--stop-after", "5")
+    assert len(_losses(tmp_path, "cut")) == 5
+    _pretrain(tmp_path, "cut", *run, "--stop-after", "5", "--resume")  # a second job slot trains 5 more
+    assert M.latest_step(str(tmp_path / "cut" / "phase1")) == 10
+    _pretrain(tmp_path, "cut", *run, "--resume")
     assert _losses(tmp_path, "cut") == _losses(tmp_path, "full")  # bit-identical loss sequence
     a, _ = M.load_checkpoint(str(tmp_path / "full" / "phase1"))
     b, _ = M.load_checkpoint(str(tmp_path / "cut" / "phase1"))
