@@ -195,6 +195,14 @@ def planned_tokens(first_step, n_steps, seq_len, batch_at):
     return sum(batch_at(s) for s in range(first_step, first_step + n_steps)) * seq_len
 
 
+def human(n):
+    """6.18T, 2.820T, 300.0K: token counts at the precision the report gives them."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}" if n % (div / 100) == 0 else f"{n / div:.3f}{unit}"
+    return str(n)
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: <dir>/model_{step}.pt + meta_{step}.json + optim_{step}_rank{r}.pt (rank_state rides with the
 # optimizer shard). Thin wrappers over model.py's functions; the loops use only these names.
@@ -476,8 +484,8 @@ def main(argv=None):
             fpt, at = M.flops_per_token(config, T), 0
             for p in sorted(phase_steps):
                 tokens = planned_tokens(at, phase_steps[p], T, batch_at)
-                print(f"phase {p}: budget {budgets[p] / 1e12:.2f}T tokens, {phase_steps[p]:,} steps (global "
-                      f"{at:,}..{at + phase_steps[p]:,}) = {tokens / 1e12:.3f}T tokens planned, "
+                print(f"phase {p}: budget {human(budgets[p])} tokens, {phase_steps[p]:,} steps (global "
+                      f"{at:,}..{at + phase_steps[p]:,}) = {human(tokens)} tokens planned, "
                       f"{fpt * tokens:.3g} FLOPs, mixture {mixture.phases[p].weights}")
                 at += phase_steps[p]
         compute_cleanup(ctx)
