@@ -7,13 +7,14 @@ passkey-retrieval sequences, then prints how far the model can see: passkey accu
 (a) the base beyond its context, (b) YaRN without training, (c) after extension.
 
 CPU, the `tiny` preset (256 -> 1024 tokens), from pre-training's final checkpoint:
-    python extend.py --from out/pretrain/phase3 --factor 4
-    python extend.py --from out/pretrain/phase3 --factor 4 --eval-only     # the table again (and before training)
+    python extend.py --from out/pretrain/phase3
+    python extend.py --from out/pretrain/phase3 --eval-only     # the table again (and before training)
 One GPU:
-    python extend.py --from out/pretrain/phase3 --factor 16 --batch-size 1 --grad-accum 8
-Many GPUs (DDP for small models, FSDP2 above 2B parameters, as in pretrain.py):
-    torchrun --nproc_per_node=8 extend.py --from out/pretrain/phase3 --factor 16 --batch-size 1
-Checkpoints, metrics and --resume are pretrain.py's (pretrain.train): out/extend/model_{step}.pt + meta_{step}.json,
+    python extend.py --from out/pretrain/phase3 --factor 16 --batch-size 1 --global-batch 8
+Many GPUs (DDP for small models, FSDP2 above 2B parameters, as in pretrain.py); a mellum2-12b base gets the
+report's settings by default (factor 16 from 8,192, 3,500 iterations, peak LR 3e-5, 500 decay iterations):
+    torchrun --nnodes=32 --nproc_per_node=8 ... extend.py --from out/pretrain/phase3
+Checkpoints, metrics and --resume use pretrain.py's shared functions: out/extend/model_{step}.pt + meta_{step}.json,
 metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
 in every checkpoint and in save_pretrained's config.json, so later stages and transformers reproduce it.
 
@@ -23,7 +24,8 @@ Contents, top to bottom:
   passkey_sample             filler text with "The pass key is N" at a depth, then the question and the answer
   LongContextLoader          (B, T) rows of long documents (+ a passkey share); seeded per row, resumable by step
   passkey_accuracy, loss_by_position, evaluate_extension, format_tables   the built-in evaluation
-  main                       arguments, compute, data, model, evaluation before, training, evaluation after
+  Recipe, RECIPES, recipe_for   the report's settings for a mellum2-12b base, CPU-sized ones for anything else
+  main                       arguments, compute, data, model, evaluation before, the training loop, evaluation after
 
 Footguns:
 - `--factor` multiplies the checkpoint's *current* context. An already extended checkpoint (YaRN factor s0 from
@@ -44,15 +46,19 @@ import argparse
 import copy
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import kernels
 import model as M
+import muon
 import pretrain
 
 # -----------------------------------------------------------------------------
@@ -136,8 +142,9 @@ def check_memory(config, batch_size, seq_len, device, training=True):
         what = "training step" if training else "evaluation forward"
         raise MemoryError(
             f"a {what} at context {seq_len:,} with batch size {batch_size} needs about {need / 2**30:.1f} GiB, but "
-            f"{device} has {have / 2**30:.1f} GiB free: lower --batch-size (and raise --grad-accum), lower --factor, "
-            "run on a GPU with the Triton kernels, or pass --skip-memory-check if the estimate is too pessimistic")
+            f"{device} has {have / 2**30:.1f} GiB free: lower --batch-size (--global-batch stays, in more "
+            "micro-batches), lower --factor, run on a GPU with the Triton kernels, or pass --skip-memory-check if "
+            "the estimate is too pessimistic")
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +349,32 @@ def format_tables(results, context, lengths, trials, title):
 # -----------------------------------------------------------------------------
 # The script
 
-MTP_WEIGHT = 0.1  # the late-training MTP weight (DeepSeek-V3 and pretrain.py's phase 3)
+@dataclass
+class Recipe:
+    factor: float
+    steps: int
+    lr: float
+    warmup: int
+    decay: int  # the last `decay` steps fall linearly to zero (Warmup-Hold-Decay)
+    micro_batch: int
+    global_batch: int  # sequences per optimizer step
+
+
+RECIPES = {
+    # The Mellum 2 report: factor 16 from 8,192 (-> 131,072), 3,500 iterations (~117B tokens, so ~256 sequences of
+    # 131,072 tokens per step), WHD with peak LR 3e-5 and 500 decay iterations. Warmup unpublished: 100 is our choice.
+    "mellum2-12b": Recipe(factor=16, steps=3500, lr=3e-5, warmup=100, decay=500, micro_batch=1, global_batch=256),
+    # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (the README's measured run).
+    "default": Recipe(factor=4, steps=60, lr=1e-3, warmup=6, decay=54, micro_batch=2, global_batch=2),
+}
+
+
+def recipe_for(config):
+    """The report's recipe when the base has mellum2-12b's architecture (vocabulary and context aside)."""
+    ref = M.get_config("mellum2-12b")
+    arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "layer_types", "sliding_window", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    return RECIPES["mellum2-12b" if all(getattr(config, a) == getattr(ref, a) for a in arch) else "default"]
 
 
 def parse_args(argv=None):
@@ -350,7 +382,8 @@ def parse_args(argv=None):
     # --- run
     ap.add_argument("--from", dest="base", required=True,
                     help="base checkpoint: a training stage's directory (latest step) or a Hugging Face directory")
-    ap.add_argument("--factor", type=float, required=True, help="multiply the checkpoint's context by this")
+    ap.add_argument("--factor", type=float, default=None, help="multiply the checkpoint's context by this (default: "
+                    "16 for a mellum2-12b base, the report's; 4 otherwise)")
     ap.add_argument("--out-dir", default="out/extend")
     ap.add_argument("--resume", action="store_true", help="continue from --out-dir's latest checkpoint")
     ap.add_argument("--eval-only", action="store_true", help="only the table: the base, YaRN without training, and "
@@ -359,16 +392,19 @@ def parse_args(argv=None):
     ap.add_argument("--mixture", default=None, help="JSON/TOML mixture file: its last phase's sources and weights "
                     f"(default: the embedded corpus, {LONG_DOC_WEIGHTS})")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--batch-size", type=int, default=2, help="sequences per rank per micro-step")
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=None, help="micro-batch: sequences per rank per forward")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step")
     ap.add_argument("--passkey-share", type=float, default=0.1, help="share of rows that are passkey retrieval")
     ap.add_argument("--seed", type=int, default=1337)
-    # --- optimisation: a short warmup, then linear decay to zero
-    ap.add_argument("--steps", type=int, default=60)
+    # --- optimisation: Warmup-Hold-Decay (defaults: the recipe for the base, RECIPES)
+    ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak LR (a third of pre-training's: the base is "
-                    "already trained, only the longer positions are new)")
-    ap.add_argument("--warmup-frac", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=None, help="peak LR (3e-5 for mellum2-12b, the report's; 1e-3 for "
+                    "the CPU presets)")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    ap.add_argument("--decay", type=int, default=None, help="steps of the final linear decay to zero")
+    ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
+    ap.add_argument("--aux-coef", type=float, default=1e-3, help="balancing-loss coefficient per MoE layer")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--passkey-trials", type=int, default=4, help="keys per (length, depth)")
     ap.add_argument("--eval-rows", type=int, default=8, help="validation rows at the extended length")
@@ -390,10 +426,19 @@ def main(argv=None):
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
 
-    # --- the base and its extended config; refuse what cannot work before the long context is allocated
-    base, base_meta = M.load_checkpoint(args.base)
+    # --- the base, its recipe and the extended config; refuse what cannot work before the long context is allocated
+    base, base_meta = pretrain.load_checkpoint(args.base)
+    recipe = recipe_for(base.config)
+    B = args.batch_size or recipe.micro_batch
+    global_batch = args.global_batch or max(recipe.global_batch, B * ctx.world_size)
+    if global_batch % (B * ctx.world_size):
+        raise SystemExit(f"extend.py: --global-batch {global_batch} is not a multiple of --batch-size {B} x "
+                         f"{ctx.world_size} ranks")
+    steps, lr = args.steps or recipe.steps, args.lr or recipe.lr
+    warmup = args.warmup if args.warmup is not None else min(recipe.warmup, steps)
+    decay = args.decay if args.decay is not None else min(recipe.decay, steps - warmup)
     try:
-        config = extend_config(base.config, args.factor)
+        config = extend_config(base.config, args.factor or recipe.factor)
     except ValueError as e:
         raise SystemExit(f"extend.py: {e}")
     context, T = base.config.max_position_embeddings, config.max_position_embeddings
@@ -403,7 +448,7 @@ def main(argv=None):
             f"{yarn['original_max_position_embeddings']:,}): composing to YaRN x{yarn['factor']:g}, context {T:,}")
     if not args.skip_memory_check:
         if not args.eval_only:
-            check_memory(config, args.batch_size, T, ctx.device, training=True)
+            check_memory(config, B, T, ctx.device, training=True)
         check_memory(config, args.passkey_trials, T, ctx.device, training=False)
 
     # --- tokenizer and data: long documents (train), fixed rows and passkeys from the validation split
@@ -429,52 +474,98 @@ def main(argv=None):
 
     # --- (a) the base beyond its context, (b) the same weights with YaRN, before any training
     results = {"base (no YaRN)": evaluate_extension(base.to(ctx.device), passkeys, rows, edges, ctx)}
-    model = M.Mellum(config)
-    model.load_state_dict(base.state_dict())
+    raw = M.Mellum(config)
+    raw.load_state_dict(base.state_dict())
     del base
-    model.to(ctx.device)
-    results[f"YaRN x{yarn['factor']:g}, no training"] = evaluate_extension(model, passkeys, rows, edges, ctx)
+    raw.to(ctx.device)
+    results[f"YaRN x{yarn['factor']:g}, no training"] = evaluate_extension(raw, passkeys, rows, edges, ctx)
+    name = f"YaRN x{yarn['factor']:g}, extended {{}} steps"
 
-    # --- (c) extension training, with pretrain.py's loop
-    if args.eval_only:
-        step = M.latest_step(args.out_dir)
+    if args.eval_only:  # (c) from --out-dir's latest checkpoint, when there is one
+        step = pretrain.latest_step(args.out_dir)
         if step is not None:
-            model, meta = M.load_checkpoint(args.out_dir, step, device=ctx.device)
-            if model.config.to_hf() != config.to_hf():
+            trained, _ = pretrain.load_checkpoint(args.out_dir, step, device=ctx.device)
+            if trained.config.to_hf() != config.to_hf():
                 raise SystemExit(f"{args.out_dir} holds a model extended from another base or factor than "
-                                 f"--from {args.base} --factor {args.factor:g}")
-            results[f"YaRN x{yarn['factor']:g}, extended {step} steps"] = evaluate_extension(
-                model, passkeys, rows, edges, ctx)
-    else:
-        loader = LongContextLoader(sources, tok, args.batch_size, T, args.passkey_share, rank=ctx.rank,
-                                   world_size=ctx.world_size, seed=args.seed)
-        lr = args.lr
-        warmup = max(1, round(args.warmup_frac * args.steps))
-        n_params = M.count_params(config)["total"]
-        parallel = args.parallel if args.parallel != "auto" else ("fsdp" if n_params > 2e9 else "ddp")
-        val = [(r[:, :-1], r[:, 1:]) for r in rows.split(args.batch_size)]
-        meta = dict(tokenizer=tok.name, extended_from=os.path.abspath(args.base), factor=args.factor,
-                    args=vars(args))
-        log(f"extend: context {context:,} -> {T:,} (YaRN x{yarn['factor']:g} on the full-attention layers: "
-            f"{config.layer_types.count(M.FULL)}; sliding layers unchanged: {config.layer_types.count(M.SLIDING)}), "
-            f"{args.steps} steps of {args.batch_size * T * args.grad_accum * ctx.world_size:,} tokens, "
-            f"{args.optimizer} lr {lr}, passkey share {args.passkey_share}, device {ctx.device}, "
-            f"world {ctx.world_size} ({parallel})")
-        schedule = lambda s: pretrain.whd_schedule(s, args.steps, warmup, args.steps - warmup)  # noqa: E731
-        result = pretrain.train(
-            ctx, model, loader, lambda m: pretrain.evaluate(m, val, ctx), out_dir=args.out_dir, stage="extend",
-            steps=args.steps, lr=lr, schedule=schedule,
-            mtp_weight=MTP_WEIGHT, grad_accum=args.grad_accum, eval_every=args.eval_every,
-            ckpt_every=args.ckpt_every, meta=meta, resume=args.resume, optimizer=args.optimizer, parallel=parallel,
-            stop_after=args.stop_after, log_every=args.log_every)
-        results[f"YaRN x{yarn['factor']:g}, extended {result['step']} steps"] = evaluate_extension(
-            model, passkeys, rows, edges, ctx)
+                                 f"--from {args.base} --factor {yarn['factor']:g}")
+            results[name.format(step)] = evaluate_extension(trained, passkeys, rows, edges, ctx)
+        log(format_tables(results, context, lengths, args.passkey_trials, _title(args, config, context, T, ctx)))
+        pretrain.compute_cleanup(ctx)
+        return results
 
-    log(format_tables(results, context, lengths, args.passkey_trials,
-                      f"Layer-selective YaRN: context {context:,} -> {T:,} ({os.path.basename(args.base.rstrip('/'))}, "
-                      f"{config.num_hidden_layers} layers, {ctx.device.type})"))
+    # --- (c) extension training: data, model, optimizer, resume
+    loader = LongContextLoader(sources, tok, B, T, args.passkey_share, rank=ctx.rank, world_size=ctx.world_size,
+                               seed=args.seed)
+    val = [(r[:, :-1], r[:, 1:]) for r in rows.split(B)]
+    parallel = args.parallel if args.parallel != "auto" else \
+        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
+    model = pretrain.wrap_model(ctx, raw, parallel)
+    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1, adamw_only=args.optimizer == "adamw"))
+    step = 0
+    if args.resume and pretrain.latest_step(args.out_dir) is not None:
+        step = pretrain.latest_step(args.out_dir)
+        rank_state = pretrain.resume_checkpoint(args.out_dir, step, raw, opt, ctx)
+        loader.load_state_dict(rank_state["loader"])
+        pretrain.set_rng_state(rank_state["rng"])
+        log(f"resumed {args.out_dir} at step {step}")
+    meta = dict(stage="extend", tokenizer=tok.name, extended_from=os.path.abspath(args.base),
+                factor=yarn["factor"], args=vars(args))
+    metrics = os.path.join(args.out_dir, "metrics.jsonl")
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_micro = global_batch // (B * ctx.world_size)
+    log(f"extend: context {context:,} -> {T:,} (YaRN x{yarn['factor']:g} on the full-attention layers: "
+        f"{config.layer_types.count(M.FULL)}; sliding layers unchanged: {config.layer_types.count(M.SLIDING)}), "
+        f"{steps} steps of {global_batch} x {T:,} tokens, {args.optimizer} lr {lr} (warmup {warmup}, decay to 0 over "
+        f"the last {decay}), passkey share {args.passkey_share}, device {ctx.device}, world {ctx.world_size} "
+        f"({parallel})")
+
+    # --- the loop
+    first = step
+    if step == 0:
+        pretrain.log_metrics(metrics, dict(step=0, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
+    fpt, peak = M.flops_per_token(config, T), pretrain.peak_flops(ctx.device)
+    for step in tqdm(range(step, steps), desc="extend", disable=not ctx.master, dynamic_ncols=True, initial=step,
+                     total=steps):
+        t0 = time.perf_counter()
+        mult = pretrain.whd_schedule(step, steps, warmup, decay)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        lr_now = lr * mult
+        batches = [loader.next_batch() for _ in range(n_micro)]
+        parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
+                                          mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
+        pretrain.check_finite(parts, step, args.out_dir)
+        grad_norm = pretrain.optimizer_step(model, opt, 1.0)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        tps = global_batch * T / (time.perf_counter() - t0)
+        ce, mtp, aux, z = parts.tolist()
+        pretrain.log_metrics(metrics, dict(step=step + 1, ce=ce, mtp=mtp, aux=aux, z=z, lr=lr_now, grad_norm=grad_norm,
+                                           tok_per_s=tps, mfu=fpt * tps / ctx.world_size / peak if peak else None,
+                                           imbalance=pretrain.imbalance(raw)),
+                             ctx, echo=(step + 1) % args.log_every == 0)
+        done = step + 1 == steps
+        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
+        if (step + 1) % args.eval_every == 0 or done:
+            pretrain.log_metrics(metrics, dict(step=step + 1, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
+        if (step + 1) % args.ckpt_every == 0 or done or stopping:
+            pretrain.save_checkpoint(args.out_dir, step + 1, raw, opt, meta,
+                                     {"loader": loader.state_dict(), "rng": pretrain.rng_state()}, ctx)
+        if stopping:
+            log(f"extend: stopped at step {step + 1}; continue with --resume")
+            break
+    step = pretrain.latest_step(args.out_dir)
+
+    # --- (c) after extension
+    results[name.format(step)] = evaluate_extension(raw, passkeys, rows, edges, ctx)
+    log(format_tables(results, context, lengths, args.passkey_trials, _title(args, config, context, T, ctx)))
     pretrain.compute_cleanup(ctx)
     return results
+
+
+def _title(args, config, context, T, ctx):
+    return (f"Layer-selective YaRN: context {context:,} -> {T:,} ({os.path.basename(args.base.rstrip('/'))}, "
+            f"{config.num_hidden_layers} layers, {ctx.device.type})")
 
 
 if __name__ == "__main__":

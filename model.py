@@ -3,10 +3,11 @@ The Mellum 2 architecture (arXiv 2605.31268) in one file.
 
 Contents, top to bottom:
   Config + PRESETS        one dataclass; defaults are the CPU-sized `tiny` model
-  RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on full layers, 10k on sliding ones
+  RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on both types, YaRN on full layers only
   dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention)
   Attention               GQA, QK-norm before RoPE, causal or sliding-window
   MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM
+  router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
   KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions
   Mellum                  forward (logits + loss parts), decoding helpers, HF-format load/save
@@ -17,7 +18,13 @@ table; the MTP module lives under `mtp.*` (which transformers ignores).
 
 Footguns:
 - Sliding window W means query i sees keys i-W < j <= i: W keys including itself (transformers' convention).
-- The aux loss is returned unweighted; multiply by `config.router_aux_loss_coef` when you build the total loss.
+- forward returns the loss parts unweighted: ce and mtp are target sums divided by `norm` (default: this batch's
+  own target counts, i.e. a mean), aux and z are sums over the MoE layers. The caller weights them
+  (pretrain.forward_backward: mtp 0.1, aux 1e-3, z 1e-3 as in the report).
+- After `reset_router_counts()`, the balancing loss of each training forward takes its expert shares from the
+  counts of all training forwards since (all-reduced over ranks when torch.distributed is initialised): a loop
+  that calls it must call it at the start of *every* optimizer step (pretrain.forward_backward does), and every
+  rank must run the same forwards. Without it, each forward uses its own local counts.
 - The MTP head sees the *normalised* final hidden state at t and the embedding of token t+1, and predicts t+2.
 - `torch._grouped_mm` wants int32 cumulative *end* offsets, one per expert; empty experts are fine.
 """
@@ -32,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -55,7 +63,7 @@ class Config:
     head_dim: int = 32
     layer_types: list = None  # per layer FULL / SLIDING; None -> sliding, sliding, sliding, full, repeated
     sliding_window: int = 64
-    rope_parameters: dict = None  # per layer type, Hugging Face layout; None -> split RoPE (500k full, 10k sliding)
+    rope_parameters: dict = None  # per layer type, Hugging Face layout; None -> theta 500k on both types
     max_position_embeddings: int = 256  # the context the model is trained at (YaRN records the original one)
     rms_norm_eps: float = 1e-6
     mlp_layer_types: list = None  # per layer "sparse" / "dense"; None -> all sparse
@@ -63,7 +71,7 @@ class Config:
     num_experts: int = 64
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 64
-    router_aux_loss_coef: float = 0.001
+    router_aux_loss_coef: float = 0.001  # recorded for config.json; the training loss takes its own coefficients
     num_mtp_layers: int = 1  # 0 or 1
     initializer_range: float = 0.02
 
@@ -73,9 +81,9 @@ class Config:
             self.layer_types = [FULL if (i + 1) % 4 == 0 else SLIDING for i in range(L)]
         if self.mlp_layer_types is None:
             self.mlp_layer_types = ["sparse"] * L
-        if self.rope_parameters is None:
-            self.rope_parameters = {FULL: {"rope_type": "default", "rope_theta": 500_000.0},
-                                    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0}}
+        if self.rope_parameters is None:  # the released config.json: 500k on both (transformers' class default of
+            # 10k for sliding layers is not Mellum 2's); kept per type so YaRN can go to the full layers alone
+            self.rope_parameters = {lt: {"rope_type": "default", "rope_theta": 500_000.0} for lt in (FULL, SLIDING)}
         checks = [
             (len(self.layer_types) == L, f"layer_types has {len(self.layer_types)} entries, num_hidden_layers={L}"),
             (set(self.layer_types) <= {FULL, SLIDING}, f"layer_types must be '{FULL}' or '{SLIDING}'"),
@@ -309,13 +317,17 @@ class MoE(nn.Module):
         self.top_k, self.num_experts = config.num_experts_per_tok, config.num_experts
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router, kept in high precision
         self.experts = Experts(config)
-        self.load = None  # tokens routed to each expert in the last forward (E,), for logging
-        self.aux_loss = None
+        # router statistics of the last forward, turned into the balancing losses by Mellum.router_losses
+        self.count_E = self.probs_E = self.z = None
+        self.step_count_E = None  # counts summed over the step's micro-batches and ranks (after a reset)
+        self.load = None  # the counts the balancing loss used (E,), for logging
 
     def forward(self, x):
         B, T, D = x.shape
         x_TD = x.reshape(-1, D)
-        probs_TE = F.linear(x_TD, self.gate.weight).float().softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # the router and its losses in fp32 (Mellum 2 report)
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
         topw_TK, topi_TK = probs_TE.topk(self.top_k, dim=-1)
         topw_TK = topw_TK / topw_TK.sum(dim=-1, keepdim=True)
 
@@ -329,12 +341,12 @@ class MoE(nn.Module):
         y_RD = y_RD * topw_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         out_TD = torch.zeros_like(x_TD, dtype=y_RD.dtype).index_add_(0, token_R, y_RD)
 
-        # Load-balancing loss (Switch Transformer, https://arxiv.org/abs/2101.03961; DeepSeek normalisation):
-        # E * sum_e f_e * P_e, f_e = share of routed slots taken by expert e, P_e = mean router probability.
-        # Equals 1 when routing is uniform; gradients flow through P only.
-        f_E = count_E.float() / expert_R.numel()
-        self.aux_loss = self.num_experts * (f_E * probs_TE.mean(dim=0)).sum()
-        self.load = count_E.detach()
+        # Router statistics: every routed position counts, padding included (it takes expert slots like any token).
+        # z-loss (ST-MoE, https://arxiv.org/abs/2202.08906): mean over tokens of logsumexp(logits)^2, which keeps
+        # router logits small. The micro-batches of a step have equal token counts, so the mean of their means is
+        # the step's token mean.
+        self.count_E, self.probs_E = count_E, probs_TE.mean(dim=0)
+        self.z = torch.logsumexp(logits_TE, dim=-1).square().mean()
         return out_TD.view(B, T, D).to(x.dtype)
 
 
@@ -501,30 +513,73 @@ class Mellum(nn.Module):
             mcache.advance(h.size(1))
         return out
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> logits (B, T, V) and the loss parts {ce, mtp, aux} (unweighted) when targets are given.
-        targets (B, T) are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1]."""
+    def forward(self, idx, targets=None, cache=None, norm=None):
+        """idx (B, T) -> logits (B, T, V) and the unweighted loss parts {ce, mtp, aux, z} when targets are given.
+        targets (B, T) are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1].
+        ce and mtp are sums over their targets divided by norm = (ce targets, mtp targets): by default this batch's
+        own counts (a mean; 0, not NaN, when nothing is a target); a training step passes its global counts."""
         moes = self.moe_layers()
-        for m in moes:  # the aux loss counts only the MoE layers this forward runs (the MTP's may not)
-            m.aux_loss = None
+        for m in moes:  # the router losses count only the MoE layers this forward runs (the MTP's may not)
+            m.count_E = None
         h = self.hidden(idx, cache)
         logits = self.lm_head(h)
         if targets is None:
             return logits, None
         V = logits.size(-1)
-        losses = {"ce": F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-1)}
+        if norm is None:
+            norm = ((targets != -1).sum().clamp(min=1), (targets[:, 1:] != -1).sum().clamp(min=1))
+        losses = {"ce": F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-1,
+                                        reduction="sum") / norm[0]}
         if self.mtp is not None and idx.size(1) > 1:
             h_mtp = self.mtp_hidden(h[:, :-1], idx[:, 1:])
             mtp_logits = self.lm_head(h_mtp).float()
-            losses["mtp"] = F.cross_entropy(mtp_logits.view(-1, V), targets[:, 1:].reshape(-1), ignore_index=-1)
+            losses["mtp"] = F.cross_entropy(mtp_logits.view(-1, V), targets[:, 1:].reshape(-1), ignore_index=-1,
+                                            reduction="sum") / norm[1]
         else:
             losses["mtp"] = logits.new_zeros(())
-        aux = [m.aux_loss for m in moes if m.aux_loss is not None]
-        losses["aux"] = torch.stack(aux).mean() if aux else logits.new_zeros(())
+        losses["aux"], losses["z"] = self.router_losses([m for m in moes if m.count_E is not None], logits)
         return logits, losses
 
+    def reset_router_counts(self):
+        """Start an optimizer step: the training forwards that follow take the balancing loss's expert shares from
+        their counts summed so far (over micro-batches and ranks), until the next reset."""
+        for m in self.moe_layers():
+            m.step_count_E = torch.zeros(m.num_experts, dtype=torch.long, device=m.gate.weight.device)
+
+    def router_losses(self, moes, like):
+        """(aux, z) summed over the MoE layers that ran, in fp32.
+
+        aux is the Switch balancing loss (https://arxiv.org/abs/2101.03961) per layer, E * sum_e f_e * P_e: P_e is
+        expert e's mean router probability over this micro-batch (the gradient flows through it), f_e the share of
+        routed slots expert e took over the *global batch*, as the Mellum 2 report computes it. Counts of later
+        micro-batches do not exist yet when this one runs backward, so, as Megatron-Core's "global_aux_loss", f
+        comes from the running sum of counts over the step's micro-batches so far (this one included), all-reduced
+        over the data-parallel ranks at every micro-batch (every rank holds different data here: no TP / CP).
+        The layers' terms are summed, not averaged (Megatron adds one per layer), so the coefficient applies per
+        layer. transformers' `load_balancing_loss_func` (weighted by `router_aux_loss_coef`) instead pools the
+        routing of all layers and tokens of one forward into a single f and P, with f per token rather than per
+        routed slot: one term, about K / L times ours at equal coefficient, and a statistic of one micro-batch,
+        which is far easier to balance than the global batch (the reason the report balances globally).
+        Before any reset_router_counts(), and outside training (eval, no grad), f is this forward's own counts."""
+        if not moes:
+            return like.new_zeros((), dtype=torch.float32), like.new_zeros((), dtype=torch.float32)
+        count_LE = torch.stack([m.count_E for m in moes])
+        if self.training and torch.is_grad_enabled() and moes[0].step_count_E is not None:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(count_LE)
+            for m, c_E in zip(moes, count_LE):
+                m.step_count_E = m.step_count_E + c_E
+            count_LE = torch.stack([m.step_count_E for m in moes])
+        for m, c_E in zip(moes, count_LE):
+            m.load = c_E
+        f_LE = (count_LE.double() / count_LE.sum(dim=-1, keepdim=True).clamp(min=1)).float()
+        probs_LE = torch.stack([m.probs_E for m in moes])
+        aux = (probs_LE.size(-1) * (f_LE * probs_LE).sum(dim=-1)).sum()
+        return aux, torch.stack([m.z for m in moes]).sum()
+
     def expert_load(self):
-        """(num MoE layers, E) token counts from the last forward: the training loop logs max/mean imbalance."""
+        """(num MoE layers, E) the token counts the last balancing loss used: the step's global counts in
+        training, the last forward's otherwise; the training loop logs max/mean imbalance."""
         return torch.stack([m.load for m in self.moe_layers() if m.load is not None])
 
     # --- Hugging Face format -------------------------------------------------------------------------------
