@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import sys
 import sysconfig
 from contextlib import redirect_stdout
 from fractions import Fraction
@@ -1318,6 +1319,287 @@ def test_default_corpus_small_caps(tmp_path):
     assert any("tokens train" in line for line in lines)
     math_tokens = np.asarray(data.read_shard(out["math"].train))
     assert "\n#### " in _tok().decode(math_tokens[:400].tolist())
+
+
+# -----------------------------------------------------------------------------
+# chat format
+
+
+def _chat_ids(tok, parts):
+    """Hand-built expectation: parts are (piece, trained); a piece is a special token's name or plain text."""
+    ids, mask = [], []
+    for piece, trained in parts:
+        new = [tok.special[piece]] if piece in tok.special else tok.encode(piece)
+        ids += new
+        mask += [trained] * len(new)
+    return ids, mask
+
+
+_WEATHER = {"name": "weather", "description": "Current weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def _tool_conversation():
+    return {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Köln?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"name": "weather", "arguments": {"city": "Paris"}}, {"name": "weather", "arguments": {"city": "Köln"}}]},
+        {"role": "tool", "content": "18C"},
+        {"role": "tool", "content": "12C"},
+        {"role": "assistant", "content": "Paris 18C, Köln 12C.", "reasoning": "dropped by instruct"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {}}]},
+    ], "tools": [_WEATHER]}
+
+
+def _tools_system_parts(system):
+    """The system turn with the tool list, written out piece by piece (our wording, see data.TOOLS_HEADER)."""
+    return [("<|im_start|>", False),
+            (f"system\n{system}\n\n# Tools\n\nYou may call one or more functions to help with the user's request. "
+             "Their signatures are listed inside ", False), ("<tools>", False), ("</tools>", False),
+            (", one JSON schema per line:\n", False), ("<tools>", False),
+            ('\n{"name": "weather", "description": "Current weather", "parameters": {"type": "object", '
+             '"properties": {"city": {"type": "string"}}, "required": ["city"]}}\n', False), ("</tools>", False),
+            ("\n\nTo call a function, write a JSON object with its name and arguments inside ", False),
+            ("<tool_call>", False), ("</tool_call>", False), (" tags:\n", False), ("<tool_call>", False),
+            ('\n{"name": <function-name>, "arguments": <args-json-object>}\n', False), ("</tool_call>", False),
+            ("\nResults come back inside ", False), ("<tool_response>", False), ("</tool_response>", False),
+            (" tags.", False), ("<|im_end|>", False), ("\n", False)]
+
+
+def test_render_chat_instruct_token_by_token():
+    tok = _tok()
+    want = _chat_ids(tok, _tools_system_parts("Be brief.") + [
+        ("<|im_start|>", False), ("user\nWeather in Paris and Köln?", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("Checking.\n", True), ("<tool_call>", True),
+        ('\n{"name": "weather", "arguments": {"city": "Paris"}}\n', True), ("</tool_call>", True), ("\n", True),
+        ("<tool_call>", True), ('\n{"name": "weather", "arguments": {"city": "Köln"}}\n', True),
+        ("</tool_call>", True), ("<|im_end|>", True), ("\n", False),
+        ("<|im_start|>", False), ("user\n", False), ("<tool_response>", False), ("\n18C\n", False),
+        ("</tool_response>", False), ("\n", False), ("<tool_response>", False), ("\n12C\n", False),
+        ("</tool_response>", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("Paris 18C, Köln 12C.", True), ("<|im_end|>", True),
+        ("\n", False),
+        ("<|im_start|>", False), ("user\nThanks", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("<tool_call>", True),
+        ('\n{"name": "weather", "arguments": {}}\n', True), ("</tool_call>", True), ("<|im_end|>", True),
+        ("\n", False)])
+    [sample] = data.render_chat(tok, _tool_conversation(), "instruct")
+    assert (sample.ids, sample.mask) == want
+    # no system message: the tool list makes one; no tools: no system turn at all
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    tail = [("<|im_start|>", False), ("user\nHi", False), ("<|im_end|>", False), ("\n", False),
+            ("<|im_start|>", False), ("assistant\n", False), ("Hello!", True), ("<|im_end|>", True), ("\n", False)]
+    [sample] = data.render_chat(tok, conv)
+    assert (sample.ids, sample.mask) == _chat_ids(tok, tail)
+    [sample] = data.render_chat(tok, {**conv, "tools": [_WEATHER]})
+    parts = _tools_system_parts("")
+    parts[1] = (parts[1][0].replace("system\n\n\n", "system\n"), False)
+    assert (sample.ids, sample.mask) == _chat_ids(tok, parts + tail)
+    # a content that spells the tags itself renders exactly like tool_calls (both forms are accepted)
+    tagged = copy.deepcopy(_tool_conversation())
+    tagged["messages"][7] = {"role": "assistant", "content": '<tool_call>\n{"name": "weather", "arguments": {}}\n'
+                                                             '</tool_call>'}
+    assert data.render_chat(tok, tagged) == data.render_chat(tok, _tool_conversation())
+
+
+def _thinking_conversation(n_turns):
+    messages = [{"role": "system", "content": "Think first."}]
+    for t in range(n_turns):
+        messages += [{"role": "user", "content": f"Question {t}?"},
+                     {"role": "assistant", "content": f"Answer {t}.", "reasoning": f"Reasoning {t}."}]
+    return messages
+
+
+def test_render_chat_thinking_unfolds_the_last_five_turns():
+    tok = _tok()
+    messages = _thinking_conversation(7)
+    del messages[8]["reasoning"]  # turn 3 has no trace: it yields no sample
+    messages[-1]["reasoning"] = "overridden by the top-level trace"
+    conv = {"messages": messages, "reasoning": "Final trace."}
+    samples = data.render_chat(tok, conv, "thinking")
+    assert len(samples) == 5  # turns 1, 2, 4, 5, 6 have traces; turn 0 is beyond the last five
+    for sample, t in zip(samples, (1, 2, 4, 5, 6)):
+        trace = "Final trace." if t == 6 else f"Reasoning {t}."
+        parts = [("<|im_start|>", False), ("system\nThink first.", False), ("<|im_end|>", False), ("\n", False)]
+        for k in range(t + 1):  # earlier turns: no think block, not trained
+            parts += [("<|im_start|>", False), (f"user\nQuestion {k}?", False), ("<|im_end|>", False), ("\n", False),
+                      ("<|im_start|>", False), ("assistant\n", False)]
+            if k < t:
+                parts += [(f"Answer {k}.", False), ("<|im_end|>", False), ("\n", False)]
+        parts += [("<think>", True), (f"\n{trace}\n", True), ("</think>", True), (f"\n\nAnswer {t}.", True),
+                  ("<|im_end|>", True), ("\n", False)]
+        assert (sample.ids, sample.mask) == _chat_ids(tok, parts), t
+    # the same conversation as Instruct: one sample, every answer trained, no think block anywhere
+    [inst] = data.render_chat(tok, conv, "instruct")
+    assert tok.special["<think>"] not in inst.ids
+    assert tok.decode([i for i, m in zip(inst.ids, inst.mask) if m]) == \
+        "".join(f"Answer {t}.<|im_end|>" for t in range(7))
+    # no reasoning anywhere: no Thinking sample
+    plain = [{k: v for k, v in m.items() if k != "reasoning"} for m in messages]
+    assert data.render_chat(tok, {"messages": plain}, "thinking") == []
+    with pytest.raises(ValueError, match="variant"):
+        data.render_chat(tok, conv, "reasoning")
+
+
+def test_render_prompt_and_tool_results_continue_the_rendered_conversation():
+    tok = _tok()
+    conv = _tool_conversation()
+    messages = conv["messages"]
+    [full] = data.render_chat(tok, conv)
+    # the prompt before the first answer is a prefix of the rendered conversation plus "<|im_start|>assistant\n"
+    prompt = data.render_prompt(tok, messages[:2], conv["tools"])
+    assert full.ids[:len(prompt)] == prompt and not any(full.mask[:len(prompt)])
+    assert prompt[-3:] == [tok.special["<|im_start|>"], *tok.encode("assistant\n")]
+    # the ids a tool_hook injects after the first answer's <|im_end|>: the results' user turn + the next header
+    cut = full.ids.index(tok.special["<|im_end|>"], len(prompt)) + 1
+    inject = data.render_tool_results(tok, ["18C", "12C"])
+    assert full.ids[cut:cut + len(inject)] == inject
+    assert data.render_prompt(tok, messages[:5], conv["tools"]) == full.ids[:cut + len(inject)]
+
+
+def test_parse_assistant_inverts_rendering():
+    tok = _tok()
+    turns = [({"content": "Plain answer.\nTwo lines."}, None),
+             ({"content": "", "tool_calls": [{"name": "f", "arguments": {"x": [1, 2], "s": "é"}}]}, None),
+             ({"content": "Calling two.", "tool_calls": [{"name": "f", "arguments": {}},
+                                                         {"name": "g", "arguments": {"a": {"b": None}}}]}, "Plan.\nOk"),
+             ({"content": "Just thought."}, "Why not?")]
+    for msg, trace in turns:
+        msg = {"role": "assistant", **msg}
+        conv = {"messages": [{"role": "user", "content": "q"}, msg], "reasoning": trace}
+        [sample] = data.render_chat(tok, conv, "thinking" if trace else "instruct")
+        text = tok.decode([i for i, m in zip(sample.ids, sample.mask) if m])  # the trained turn, <|im_end|> included
+        assert data.parse_assistant(text) == dict(reasoning=trace, content=msg["content"],
+                                                  tool_calls=msg.get("tool_calls", []), well_formed=True)
+    bad = ['<think>\nstill thinking',                                       # unclosed think block
+           'x\n<tool_call>\n{"name": "f", "arguments": {}\n</tool_call>',   # invalid JSON
+           '<tool_call>\n{"name": "f"}\n</tool_call>',                      # no arguments
+           '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call> and more',  # text after the calls
+           'a </think> b']                                                  # stray tag
+    for text in bad:
+        assert not data.parse_assistant(text)["well_formed"], text
+    assert data.parse_assistant("<think>\nstill thinking")["reasoning"] == "still thinking"
+
+
+def test_load_conversations_errors_name_line_and_field(tmp_path):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    cases = [("{not json", r"bad\.jsonl:2: not valid JSON"),
+             ({"messages": []}, r"bad\.jsonl:2: 'messages' must be a non-empty list"),
+             ({"messages": [{"role": "bot", "content": "x"}]}, r"bad\.jsonl:2: messages\[0\]\.role is 'bot'"),
+             ({"messages": [{"role": "user", "content": 3}]}, r"bad\.jsonl:2: messages\[0\]\.content is int"),
+             ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+              r"messages\[1\]\.role is 'system' but only the first"),
+             ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
+              r"messages\[0\]\.tool_calls\[0\] must be"),
+             ({"messages": [{"role": "user", "content": "q", "reasoning": "r"}]},
+              r"messages\[0\]\.reasoning is not allowed on a user message"),
+             ({**good, "tools": {"name": "f"}}, r"'tools' must be a list"),
+             ({"messages": [{"role": "user", "content": "q"}], "reasoning": "r"},
+              r"'reasoning' is given but no message has role 'assistant'"),
+             ({**good, "system": "s"}, r"key 'system' is not part of the schema")]
+    for line, pattern in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+        with pytest.raises(ValueError, match=pattern):
+            data.load_conversations(str(path))
+    (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps(_tool_conversation()) + "\n")
+    assert data.load_conversations(str(tmp_path / "ok.jsonl")) == [good, _tool_conversation()]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def _hf_tokenizer_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf_tok"))
+    data.save_hf_tokenizer(_tok(), path)
+    return path
+
+
+_TEXTS = ["def f(x):\n    return x ** 2  # square\n\n\n\tif x:\r\n        pass\n",
+          "héllo wörld, 世界! Ελληνικά 🙂🙂 naïve café\u00a0\u2003spaces",
+          "   leading and trailing   \n\n  \n", "I'm we'LL they've 1234567 3.14159 $x_{ij}$ <html>&amp;</html>",
+          "a\n\n\nb\r\r\n c\t\t\td" + " " * 40 + "e"]
+
+
+def test_hf_tokenizer_json_encodes_like_tiktoken(_hf_tokenizer_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = _tok()
+    hf = tokenizers.Tokenizer.from_file(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
+    stdlib = open(os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py"), encoding="utf-8").read()
+    for text in _TEXTS + [stdlib]:
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text), text[:40]
+        assert hf.decode(tok.encode(text)) == text
+    # special tokens are single added tokens with our ids
+    assert hf.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).ids == \
+        [tok.special["<|im_start|>"], *tok.encode("user\nhi"), tok.special["<|im_end|>"]]
+    # read back without the tokenizers package: the same tiktoken tokenizer
+    back = data.tokenizer_from_hf(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
+    assert back.n_vocab == tok.n_vocab and back.special == tok.special
+    assert all(back.encode(t) == tok.encode(t) for t in _TEXTS)
+
+
+def test_merges_recovered_from_ranks_reproduce_bpe():
+    # ranks where the greedy pair choice matters: "abc" must be built as ("ab", "c"), never ("a", "bc")
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({b"ab": 256, b"bc": 257, b"abc": 258, b"abcab": 259})
+    assert data._merges(ranks) == [[b"a", b"b"], [b"b", b"c"], [b"ab", b"c"], [b"abc", b"ab"]]
+    with pytest.raises(ValueError, match="cannot be built"):
+        data._merges({**ranks, b"xyz": 260})
+
+
+def test_apply_chat_template_equals_renderer(_hf_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = _tok()
+    hf = transformers.AutoTokenizer.from_pretrained(_hf_tokenizer_dir)
+    assert hf.eos_token == "<|im_end|>" and hf.eos_token_id == tok.special["<|im_end|>"]
+
+    def apply(messages, **kw):
+        out = hf.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if not isinstance(out, list) else out)
+
+    conv = _tool_conversation()
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    for c in (conv, plain, {**plain, "tools": [_WEATHER]}):
+        messages = [{k: v for k, v in m.items() if k != "reasoning"} for m in c["messages"]]
+        assert apply(messages, tools=c.get("tools")) == data.render_chat(tok, c)[0].ids
+        for n in range(1, len(messages) + 1):  # every prefix as a generation prompt
+            assert apply(messages[:n], tools=c.get("tools"), add_generation_prompt=True) == \
+                data.render_prompt(tok, messages[:n], c.get("tools")), n
+    # Thinking: each unfolded sample is the conversation cut after its turn, the trace on that last turn
+    messages = _thinking_conversation(3)
+    conv = {"messages": messages, "reasoning": "Top-level trace."}
+    samples = data.render_chat(tok, conv, "thinking")
+    for sample, n in zip(samples[:-1], (3, 5)):
+        assert apply(messages[:n]) == sample.ids
+    assert apply(messages, reasoning="Top-level trace.") == samples[-1].ids
+
+
+def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    tok = data.get_tokenizer("cl100k_base:384")  # 399 ids: fits the test preset widened to 512 embeddings
+    model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
+    path = str(tmp_path / "hf")
+    model.save_pretrained(path, tokenizer=tok)
+    stop = tok.special["<|im_end|>"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    assert hf.generation_config.eos_token_id == stop
+    for messages in ([{"role": "user", "content": "def f(x):"}],
+                     [{"role": "system", "content": "s"}, {"role": "user", "content": "Tell me more, please."}]):
+        ids = data.render_prompt(tok, messages)
+        out = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert list(out["input_ids"] if not isinstance(out, list) else out) == ids
+        with torch.no_grad():
+            hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        ours, _ = S.generate(model, torch.tensor([ids]), 12, temperature=0, stop_token=stop)
+        assert ours[0] == hf_out  # both stop after <|im_end|> or at 12 tokens
+    # sample.py reads the directory back without the `tokenizers` package
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    loaded, tok2, meta = S.load_model(path)
+    assert isinstance(tok2, data.Tokenizer) and tok2.encode("def f(x):") == tok.encode("def f(x):")
+    assert data.get_tokenizer(tok2.name).special == tok.special  # later stages reload it by name
 
 
 # =============================================================================
