@@ -1885,6 +1885,154 @@ def test_probabilities_hand_cases():
 
 
 # -----------------------------------------------------------------------------
+# Batched generation
+
+
+def test_left_padded_cache_matches_each_row_alone():
+    # random weights, rows of 3 and 20 tokens (left padding 17 > the window of 8), then 25 decoded positions:
+    # every position of every row must equal the full forward of that row alone
+    cfg = M.get_config("test")
+    model = M.Mellum(cfg).init_weights(1).eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + 25,), generator=gen) for n in (3, 20)]
+    lens = [3, 20]
+    pad = torch.tensor([17, 0])
+    cache = M.KVCache(cfg, 2, 46, pad=pad)
+    tol = dict(atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        full = [model.hidden(s[None])[0] for s in seqs]
+        idx = torch.stack([torch.cat([torch.zeros(17, dtype=torch.long), seqs[0][:3]]), seqs[1][:20]])
+        h = model.hidden(idx, cache)
+        for b in range(2):
+            torch.testing.assert_close(h[b, pad[b]:], full[b][:lens[b]], **tol)
+        for t in range(25):
+            h = model.hidden(torch.stack([seqs[b][lens[b] + t] for b in range(2)])[:, None], cache)
+            for b in range(2):
+                torch.testing.assert_close(h[b, 0], full[b][lens[b] + t], **tol)
+        # dropping a row keeps the other's cache intact
+        cache.select(torch.tensor([1]))
+        seq = torch.cat([seqs[1], torch.tensor([5])])
+        h = model.hidden(seq[-1:][None], cache)
+        torch.testing.assert_close(h[0, 0], model.hidden(seq[None])[0, -1], **tol)
+
+
+def _batch_prompts(cycle):
+    """Three prompts of lengths 3, 9 and 5, the last one off the cycle (so its continuation differs)."""
+    return [cycle[:3].tolist(), cycle[torch.arange(4, 13) % 16].tolist(), [int(cycle[7]), 11, 5, 250, int(cycle[4])]]
+
+
+def test_generate_batch_greedy_rows_equal_single_row_decoding():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)
+    want = [_naive_greedy(model, torch.tensor([p]), 30) for p in prompts]
+    out = S.generate_batch(model, prompts, 30, n_samples=2, temperature=0)
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(p, s) for p in range(3) for s in range(2)]
+    for c in out:
+        assert c.tokens == want[c.prompt_index] and c.trained == [True] * 30 and not c.finished
+    # random weights (every position matters, rings wrap): still each row alone
+    rand = M.Mellum(M.get_config("test")).init_weights(2).eval()
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (2, 17, 9)]
+    out = S.generate_batch(rand, prompts, 25, temperature=0)
+    assert [c.tokens for c in out] == [_naive_greedy(rand, torch.tensor([p]), 25) for p in prompts]
+
+
+def test_generate_batch_stops_each_row_on_its_own():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)
+    want = [_naive_greedy(model, torch.tensor([p]), 30) for p in prompts]
+    stops = {want[0][3], want[2][6]}  # row 0 stops at its 4th token at the latest, row 2 at its 7th
+    out = S.generate_batch(model, prompts, 30, temperature=0, stop_tokens=stops)
+    for c, w in zip(out, want):
+        cut = next((i + 1 for i, t in enumerate(w) if t in stops), 30)
+        assert c.tokens == w[:cut] and c.finished == (cut < 30 or w[29] in stops)
+    assert len(out[0].tokens) <= 4 and len(out[2].tokens) <= 7
+
+
+def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monkeypatch):
+    model = M.Mellum(M.get_config("test")).init_weights(4).eval()  # near-uniform: samples differ
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    shapes = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: shapes.append(tuple(idx.shape)) or hidden(idx, cache))
+    gen = torch.Generator().manual_seed(0)
+    out = S.generate_batch(model, prompts, 6, n_samples=4, temperature=0.7, top_k=5, generator=gen, n_vocab=200)
+    assert shapes[0] == (2, 7)  # one prefill of the two prompts, not of the 8 rows
+    assert shapes[1:] == [(8, 1)] * 5  # then one token per row per step (the 6th token needs no forward)
+    assert len({tuple(c.tokens) for c in out[:4]}) > 1  # the 4 samples of prompt 0 differ
+    with torch.no_grad():
+        for c in out:  # reference: full forward over prompt + completion, softmax at temperature, no top-k
+            seq = torch.tensor([prompts[c.prompt_index] + c.tokens])
+            logits = model(seq)[0][0, len(prompts[c.prompt_index]) - 1:-1, :200].float()
+            logp = torch.log_softmax(logits / 0.7, -1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp[torch.arange(6), c.tokens], atol=1e-4, rtol=0)
+            top5 = logits.topk(5, -1).indices
+            assert all(t in top5[i] for i, t in enumerate(c.tokens))  # top-k did restrict the sampling
+
+
+def test_generate_batch_tool_hook_injects_untrained_tokens():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)[:2]
+    stop = _naive_greedy(model, torch.tensor([prompts[0]]), 30)[2]  # row 0 meets it at its 3rd token
+    inject = [t for t in (int(cycle[10]), 7, 200, 201) if t != stop][:3]
+    calls = []
+
+    def hook(c):
+        calls.append((c.prompt_index, list(c.tokens)))
+        return inject if sum(t == stop for t in c.tokens) == 1 else None  # first stop: tool results; then end
+
+    out = S.generate_batch(model, prompts, 30, temperature=0, stop_tokens=[stop], tool_hook=hook)
+    for c, p in zip(out, prompts):
+        # reference from the naive decoder: greedy to the stop, the injection, greedy again to the next stop
+        want = _naive_greedy(model, torch.tensor([p]), 30, stop=stop)
+        trained = [True] * len(want)
+        if want[-1] == stop:
+            more = _naive_greedy(model, torch.tensor([p + want + inject]), 30 - len(want) - 3, stop=stop)
+            want, trained = want + inject + more, trained + [False] * 3 + [True] * len(more)
+        assert c.tokens == want and c.trained == trained
+        assert c.finished == (want.count(stop) == 2)
+    c = out[0]
+    assert c.tokens[2] == stop and c.trained[3:6] == [False] * 3 and c.logprobs[3:6] == [0.0] * 3
+    assert all(lp < 0 for lp in c.logprobs[:3])
+    assert calls[0] == (0, c.tokens[:3])
+    # a hook that always injects: the budget of 30 tokens counts the injected ones, the row is not finished
+    out = S.generate_batch(model, prompts[:1], 30, temperature=0, stop_tokens=[stop], tool_hook=lambda c: [stop])
+    assert len(out[0].tokens) == 30 and not out[0].finished
+
+
+def test_generate_batch_bad_input():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="at least one prompt"):
+        S.generate_batch(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        S.generate_batch(model, [[1] * 60, [2]], 5)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        S.generate_batch(model, [[1]], 4, n_samples=0)
+
+
+def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    tok = data.get_tokenizer("cl100k_base:384")
+    model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
+    model.save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    stop = tok.special["<|im_end|>"]
+    # reference: the template by hand, greedy by full recompute
+    ids = [tok.special["<|im_start|>"], *tok.encode("user\nhello"), stop, *tok.encode("\n"),
+           tok.special["<|im_start|>"], *tok.encode("assistant\n")]
+    want = _naive_greedy(model, torch.tensor([ids]), 8, n_vocab=tok.n_vocab, stop=stop)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--chat", "--temperature", "0", "--max-new-tokens", "8"])
+    assert out.getvalue() == "> " + tok.decode([t for t in want if t != stop]) + "\n> "
+    out = io.StringIO()
+    with redirect_stdout(out):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--bench-batch", "--max-new-tokens", "4", "--prompt", "x"])
+    rows = [line.split() for line in out.getvalue().splitlines()[-3:]]
+    assert [r[0] for r in rows] == ["1", "8", "32"] and rows[0][-1] == "1.00x"
+    assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
+
+
+# -----------------------------------------------------------------------------
 # Bad input and the command line
 
 
