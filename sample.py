@@ -70,9 +70,9 @@ def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     the logits instead). top_k keeps the k most likely tokens; top_p the smallest set whose mass reaches p
     (nucleus sampling, Holtzman et al. 2019, https://arxiv.org/abs/1904.09751); both renormalise."""
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k is not None and top_k < logits.size(-1):  # the nucleus, if any, lies inside the k: sort only those
+        vals, ids = logits.topk(top_k, dim=-1)
+        return torch.zeros_like(logits).scatter_(-1, ids, probabilities(vals, 1.0, None, top_p))
     probs = logits.softmax(-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
@@ -84,10 +84,13 @@ def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def _pick(dist, greedy, gen):
-    """One token per row of (B, V) logits (greedy) or probabilities -> (B,)."""
+    """One token per row of (B, V) logits (greedy) or probabilities -> (B,). Sampling inverts the CDF: on CPU,
+    torch.multinomial costs ~1 ms per row at V=16k (measured), 30x more than cumsum + searchsorted."""
     if greedy:
         return dist.argmax(-1)
-    return torch.multinomial(dist, 1, generator=gen)[:, 0]
+    cdf = dist.cumsum(-1)
+    u = torch.rand(dist.size(0), 1, generator=gen, device=dist.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(dist.size(-1) - 1)  # right: p = 0 never drawn
 
 
 def _logits(model, h, rows=None):
@@ -227,8 +230,10 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
     forced = {}                     # completion -> injected ids still to feed
     while True:
         logits = _logits(model, h, n_vocab).float()  # (R, V)
-        logp = torch.log_softmax(logits if greedy else logits / temperature, dim=-1)
-        x = _pick(logits if greedy else probabilities(logits, temperature, top_k, top_p), greedy, generator).tolist()
+        x = _pick(logits if greedy else probabilities(logits, temperature, top_k, top_p), greedy, generator)
+        scaled = logits if greedy else logits / temperature
+        logp = (scaled.gather(-1, x[:, None])[:, 0] - scaled.logsumexp(-1)).tolist()
+        x = x.tolist()
         keep, feed = [], []
         for r, c in enumerate(active):
             comp = out[c]
@@ -237,7 +242,7 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
                 comp.tokens.append(t), comp.logprobs.append(0.0), comp.trained.append(False)
             else:
                 t = x[r]
-                comp.tokens.append(t), comp.logprobs.append(float(logp[r, t])), comp.trained.append(True)
+                comp.tokens.append(t), comp.logprobs.append(logp[r]), comp.trained.append(True)
                 if t in stop_tokens:
                     ids = tool_hook(comp) if tool_hook else None
                     if ids is None:

@@ -1879,6 +1879,9 @@ def test_probabilities_hand_cases():
                                torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, **tol)
     # temperature 2 on log-probabilities: proportional to sqrt(p)
     torch.testing.assert_close(S.probabilities(logits, 2.0), p.sqrt() / p.sqrt().sum(), **tol)
+    # top-k first, then the nucleus inside it: top-3 renormalised is [0.588, 0.235, 0.176]; 0.6 needs the first two
+    torch.testing.assert_close(S.probabilities(logits, top_k=3, top_p=0.6), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]),
+                               **tol)
     # rows are independent
     both = S.probabilities(torch.stack([logits, logits.flip(0)]), top_k=1)
     torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0]]), **tol)
@@ -2030,6 +2033,16 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     rows = [line.split() for line in out.getvalue().splitlines()[-3:]]
     assert [r[0] for r in rows] == ["1", "8", "32"] and rows[0][-1] == "1.00x"
     assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
+
+
+def test_pick_samples_the_distribution():
+    # N = 1M draws per row; standard error per bin <= 5e-4, tolerance 3e-3. Zero-probability ids are never drawn.
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.1, 0.0, 0.0, 0.9]])
+    N = 1_000_000
+    x = S._pick(p.repeat_interleave(N, 0), False, torch.Generator().manual_seed(0)).view(2, N)
+    freq = torch.stack([torch.bincount(r, minlength=5).float() / N for r in x])
+    torch.testing.assert_close(freq, p, atol=3e-3, rtol=0)
+    assert (freq[p == 0] == 0).all()
 
 
 # -----------------------------------------------------------------------------
