@@ -202,7 +202,7 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
     """n_samples completions of each prompt (lists of ids, any lengths), decoded together. Returns the
     Completions ordered by (prompt_index, sample_index).
 
-    The prompts are left-padded into one prefill (per-row RoPE positions, padding masked: KVCache.pad); its cache
+    The prompts are left-padded into one prefill (the padding masked out: KVCache.pad); its cache
     is then repeated n_samples times, so samples of a prompt share one prefill. Rows leave the batch when they
     finish. When a row samples one of stop_tokens, tool_hook(completion) decides: None ends the row, a list of ids
     is fed to the row (one per step, not trained, logprob 0.0) and sampling resumes after it. max_new_tokens
@@ -237,18 +237,16 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
         keep, feed = [], []
         for r, c in enumerate(active):
             comp = out[c]
-            if forced.get(c):
-                t = forced[c].pop(0)
-                comp.tokens.append(t), comp.logprobs.append(0.0), comp.trained.append(False)
-            else:
-                t = x[r]
-                comp.tokens.append(t), comp.logprobs.append(logp[r]), comp.trained.append(True)
-                if t in stop_tokens:
-                    ids = tool_hook(comp) if tool_hook else None
-                    if ids is None:
-                        comp.finished = True
-                    else:
-                        forced[c] = [int(i) for i in ids]
+            t, lp, trained = (forced[c].pop(0), 0.0, False) if forced.get(c) else (x[r], logp[r], True)
+            comp.tokens.append(t)
+            comp.logprobs.append(lp)
+            comp.trained.append(trained)
+            if trained and t in stop_tokens:
+                ids = tool_hook(comp) if tool_hook else None
+                if ids is None:
+                    comp.finished = True
+                else:
+                    forced[c] = [int(i) for i in ids]
             if not comp.finished and len(comp.tokens) < max_new_tokens:
                 keep.append(r)
                 feed.append(t)
