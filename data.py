@@ -846,7 +846,8 @@ TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to help with the 
 TOOLS_FOOTER = ("\n</tools>\n\nTo call a function, write a JSON object with its name and arguments inside "
                 "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
                 "<args-json-object>}\n</tool_call>\nResults come back inside <tool_response></tool_response> tags.")
-MAX_THINKING_SAMPLES = 5   # a Thinking conversation unfolds into at most this many samples (its last turns)
+MAX_THINKING_SAMPLES = 5   # a Thinking conversation unfolds into at most this many samples; which ones is
+# unpublished: we keep the last turns, whose context is the longest and most like the final answer's
 
 
 @dataclass
