@@ -828,7 +828,7 @@ def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=
 # Chat format: the released Mellum 2 template (ChatML + Hermes-style tool calls + Qwen3-style think blocks), one
 # renderer for SFT, RL, evaluation and sample.py --chat, its Jinja twin for Hugging Face, and the HF tokenizer export
 #
-#   <|im_start|>system\n{system}\n\n{TOOLS_PROMPT with one JSON schema per line}<|im_end|>\n
+#   <|im_start|>system\n{system}\n\n{TOOLS_HEADER}\n{schema}\n{schema}...{TOOLS_FOOTER}<|im_end|>\n
 #   <|im_start|>user\n{content}<|im_end|>\n
 #   <|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{content}\n<tool_call>\n{json}\n</tool_call><|im_end|>\n
 #   <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<tool_response>\n...<|im_end|>\n
@@ -1179,17 +1179,17 @@ def tokenizer_from_hf(path):
     with open(path, "rb") as f:
         raw = f.read()
     spec = json.loads(raw)
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") or [{}]
+    model, steps = spec.get("model") or {}, (spec.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
     pat = (steps[0].get("pattern") or {}).get("Regex")
     u2b = {u: b for b, u in _byte_to_unicode().items()}
-    try:
-        ranks = {bytes(u2b[c] for c in s): r for s, r in model["vocab"].items()}
-    except (KeyError, TypeError):
-        ranks = None
+    ranks = None
+    if model.get("type") == "BPE" and isinstance(model.get("vocab"), dict) and pat:
+        try:
+            ranks = {bytes(u2b[c] for c in s): r for s, r in model["vocab"].items()}
+        except KeyError:  # a character that is not a byte-level stand-in
+            pass
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    if model.get("type") != "BPE" or pat is None or ranks is None or \
-            special != {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}:
+    if ranks is None or special != {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}:
         raise ValueError(f"{path} was not written by data.save_hf_tokenizer (byte-level BPE + nanoMellum's specials)")
     return Tokenizer(path, ranks, pat, hashlib.sha256(raw).hexdigest())
 

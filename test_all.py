@@ -1523,7 +1523,7 @@ _TEXTS = ["def f(x):\n    return x ** 2  # square\n\n\n\tif x:\r\n        pass\n
           "a\n\n\nb\r\r\n c\t\t\td" + " " * 40 + "e"]
 
 
-def test_hf_tokenizer_json_encodes_like_tiktoken(_hf_tokenizer_dir):
+def test_hf_tokenizer_json_encodes_like_tiktoken(_hf_tokenizer_dir, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     tok = _tok()
     hf = tokenizers.Tokenizer.from_file(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
@@ -1538,6 +1538,10 @@ def test_hf_tokenizer_json_encodes_like_tiktoken(_hf_tokenizer_dir):
     back = data.tokenizer_from_hf(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
     assert back.n_vocab == tok.n_vocab and back.special == tok.special
     assert all(back.encode(t) == tok.encode(t) for t in _TEXTS)
+    foreign = tmp_path / "tokenizer.json"  # another model's tokenizer: left to sample.HFTokenizer
+    foreign.write_text(json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}))
+    with pytest.raises(ValueError, match="not written by data.save_hf_tokenizer"):
+        data.tokenizer_from_hf(str(foreign))
 
 
 def test_merges_recovered_from_ranks_reproduce_bpe():
