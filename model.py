@@ -9,7 +9,8 @@ Contents, top to bottom:
   MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
-  KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions
+  KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions; rows may be
+                          left-padded (pad) and selected or repeated (select) for batched generation
   Mellum                  forward (logits + loss parts), decoding helpers, HF-format load/save
   summary / bench         `python model.py --preset NAME` and `python model.py --bench`
 
@@ -217,9 +218,11 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
-def attention(q, k, v, window, q_pos=None, k_pos=None):
+def attention(q, k, v, window, q_pos=None, k_pos=None, pad=None):
     """Causal (window=None) or sliding-window attention with GQA. q (B, H, T, hd); k, v (B, K, S, hd).
-    q_pos (T,) / k_pos (S,) are absolute positions, given when decoding from a cache (k_pos < 0: empty slot)."""
+    q_pos (T,) / k_pos (S,) are absolute positions, given when decoding from a cache (k_pos < 0: empty slot).
+    pad (B,): row b's first pad[b] positions are left padding, hidden from every query but their own (a query
+    that saw no key at all would turn into NaN and poison the padding's keys in the next layer)."""
     if q_pos is None:
         if kernels.use_kernels(q.device):
             return kernels.flash_attention(q, k, v, window=window)
@@ -230,6 +233,9 @@ def attention(q, k, v, window, q_pos=None, k_pos=None):
     allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
+    if pad is not None:  # (T, S) -> (B, 1, T, S)
+        allowed = (allowed & (k_pos >= pad[:, None, None])) | (k_pos[None, :] == q_pos[:, None])
+        allowed = allowed[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
@@ -280,7 +286,7 @@ class Attention(nn.Module):
         else:
             k, v, k_pos = cache.update(k, v)
             q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
-            y = attention(q, k, v, self.window, q_pos, k_pos)
+            y = attention(q, k, v, self.window, q_pos, k_pos, cache.pad)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -424,9 +430,14 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block."""
+    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block.
+    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots, which attention masks out.
+    Row b's tokens then sit pad[b] positions later than alone; RoPE needs no per-row positions because attention
+    scores depend only on the distance between query and key (RoFormer, https://arxiv.org/abs/2104.09864), and
+    the sliding window is a distance too."""
 
-    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None):
+    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
+                 pad=None):
         K, hd = config.num_key_value_heads, config.head_dim
         ring_size = config.sliding_window + slack
 
@@ -436,9 +447,20 @@ class KVCache:
 
         self.layers = [make(lt) for lt in (layer_types or config.layer_types)]
         self.pos, self.layer = 0, 0
+        self.pad = pad
         self.mtp = None
         if layer_types is None and config.num_mtp_layers:
-            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING])
+            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING], pad=pad)
+
+    def select(self, rows):
+        """Keep (or repeat) batch rows: rows (R,) indexes the current rows. Shares a prefill among samples of one
+        prompt (rows = arange(P).repeat_interleave(G)) and drops finished rows."""
+        for c in self.layers:
+            c.k, c.v = c.k[rows], c.v[rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        if self.mtp is not None:
+            self.mtp.select(rows)
 
     def update(self, k, v):  # called by each attention layer in order during one forward
         out = self.layers[self.layer].update(self.pos, k, v)
@@ -584,10 +606,11 @@ class Mellum(nn.Module):
 
     # --- Hugging Face format -------------------------------------------------------------------------------
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, dtype=None):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, dtype=None, tokenizer=None):
         """config.json + model(-0000i-of-0000n).safetensors (+ index), written to a temp dir then renamed.
         Experts are written one 2-D tensor each (`experts.{e}.gate_proj.weight`, ...), the on-disk layout of
-        the released checkpoints and of transformers."""
+        the released checkpoints and of transformers. tokenizer (a data.Tokenizer): also write its Hugging Face
+        files and the chat stop token as eos_token_id, so transformers and sample.py can use the directory alone."""
         from safetensors.torch import save_file
         tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -609,8 +632,13 @@ class Mellum(nn.Module):
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
+        hf = self.config.to_hf()
+        if tokenizer is not None:
+            import data  # lazily: model.py stays importable without the tokenizer packages
+            data.save_hf_tokenizer(tokenizer, tmp)
+            hf.update(eos_token_id=tokenizer.special[data.CHAT_STOP], pad_token_id=tokenizer.eot, bos_token_id=None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
+            json.dump(hf, f, indent=2)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
