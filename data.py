@@ -1010,7 +1010,9 @@ class TokenLoader:
             epoch, w, i = (epoch, w + 1, 0) if w + 1 < n_windows else (epoch + 1, 0, 0)
         else:
             raise ValueError(f"source '{name}' ({self.paths[name]}) has no document with at least "
-                             f"{math.ceil(MIN_UNIQUE_FRACTION * self.seq_len)} distinct tokens: nothing to train on")
+                             f"{math.ceil(MIN_UNIQUE_FRACTION * self.seq_len)} distinct tokens (1% of seq_len "
+                             f"{self.seq_len}): nothing to train on; lower --seq-len, give it longer documents or "
+                             "leave it out of the mixture")
         self.position[name] = [epoch, w, i + 1]
         self.counts["rows"] += 1
         self.counts["no_target"] += int((y[i] < 0).sum())

@@ -418,8 +418,10 @@ def main(argv=None):
                    weight_decay=args.weight_decay, optim_state=optim_state, parallel=parallel,
                    stop_after=args.stop_after, log_every=args.log_every, compile=args.compile)
     if ctx.master:
+        packing = loader.stats()
         print(f"phase {args.phase} done at step {result['step']}: val loss {result['val_loss']:.4f}; "
-              f"checkpoint in {phase_dir}")
+              f"checkpoint in {phase_dir}; packing: {packing['padding']:.1%} of positions without a target, "
+              f"{packing['dropped']:,} of {packing['docs']:,} documents dropped (low diversity)")
     compute_cleanup(ctx)
     return result
 
