@@ -1056,7 +1056,7 @@ class TokenLoader:
         self.counts = {k: int(v) for k, v in state["counts"].items()}
 
 
-def val_batches(path, batch_size, seq_len, *, eot, max_batches=None, rank=0, world_size=1):
+def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=1, *, eot):
     """A fixed set of (x, y) batches from one source's val shard, packed like training rows (best fit over the
     whole shard in document order, low-diversity documents dropped): the same every call, rows spread evenly over
     the packed shard, rank r taking rows [r*B, (r+1)*B) of each global batch. A shard with fewer rows than one

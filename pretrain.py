@@ -384,8 +384,8 @@ def main(argv=None):
                               eot=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed + args.phase)
     # validation: the same few batches of every source's held-out documents, each source weighted equally
     val = [b for name in sorted(shards) for b in data.val_batches(
-        shards[name].val, args.batch_size, seq_len, eot=tok.eot, max_batches=args.eval_batches, rank=ctx.rank,
-        world_size=ctx.world_size)]
+        shards[name].val, args.batch_size, seq_len, args.eval_batches, rank=ctx.rank, world_size=ctx.world_size,
+        eot=tok.eot)]
 
     # --- model: fresh in phase 1, the previous phase's final checkpoint (weights + optimizer) in phases 2 and 3
     optim_state = None
