@@ -526,14 +526,9 @@ REPORT_FIM = {1: (0.5, False), 2: (0.1, False), 3: (0.5, True)}
 DEFAULT_TOKENS = 550_000  # all three phases: a CPU run of the tiny preset; scale it for real runs
 
 
-def _normalised(weights):
-    total = sum(weights.values())
-    return {name: w / total for name, w in weights.items()}
-
-
 DEFAULT_MIXTURE = Mixture(
     sources=_builtin_sources(),
-    phases={p: Phase(_normalised(REPORT_SHARES[p]),
+    phases={p: Phase({name: w / sum(REPORT_SHARES[p].values()) for name, w in REPORT_SHARES[p].items()},
                      round(DEFAULT_TOKENS * REPORT_PHASE_TOKENS[p] / sum(REPORT_PHASE_TOKENS.values())),
                      *REPORT_FIM[p]) for p in (1, 2, 3)},
 )

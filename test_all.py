@@ -1221,6 +1221,7 @@ def test_loader_packs_each_kept_token_once_per_epoch(tmp_path):
             break
         assert x.shape == y.shape == (T,)
         tokens = _row_tokens(x, y)
+        assert x[:len(tokens)].tolist() == tokens[:T]  # y is x shifted by one
         assert (x[len(tokens):] == eot).all() and (y[len(tokens) - 1:] == -1).all()  # padding only at the end
         n_rows, n_no_target = n_rows + 1, n_no_target + int((y == -1).sum())
         row = []  # cut where a document starts (<|endoftext|>) or where another document's tokens begin
