@@ -989,7 +989,9 @@ class TokenLoader:
             kept = _diverse(docs, self.seq_len)
             x, y, _ = pack_best_fit(kept, self.seq_len, pad=self.eot)
             order = np.random.default_rng([self.seed, crc, epoch, w]).permutation(len(x))
-            self._window[name] = ((epoch, w), (x[order], y[order], len(docs), len(docs) - len(kept)))
+            # kept compact (a window at 8K context is ~1K rows): the shard's dtype, int32 for targets and -1
+            x, y = x[order].astype(self.tokens[name].dtype), y[order].astype(np.int32)
+            self._window[name] = ((epoch, w), (x, y, len(docs), len(docs) - len(kept)))
         return self._window[name][1]
 
     def _next_row(self, name):
@@ -1025,7 +1027,7 @@ class TokenLoader:
                 xs.append(x)
                 ys.append(y)
         self.step += 1
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        return torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
     def stats(self):
         """For the log, over all global micro-batches so far: the share of positions without a target (row padding

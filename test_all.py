@@ -1246,6 +1246,7 @@ def test_loader_deterministic_and_exact_resume(tmp_path):
             torch.testing.assert_close(t, u, rtol=0, atol=0)
     state = json.loads(json.dumps(a.state_dict()))  # it must survive a JSON checkpoint
     expected = [a.next_batch() for _ in range(40)]
+    assert all(t.dtype == torch.int64 and t.shape == (4, 32) for batch in expected for t in batch)
     resumed = make()
     resumed.load_state_dict(state)
     for x, y in expected:
