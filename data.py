@@ -1063,7 +1063,8 @@ def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=
     x, y, _ = pack_best_fit(_diverse([tokens[a:b] for a, b in zip(starts, ends)], seq_len), seq_len, pad=eot)
     if len(x) == 0:
         raise ValueError(f"val shard {path} has no document with at least "
-                         f"{math.ceil(MIN_UNIQUE_FRACTION * seq_len)} distinct tokens")
+                         f"{math.ceil(MIN_UNIQUE_FRACTION * seq_len)} distinct tokens (1% of seq_len {seq_len}): "
+                         "lower --seq-len, give the source longer documents or leave it out of the mixture")
     G = batch_size * world_size
     n_batches = max(1, len(x) // G)
     if max_batches is not None:
