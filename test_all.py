@@ -1195,7 +1195,8 @@ def _sources(tmp_path, n_docs=(300, 200, 100), weights=(0.5, 0.3, 0.2)):
     for i, (n, w) in enumerate(zip(n_docs, weights)):
         rng = np.random.default_rng(i)
         path = str(tmp_path / f"src{i}.tokens")
-        _write_doc_shard(path, [rng.integers(1000 * (i + 1), 1000 * (i + 2), size=rng.integers(5, 80)) for _ in range(n)])
+        docs = [rng.integers(1000 * (i + 1), 1000 * (i + 2), size=rng.integers(5, 80)) for _ in range(n)]
+        _write_doc_shard(path, docs)
         out[f"src{i}"] = (path, w)
     return out
 
