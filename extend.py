@@ -154,8 +154,9 @@ def check_memory(config, batch_size, seq_len, device, training=True):
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # share of the filler placed before the needle
-LONG_DOC_WEIGHTS = {"code": 0.7, "prose": 0.3}  # default-corpus sources with long documents (whole files, docs);
-                                                # math problems are a few hundred tokens and carry no long range
+# default-corpus sources with long documents (whole files, docs; math problems are a few hundred tokens and carry no
+# long range) and repository-level FIM documents (the report's extension data); the shares are our choice
+LONG_DOC_WEIGHTS = {"code": 0.5, "prose": 0.3, "repo": 0.2}
 
 
 def passkey_sample(tok, filler, n_tokens, depth, key):
@@ -460,11 +461,12 @@ def main(argv=None):
     phase = max(mixture.phases)
     weights = mixture.phases[phase].weights if args.mixture else LONG_DOC_WEIGHTS
     if ctx.master:  # rank 0 builds the shards once, the others then read them from the cache
-        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,), log=log)
+        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,), log=log, extra=tuple(weights))
     if ctx.ddp:
         dist.barrier()
     if not ctx.master:
-        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,), log=lambda *a, **k: None)
+        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,),
+                                   log=lambda *a, **k: None, extra=tuple(weights))
     sources = {n: (shards[n].train, w) for n, w in weights.items() if w > 0}
     val_streams = {n: DocStream(shards[n].val, tok.eot) for n in sources}
     lengths = eval_lengths(context, T)

@@ -499,10 +499,11 @@ def main(argv=None):
     if ctx.ddp and ctx.master:
         dist.barrier()
     loader = data.TokenLoader(data.phase_sources(mixture, shards, args.phase), B, T, rank=ctx.rank,
-                              world_size=ctx.world_size, seed=args.seed + args.phase)
+                              world_size=ctx.world_size, eot=tok.eot, seed=args.seed + args.phase)
     # validation: the same few batches of every source's held-out documents, each source weighted equally
     val = [b for name in sorted(shards) for b in data.val_batches(
-        shards[name].val, B, T, args.eval_batches, rank=ctx.rank, world_size=ctx.world_size)]
+        shards[name].val, B, T, args.eval_batches, rank=ctx.rank, world_size=ctx.world_size,
+        eot=tok.eot)]
 
     # --- model and optimizer: fresh in phase 1; phases 2 and 3 load the previous phase's final weights + optimizer
     if args.phase > 1 and prev_step != start:
@@ -582,7 +583,10 @@ def main(argv=None):
             break
     bar.close()
     if ctx.master:
-        print(f"phase {args.phase} at step {step + 1}: val loss {val_loss:.4f}; checkpoint in {phase_dir}")
+        packing = loader.stats()
+        print(f"phase {args.phase} at step {step + 1}: val loss {val_loss:.4f}; checkpoint in {phase_dir}; "
+              f"packing: {packing['padding']:.1%} of positions without a target, "
+              f"{packing['dropped']:,} of {packing['docs']:,} documents dropped (low diversity)")
     compute_cleanup(ctx)
     return {"step": step + 1, "val_loss": val_loss}
 

@@ -1068,16 +1068,6 @@ def _tok():
     return data.get_tokenizer()
 
 
-def _write_source(path, lo, n_tokens, eot_every=50):
-    """A shard whose tokens all lie in [lo, lo + 1000) (so a row tells which source it came from), with an EOT
-    opening every `eot_every` tokens; returns the array written."""
-    rng = np.random.default_rng(lo)
-    tokens = rng.integers(lo, lo + 1000, size=n_tokens).astype(np.uint32)
-    tokens[::eot_every] = 7
-    data.write_shard(path, tokens, n_docs=len(tokens[::eot_every]))
-    return tokens
-
-
 # -----------------------------------------------------------------------------
 # tokenizer
 
@@ -1135,25 +1125,60 @@ def test_math_problems_have_exact_checkable_answers():
 # -----------------------------------------------------------------------------
 # FIM
 
-def test_fim_inverse_recovers_text_and_psm_layout():
-    tok = _tok()
-    rng = random.Random(0)
-    texts = ["", "x", "def add(a, b):\n    return a + b\n", "ünïcode → λ 世界 " * 7, "a" * 300]
-    for text in texts:
+def test_fim_psm_and_spm_layouts_by_hand_and_inverse():
+    tok, E = _tok(), _tok().encode
+    pre, mid, suf = "def add(a, b):\n", "    return a", " + b\n"
+    psm = [tok.fim_prefix, *E(pre), tok.fim_suffix, *E(suf), tok.fim_middle, *E(mid)]
+    spm = [tok.fim_prefix, tok.fim_suffix, *E(suf), tok.fim_middle, *E(pre), *E(mid)]  # StarCoder's SPM
+    assert data.fim_ids(pre, mid, suf, tok, spm=False) == psm and data.fim_ids(pre, mid, suf, tok, spm=True) == spm
+    assert data.fim_inverse(psm, tok) == data.fim_inverse(spm, tok) == pre + mid + suf
+    rng, layouts = random.Random(0), set()
+    for text in ["x", "def add(a, b):\n    return a + b\n", "ünïcode → λ 世界 " * 7, "a" * 300]:
         for _ in range(20):
-            ids = data.fim_transform(text, rng, tok, rate=1.0)
-            # PSM: <prefix> ... <suffix> ... <middle> ..., each marker once
+            ids = data.fim_transform(E(text), rng, tok, rate=1.0)
             assert ids[0] == tok.fim_prefix and ids.count(tok.fim_suffix) == 1 and ids.count(tok.fim_middle) == 1
             assert ids.index(tok.fim_suffix) < ids.index(tok.fim_middle)
+            layouts.add(ids[1] == tok.fim_suffix)
             assert data.fim_inverse(ids, tok) == text
-        assert data.fim_transform(text, rng, tok, rate=0.0) == tok.encode(text)
+        assert data.fim_transform(E(text), rng, tok, rate=0.0) == E(text)
+    assert layouts == {True, False}
 
 
-def test_fim_rate():
+def test_fim_rate_and_spm_share():
     tok = _tok()
-    rng, n, rate = random.Random(1), 4000, 0.5
-    hits = sum(data.fim_transform("abc def", rng, tok, rate)[0] == tok.fim_prefix for _ in range(n))
-    assert abs(hits / n - rate) < 5 * math.sqrt(rate * (1 - rate) / n)  # 5 binomial standard deviations
+    rng, n, rate = random.Random(1), 4000, 0.3
+    # long: a PSM with an empty prefix (probability ~2 / 2,400) has SPM's layout
+    ids = tok.encode("abc def ghi " * 200)
+    out = [data.fim_transform(ids, rng, tok, rate) for _ in range(n)]
+    fim = [ids for ids in out if ids[0] == tok.fim_prefix]
+    spm = sum(ids[1] == tok.fim_suffix for ids in fim)
+    assert abs(len(fim) / n - rate) < 5 * math.sqrt(rate * (1 - rate) / n)  # 5 binomial standard deviations
+    assert abs(spm / len(fim) - 0.5) < 5 * math.sqrt(0.25 / len(fim))
+
+
+def test_repo_fim_document_layout_by_hand():
+    tok, E = _tok(), _tok().encode
+    files = [("pkg/a.py", "A = 1\n"), ("pkg/b.py", "B = 2\n"), ("pkg/main.py", "def f():\n    return A + B\n")]
+    head = [tok.filename, *E("pkg/a.py\nA = 1\n"), tok.filename, *E("pkg/b.py\nB = 2\n"), tok.filename,
+            *E("pkg/main.py\n")]
+    layouts = set()
+    for seed in range(20):
+        ids = data.repo_fim_document(files, tok, random.Random(seed))
+        assert ids[:len(head)] == head and ids[len(head)] == tok.fim_prefix  # the target is always rewritten
+        assert data.fim_inverse(ids[len(head):], tok) == files[-1][1]
+        layouts.add(ids[len(head) + 1] == tok.fim_suffix)
+    assert layouts == {True, False}
+
+
+def test_repo_documents_are_files_of_one_package():
+    caps = data.CorpusCaps(repo_chars=30_000, repo_doc_chars=3_000)
+    docs = data.repo_documents(caps)
+    assert docs and sum(len(t) for d in docs for _, t in d) >= 30_000 - caps.repo_doc_chars
+    for doc in docs:
+        paths = [p for p, _ in doc]
+        assert len(doc) >= 2 and len({os.path.dirname(p) for p in paths}) == 1  # one package directory
+        assert paths[:-1] == sorted(paths[:-1]) and paths[-1] not in paths[:-1]  # related files sorted, target last
+        assert sum(len(t) for _, t in doc) <= caps.repo_doc_chars and len(doc[-1][1]) <= caps.repo_doc_chars // 2
 
 
 # -----------------------------------------------------------------------------
@@ -1197,72 +1222,139 @@ def test_corrupt_shards_give_clear_errors(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# loader
+# best-fit packing and the loader
 
-def _sources(tmp_path, sizes=(30_000, 20_000, 10_000), weights=(0.5, 0.3, 0.2)):
+def _naive_best_fit(sizes, L):
+    """Reference best-fit decreasing: rows as lists of item indices, scanning every row for each item."""
+    rows, free = [], []
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        fits = [r for r in range(len(rows)) if free[r] >= sizes[k]]
+        if fits:
+            r = min(fits, key=lambda r: (free[r], r))
+        else:
+            r = len(rows)
+            rows.append([])
+            free.append(L)
+        rows[r].append(k)
+        free[r] -= sizes[k]
+    return rows
+
+
+def test_pack_best_fit_hand_case_and_naive_reference():
+    # sizes 5 4 3 3 2 1 into rows of 8: 5 -> new; 4 -> new; 3 -> the 5's row (room 3); 3 -> the 4's row (room 4);
+    # 2 -> no row has room 2: new; 1 -> the 4's row (room 1)
+    docs = [np.full(n, 100 * i + n) for i, n in enumerate([3, 5, 1, 4, 3, 2])]
+    x, y, dropped = data.pack_best_fit(docs, seq_len=7, pad=0)
+    rows = [np.concatenate([x[r], y[r, -1:]]) for r in range(len(x))]
+    expected = [[105] * 5 + [3] * 3, [304] * 4 + [403] * 3 + [201], [502] * 2 + [0] * 6]
+    assert [r.tolist() for r in rows[:2]] == expected[:2] and x[2].tolist() == expected[2][:7]
+    assert y[2].tolist() == [502] + [-1] * 6 and dropped == 0
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sizes = rng.integers(1, 12, size=rng.integers(1, 40)).tolist()
+        docs = [1000 * (k + 1) + np.arange(n) for k, n in enumerate(sizes)]
+        x, y, _ = data.pack_best_fit(docs, seq_len=11, pad=0)
+        got = [sorted({int(t) // 1000 - 1 for t in [*xr, yr[-1]] if t > 0}) for xr, yr in zip(x, y)]
+        want = [sorted(r) for r in _naive_best_fit(sizes, 12)]
+        assert sorted(got) == sorted(want)
+
+
+def test_pack_best_fit_masks_and_dropping_long_samples():
+    docs = [np.array([1, 2, 3, 4]), np.array([5, 6, 7]), np.arange(10, 30)]
+    masks = [np.array([0, 0, 1, 1]), np.array([0, 1, 1]), np.ones(20)]
+    x, y, dropped = data.pack_best_fit(docs, seq_len=7, masks=masks, split=False, pad=9)
+    assert dropped == 1 and x.tolist() == [[1, 2, 3, 4, 5, 6, 7]]  # the 20-token sample is dropped, not cut
+    assert y.tolist() == [[-1, 3, 4, -1, 6, 7, -1]]  # a target counts where its own token's mask is set
+    x, y, dropped = data.pack_best_fit([np.arange(10, 30)], seq_len=7)
+    assert dropped == 0 and x.shape == (3, 7) and y[2].tolist() == [27, 28, 29, -1, -1, -1, -1]
+
+
+def _write_doc_shard(path, docs, eot=7):
+    data.write_shard(path, np.concatenate([[eot, *d] for d in docs]).astype(np.uint32), n_docs=len(docs))
+
+
+def _row_tokens(x, y):
+    """The row's tokens up to its padding: x[0], then every target until the first position without one."""
+    y = y.tolist()
+    n = y.index(-1) if -1 in y else len(y)
+    return [int(x[0])] + y[:n]
+
+
+def _sources(tmp_path, n_docs=(300, 200, 100), weights=(0.5, 0.3, 0.2)):
+    """Sources of random documents (5-80 tokens) whose tokens all lie in [1000(i+1), 1000(i+2)) for source i."""
     out = {}
-    for i, (n, w) in enumerate(zip(sizes, weights)):
+    for i, (n, w) in enumerate(zip(n_docs, weights)):
+        rng = np.random.default_rng(i)
         path = str(tmp_path / f"src{i}.tokens")
-        _write_source(path, 1000 * (i + 1), n)
+        docs = [rng.integers(1000 * (i + 1), 1000 * (i + 2), size=rng.integers(5, 80)) for _ in range(n)]
+        _write_doc_shard(path, docs)
         out[f"src{i}"] = (path, w)
     return out
 
 
-def _windows(tokens, T):
-    """{first T tokens: all T+1 tokens} of the windows starting at multiples of T (the loader's packing)."""
-    tokens = np.asarray(tokens).tolist()
-    return {tuple(tokens[i:i + T]): tokens[i:i + T + 1] for i in range(0, len(tokens) - T, T)}
-
-
 def _source_of(row):
-    return int(row.min()) // 1000 - 1 if row.min() >= 1000 else int(row.max()) // 1000 - 1
+    return int(row.max()) // 1000 - 1
 
 
-def test_loader_rows_are_shifted_windows_of_the_sources(tmp_path):
-    srcs = _sources(tmp_path)
-    T = 16
-    windows = {n: _windows(data.read_shard(p), T) for n, (p, _) in srcs.items()}
-    x, y = data.TokenLoader(srcs, batch_size=8, seq_len=T, seed=3).next_batch()
-    assert x.shape == y.shape == (8, T) and x.dtype == y.dtype == torch.int64
-    for xr, yr in zip(x, y):
-        window = windows[f"src{_source_of(xr)}"][tuple(xr.tolist())]  # KeyError: not a window
-        torch.testing.assert_close(yr, torch.tensor(window[1:]), rtol=0, atol=0)
+def test_loader_packs_each_kept_token_once_per_epoch(tmp_path):
+    T, eot = 300, 7  # rows of 301 tokens; a document needs ceil(1% of 300) = 3 distinct tokens
+    rng = np.random.default_rng(0)
+    docs = [1000 * (k + 1) + np.arange(rng.integers(3, 700)) for k in range(50)]  # doc k: tokens 1000(k+1) + i
+    docs[3] = 1000 * 4 + np.arange(301 - 1)  # exactly one row with its <|endoftext|>: fits, must not be split
+    docs[10] = 1000 * 11 + np.tile([0, 1], 30)  # 2 distinct tokens (3 with <|endoftext|>): dropped
+    docs[20] = 1000 * 21 + np.tile([0, 1, 2], 20)  # 3 distinct tokens: kept
+    _write_doc_shard(str(tmp_path / "s.tokens"), docs, eot)
+    loader = data.TokenLoader({"s": (str(tmp_path / "s.tokens"), 1.0)}, 1, T, eot=eot, window_docs=16)
+    segments, n_rows, n_no_target = [], 0, 0
+    while True:
+        stats = loader.stats()
+        x, y = (t[0].numpy() for t in loader.next_batch())
+        if loader.state_dict()["position"]["s"][0] == 1:  # the first row of epoch 1
+            break
+        assert x.shape == y.shape == (T,)
+        tokens = _row_tokens(x, y)
+        assert x[:len(tokens)].tolist() == tokens[:T]  # y is x shifted by one
+        assert (x[len(tokens):] == eot).all() and (y[len(tokens) - 1:] == -1).all()  # padding only at the end
+        n_rows, n_no_target = n_rows + 1, n_no_target + int((y == -1).sum())
+        row = []  # cut where a document starts (<|endoftext|>) or where another document's tokens begin
+        for t in tokens:
+            if t == eot or not row or (row[-1][-1] != eot and row[-1][-1] // 1000 != t // 1000):
+                row.append([])
+            row[-1].append(t)
+        segments += row
+    kept = [[eot, *d.tolist()] for k, d in enumerate(docs) if k != 10]
+    pieces = [d[i:i + T + 1] for d in kept for i in range(0, len(d), T + 1)]  # a fitting document is one piece
+    assert sorted(segments) == sorted(pieces)
+    assert stats["dropped"] == 1 and stats["docs"] == 50
+    assert stats["padding"] == pytest.approx(n_no_target / (T * n_rows))
 
 
 def test_loader_deterministic_and_exact_resume(tmp_path):
-    srcs = _sources(tmp_path, sizes=(3000, 2000, 1000))  # small: several epochs wrap within the test
-    a = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
-    b = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
+    srcs = _sources(tmp_path, n_docs=(60, 40, 20))  # small: several epochs wrap within the test
+    make = lambda seed=5, B=4: data.TokenLoader(srcs, B, 32, eot=7, seed=seed, window_docs=8)  # noqa: E731
+    a, b = make(), make()
     for _ in range(30):
         for t, u in zip(a.next_batch(), b.next_batch()):
             torch.testing.assert_close(t, u, rtol=0, atol=0)
     state = json.loads(json.dumps(a.state_dict()))  # it must survive a JSON checkpoint
     expected = [a.next_batch() for _ in range(40)]
-    resumed = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=5)
+    assert all(t.dtype == torch.int64 and t.shape == (4, 32) for batch in expected for t in batch)
+    resumed = make()
     resumed.load_state_dict(state)
     for x, y in expected:
         rx, ry = resumed.next_batch()
         torch.testing.assert_close(rx, x, rtol=0, atol=0)
         torch.testing.assert_close(ry, y, rtol=0, atol=0)
-    assert max(e for e, _ in a.state_dict()["position"].values()) >= 1  # the test did cross an epoch boundary
-    other_seed = data.TokenLoader(srcs, batch_size=4, seq_len=32, seed=6)
-    assert not torch.equal(other_seed.next_batch()[0], data.TokenLoader(srcs, 4, 32, seed=5).next_batch()[0])
+    assert resumed.stats() == a.stats()
+    assert max(e for e, _, _ in a.state_dict()["position"].values()) >= 1  # the test did cross an epoch boundary
+    assert not torch.equal(make(seed=6).next_batch()[0], make().next_batch()[0])
     with pytest.raises(ValueError, match="global_batch"):
-        data.TokenLoader(srcs, batch_size=8, seq_len=32, seed=5).load_state_dict(state)
-
-
-def test_loader_covers_each_window_once_per_epoch(tmp_path):
-    path = str(tmp_path / "one.tokens")
-    tokens = _write_source(path, 1000, 16 * 40 + 1)  # exactly 40 windows of T+1 = 17 tokens
-    loader = data.TokenLoader({"one": (path, 1.0)}, batch_size=8, seq_len=16)
-    rows = torch.cat([loader.next_batch()[0] for _ in range(5)])
-    assert {tuple(r.tolist()) for r in rows} == set(_windows(tokens, 16)) and len(rows) == 40
+        make(B=8).load_state_dict(state)
 
 
 def test_loader_respects_mixture_weights(tmp_path):
     weights = (0.5, 0.3, 0.2)
-    srcs = _sources(tmp_path, weights=weights)
-    loader = data.TokenLoader(srcs, batch_size=16, seq_len=8, seed=11)
+    loader = data.TokenLoader(_sources(tmp_path, weights=weights), 16, 8, eot=7, seed=11)
     counts = np.zeros(3)
     for _ in range(250):
         for row in loader.next_batch()[0]:
@@ -1273,51 +1365,71 @@ def test_loader_respects_mixture_weights(tmp_path):
 
 
 def test_ranks_disjoint_and_union_equals_single_process(tmp_path):
-    srcs = _sources(tmp_path, sizes=(60_000, 60_000, 60_000))  # > 3 * 3750 windows: no epoch wraps below
+    srcs = _sources(tmp_path, n_docs=(2000, 2000, 2000))  # > 3 * 400 rows each: no epoch wraps below
     W, B, T = 2, 4, 16
-    single = data.TokenLoader(srcs, batch_size=W * B, seq_len=T, seed=2)
-    ranks = [data.TokenLoader(srcs, batch_size=B, seq_len=T, rank=r, world_size=W, seed=2) for r in range(W)]
+    single = data.TokenLoader(srcs, W * B, T, eot=7, seed=2, window_docs=64)
+    ranks = [data.TokenLoader(srcs, B, T, eot=7, rank=r, world_size=W, seed=2, window_docs=64) for r in range(W)]
     seen = set()
     for _ in range(50):
-        x, _ = single.next_batch()
-        per_rank = [loader.next_batch()[0] for loader in ranks]
-        torch.testing.assert_close(torch.cat(per_rank), x, rtol=0, atol=0)
-        for r in per_rank:
-            for row in r:
-                key = tuple(row.tolist())
-                assert key not in seen  # within an epoch no window is handed out twice, on any rank
-                seen.add(key)
+        x, y = single.next_batch()
+        per_rank = [loader.next_batch() for loader in ranks]
+        torch.testing.assert_close(torch.cat([p[0] for p in per_rank]), x, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([p[1] for p in per_rank]), y, rtol=0, atol=0)
+        for row in x:
+            assert tuple(row.tolist()) not in seen  # within an epoch no row is handed out twice, on any rank
+            seen.add(tuple(row.tolist()))
     # the state does not depend on the rank: a rank's state resumes another rank's loader
-    s0 = ranks[0].state_dict()
-    moved = data.TokenLoader(srcs, batch_size=B, seq_len=T, rank=1, world_size=W, seed=2)
-    moved.load_state_dict(s0)
+    moved = data.TokenLoader(srcs, B, T, eot=7, rank=1, world_size=W, seed=2, window_docs=64)
+    moved.load_state_dict(ranks[0].state_dict())
     torch.testing.assert_close(moved.next_batch()[0], ranks[1].next_batch()[0], rtol=0, atol=0)
 
 
-def test_val_batches_fixed_and_split_across_ranks(tmp_path):
-    path = str(tmp_path / "val.tokens")
-    tokens = _write_source(path, 1000, 16 * 100 + 1)
-    first = list(data.val_batches(path, batch_size=4, seq_len=16, max_batches=5))
-    again = list(data.val_batches(path, batch_size=4, seq_len=16, max_batches=5))
+def test_val_batches_fixed_packed_and_split_across_ranks(tmp_path):
+    srcs = _sources(tmp_path, n_docs=(200,))
+    path = srcs["src0"][0]
+    first = list(data.val_batches(path, 4, 96, eot=7, max_batches=5))
+    again = list(data.val_batches(path, 4, 96, eot=7, max_batches=5))
     assert len(first) == 5
+    tokens = np.asarray(data.read_shard(path)).tolist()
+    bounds = [i for i, t in enumerate(tokens) if t == 7] + [len(tokens)]
+    docs = {tuple(tokens[a:b]) for a, b in zip(bounds, bounds[1:])}
     for (x, y), (x2, y2) in zip(first, again):
         torch.testing.assert_close(x, x2, rtol=0, atol=0)
-        torch.testing.assert_close(y[:, :-1], x[:, 1:], rtol=0, atol=0)
-    order = {w: i for i, w in enumerate(_windows(tokens, 16))}
-    picked = {order[tuple(r.tolist())] for x, _ in first for r in x}
-    assert len(picked) == 20 and max(picked) >= 90  # distinct windows spread over the whole shard
-    r0 = list(data.val_batches(path, batch_size=2, seq_len=16, max_batches=5, rank=0, world_size=2))
-    r1 = list(data.val_batches(path, batch_size=2, seq_len=16, max_batches=5, rank=1, world_size=2))
+        torch.testing.assert_close(y, y2, rtol=0, atol=0)
+        for xr, yr in zip(x, y):
+            has = yr[:-1] != -1
+            assert torch.equal(yr[:-1][has], xr[1:][has])  # y is x shifted by one where it has a target
+            row = _row_tokens(xr, yr)
+            starts = [i for i, t in enumerate(row) if t == 7]
+            assert starts[0] == 0  # no document is longer than a row: each is whole, <|endoftext|> first
+            assert all(tuple(row[a:b]) in docs for a, b in zip(starts, starts[1:] + [len(row)]))
+    r0 = list(data.val_batches(path, 2, 96, eot=7, max_batches=5, rank=0, world_size=2))
+    r1 = list(data.val_batches(path, 2, 96, eot=7, max_batches=5, rank=1, world_size=2))
     for (x, _), (a, _), (b, _) in zip(first, r0, r1):
         torch.testing.assert_close(torch.cat([a, b]), x, rtol=0, atol=0)
     small = str(tmp_path / "small.tokens")
-    tokens = _write_source(small, 1000, 16 * 3 + 1)  # 3 windows, fewer than a batch of 4 rows
-    (x, _), = data.val_batches(small, batch_size=4, seq_len=16)
-    assert {tuple(r.tolist()) for r in x} == set(_windows(tokens, 16))
+    _write_doc_shard(small, [np.arange(1000, 1040)])  # one row, fewer than a batch of 4
+    (x, y), = data.val_batches(small, 4, 64, eot=7)
+    assert x.shape == (4, 64) and all(torch.equal(r, x[0]) for r in x)
+    assert _row_tokens(x[0], y[0]) == [7, *range(1000, 1040)]
 
 
 # -----------------------------------------------------------------------------
 # mixture files and prepare_data
+
+def test_default_mixture_is_the_reports_recipe():
+    mix = data.DEFAULT_MIXTURE
+    report = {1: (70, 23, 6), 2: (44, 42, 14), 3: (23, 59, 18)}  # web / code / math, percent (phase 1 sums to 99)
+    for p, (web, code, math_) in report.items():
+        total = web + code + math_
+        assert mix.phases[p].weights == pytest.approx({"prose": web / total, "code": code / total,
+                                                       "math": math_ / total}, rel=1e-12)
+    tokens = np.array([mix.phases[p].tokens for p in (1, 2, 3)])
+    np.testing.assert_allclose(tokens / tokens.sum(), [0.580, 0.262, 0.159], atol=1e-3)  # 6.18T / 2.79T / 1.69T
+    assert [(mix.phases[p].fim_rate, mix.phases[p].fim_code_only) for p in (1, 2, 3)] == [(0.5, False), (0.1, False),
+                                                                                          (0.5, True)]
+    assert [name for name, s in mix.sources.items() if s.code] == ["code"]
+
 
 def test_load_mixture_validation(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
@@ -1328,22 +1440,38 @@ def test_load_mixture_validation(tmp_path):
         return data.load_mixture(str(path))
 
     ok = _mix({"sources": {"mine": {"paths": ["a.txt"]}},
-               "phases": {"1": {"weights": {"mine": 1, "code": 2}, "tokens": 100}}})
+               "phases": {"1": {"weights": {"mine": 1, "code": 2}, "tokens": 100},
+                          "4": {"weights": {"mine": 1}, "tokens": 100},
+                          "2": {"weights": {"mine": 1}, "tokens": 100, "fim_rate": 0.3, "fim_code_only": True}}})
     assert ok.sources["mine"].paths == [str(tmp_path / "a.txt")] and ok.phases[1].weights == {"mine": 1, "code": 2}
-    toml = _mix('[sources.mine]\npaths = ["*.txt"]\nfim = true\n[phases.2]\nweights = {mine = 0.5}\ntokens = 10\n',
+    assert (ok.phases[1].fim_rate, ok.phases[1].fim_code_only) == (0.5, False)  # the report's phase 1 by default
+    assert (ok.phases[2].fim_rate, ok.phases[2].fim_code_only) == (0.3, True) and ok.phases[4].fim_rate == 0
+    toml = _mix('[sources.mine]\npaths = ["*.txt"]\ncode = true\n[phases.2]\nweights = {mine = 0.5}\ntokens = 10\n',
                 ".toml")
-    assert toml.sources["mine"].fim and toml.phases[2].tokens == 10
-    phase = lambda w: {"sources": {"mine": {"paths": ["a.txt"]}}, "phases": {"1": {"weights": w, "tokens": 5}}}
+    assert toml.sources["mine"].code and toml.phases[2].tokens == 10
+    phase = lambda w, **kw: {"sources": {"mine": {"paths": ["a.txt"]}},  # noqa: E731
+                             "phases": {"1": {"weights": w, "tokens": 5, **kw}}}
     with pytest.raises(ValueError, match="unknown source 'web'"):
         _mix(phase({"web": 1.0}))
     with pytest.raises(ValueError, match="weights must be numbers >= 0"):
         _mix(phase({"mine": -1}))
     with pytest.raises(ValueError, match="sum to 0"):
         _mix(phase({"mine": 0}))
+    with pytest.raises(ValueError, match=r"phase 1: fim_rate must be a number in \[0, 1\], got 2"):
+        _mix(phase({"mine": 1}, fim_rate=2))
+    with pytest.raises(ValueError, match=r"unknown keys \['fim_rate'\].*FIM rates are per phase"):
+        _mix({**phase({"mine": 1}), "fim_rate": 0.5})
     with pytest.raises(FileNotFoundError, match=r"source 'gone': '.*nope/\*\.jsonl' matches no file"):
         _mix({"sources": {"gone": {"paths": ["nope/*.jsonl"]}}, "phases": {"1": {"weights": {"gone": 1}, "tokens": 5}}})
     with pytest.raises(ValueError, match="not valid JSON"):
         _mix("{")
+
+
+def _shard_docs(path, eot):
+    tokens = np.asarray(data.read_shard(path)).tolist()
+    bounds = [i for i, t in enumerate(tokens) if t == eot] + [len(tokens)]
+    assert bounds[0] == 0
+    return [tokens[a + 1:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def test_prepare_data_user_sources(tmp_path):
@@ -1360,33 +1488,56 @@ def test_prepare_data_user_sources(tmp_path):
     code = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
     with open(tmp_path / "code.jsonl", "w") as f:
         f.writelines(json.dumps({"text": c}) + "\n" for c in code)
-    spec = {"sources": {"mine": {"paths": ["dir", "m*.jsonl"]}, "py": {"paths": ["code.jsonl"], "fim": True}},
-            "phases": {"1": {"weights": {"mine": 1, "py": 1}, "tokens": 1000}}, "fim_rate": 1.0}
+    spec = {"sources": {"mine": {"paths": ["dir", "m*.jsonl"]}, "py": {"paths": ["code.jsonl"], "code": True}},
+            "phases": {"1": {"weights": {"mine": 1, "py": 1}, "tokens": 1000, "fim_rate": 1.0, "fim_code_only": True}}}
     (tmp_path / "mix.json").write_text(json.dumps(spec))
     mixture = data.load_mixture(str(tmp_path / "mix.json"))
-    out = data.prepare_data(mixture, tok, str(tmp_path / "cache"), phases=(1,), log=lambda *a: None)
-
-    def _decoded(s, inverse):
-        got = []
-        for split in ("train", "val"):
-            tokens = np.asarray(data.read_shard(getattr(s, split)))
-            bounds = list(data.doc_starts(tokens, tok.eot)) + [len(tokens)]
-            assert bounds[0] == 0 and len(bounds) - 1 == getattr(s, f"{split}_docs")
-            got += [inverse(tokens[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
-        return got
-
-    mine = out["mine"]
-    assert sorted(_decoded(mine, tok.decode)) == sorted(docs)  # dedup dropped dup.txt, blob.bin skipped
+    lines = []
+    out = data.prepare_data(mixture, tok, str(tmp_path / "cache"), phases=(1,), log=lines.append)
+    mine, py = out["mine"], out["py"]
+    decoded = lambda s: [tok.decode(d) for split in (s.train, s.val) for d in _shard_docs(split, tok.eot)]  # noqa: E731
+    assert sorted(decoded(mine)) == sorted(docs)  # dedup dropped dup.txt, blob.bin skipped
     assert mine.val_docs >= data.MIN_VAL_DOCS and mine.train_docs + mine.val_docs == 60
-    assert sorted(_decoded(out["py"], lambda ids: data.fim_inverse(ids, tok))) == sorted(code)
-    train = np.asarray(data.read_shard(out["py"].train))
-    assert np.count_nonzero(train == tok.fim_prefix) == out["py"].train_docs  # rate 1: every train doc rewritten
-    assert np.count_nonzero(np.asarray(data.read_shard(out["py"].val)) == tok.fim_prefix) == 0  # val stays plain
-    mtime = os.path.getmtime(mine.train)
+    assert sorted(decoded(py)) == sorted(code)  # the plain shards stay plain
+    sources = data.phase_sources(mixture, out, 1)
+    assert sources["mine"][0] == mine.train and sources["py"][0] != py.train  # code only: prose is not rewritten
+    fim = _shard_docs(sources["py"][0], tok.eot)
+    assert all(d[0] == tok.fim_prefix for d in fim) and len(fim) == py.train_docs  # rate 1: every train doc
+    assert [data.fim_inverse(d, tok) for d in fim] == [tok.decode(d) for d in _shard_docs(py.train, tok.eot)]
+    assert any(f"{py.fingerprint}" in line for line in lines) and any("in the train shards of: py" in x for x in lines)
+    mtime = os.path.getmtime(mine.train), os.path.getmtime(sources["py"][0])
     again = data.prepare_data(mixture, tok, str(tmp_path / "cache"), phases=(1,), log=lambda *a: None)
-    assert again["mine"] == mine and os.path.getmtime(mine.train) == mtime  # reused, not rebuilt
-    loader = data.TokenLoader(data.phase_sources(mixture, out, 1), batch_size=2, seq_len=8)
+    assert again["mine"] == mine and (os.path.getmtime(mine.train), os.path.getmtime(sources["py"][0])) == mtime
+    loader = data.TokenLoader(sources, batch_size=2, seq_len=8, eot=tok.eot)
     assert loader.next_batch()[0].shape == (2, 8)
+
+
+def test_phase_fim_rates_counted_and_code_only_in_phase_3(tmp_path):
+    tok = _tok()
+    # a few hundred characters each: a PSM with an empty prefix (which has SPM's layout) stays rare
+    for name, make in (("notes", lambda i: f"note {i}: remember to water plant {i * 7}. " * 8),
+                       ("py", lambda i: f"def f{i}(x):\n    return x * {i}\n" * 8)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": make(i)}) + "\n" for i in range(1500))
+    spec = {"sources": {"notes": {"paths": ["notes.jsonl"]}, "py": {"paths": ["py.jsonl"], "code": True}},
+            "phases": {str(p): {"weights": {"notes": 1, "py": 1}, "tokens": 1000} for p in (1, 2, 3)}}
+    (tmp_path / "mix.json").write_text(json.dumps(spec))
+    mixture = data.load_mixture(str(tmp_path / "mix.json"))  # no FIM keys: the report's rates per phase
+    out = data.prepare_data(mixture, tok, str(tmp_path / "cache"), log=lambda *a: None)
+    for phase, rate, code_only in ((1, 0.5, False), (2, 0.1, False), (3, 0.5, True)):
+        for name, (path, _) in data.phase_sources(mixture, out, phase).items():
+            plain = _shard_docs(out[name].train, tok.eot)
+            docs = _shard_docs(path, tok.eot)
+            assert [data.fim_inverse(d, tok) for d in docs] == [tok.decode(d) for d in plain]
+            fim = [d for d in docs if d[0] == tok.fim_prefix]
+            if code_only and name == "notes":
+                assert not fim and docs == plain  # phase 3: no prose document rewritten
+                continue
+            n = len(docs)
+            assert abs(len(fim) / n - rate) < 5 * math.sqrt(rate * (1 - rate) / n), (phase, name, len(fim), n)
+            spm = sum(d[1] == tok.fim_suffix for d in fim)
+            assert abs(spm / len(fim) - 0.5) < 5 * math.sqrt(0.25 / len(fim))
+    assert len({data.phase_sources(mixture, out, p)["py"][0] for p in (1, 2, 3)}) == 3  # a shard per phase
 
 
 def test_jsonl_without_text_field_is_named(tmp_path):
@@ -1396,19 +1547,61 @@ def test_jsonl_without_text_field_is_named(tmp_path):
         list(data._user_documents(source))
 
 
+# -----------------------------------------------------------------------------
+# the default corpus
+
+def test_corpus_packages_are_the_pinned_runtime_requirements():
+    with open(os.path.join(os.path.dirname(os.path.abspath(data.__file__)), "requirements.txt")) as f:
+        lines = [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.+]*", line) for line in lines), lines  # pinned
+    assert sorted(line.split("==")[0] for line in lines) == sorted(data.CORPUS_PACKAGES)
+
+
+_SMALL_CAPS = dict(code_chars=40_000, comment_chars=10_000, doc_chars=10_000, math_problems=20, repo_chars=10_000,
+                   max_file_bytes=20_000)
+
+
+def test_default_corpus_ignores_other_installed_packages(tmp_path, monkeypatch):
+    import site
+    caps = data.CorpusCaps(**_SMALL_CAPS)
+    before = data.default_corpus(caps), data.repo_documents(caps)
+    # an extra installed distribution: 1,000 modules with docstrings and comments, docs, a METADATA and a RECORD
+    site_dir = tmp_path / "site-packages"
+    pkg, info = site_dir / "extrapkg", site_dir / "extrapkg-1.0.dist-info"
+    pkg.mkdir(parents=True)
+    info.mkdir()
+    prose = "This extra package explains at length what each of its helpers does and why it exists. " * 5
+    record = []
+    for i in range(1000):
+        (pkg / f"mod{i}.py").write_text(f'"""{prose}"""\n# {prose}\ndef helper_{i}(x):\n    return x + {i}\n' * 2)
+        (pkg / f"doc{i}.md").write_text(prose * 3)
+        record += [f"extrapkg/mod{i}.py,,", f"extrapkg/doc{i}.md,,"]
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: extrapkg\nVersion: 1.0\n\n{prose * 3}")
+    (info / "RECORD").write_text("\n".join(record + ["extrapkg-1.0.dist-info/METADATA,,"]) + "\n")
+    monkeypatch.syspath_prepend(str(site_dir))
+    monkeypatch.setattr(site, "getsitepackages", lambda orig=site.getsitepackages: [str(site_dir), *orig()])
+    import importlib.metadata
+    assert importlib.metadata.version("extrapkg") == "1.0"  # installed, as far as Python can tell
+    after = data.default_corpus(caps), data.repo_documents(caps)
+    assert data.corpus_fingerprint([after]) == data.corpus_fingerprint([before])
+    assert "extra package" not in json.dumps(after)
+
+
 @pytest.mark.slow
 def test_default_corpus_small_caps(tmp_path):
-    caps = data.CorpusCaps(code_chars=300_000, comment_chars=100_000, doc_chars=100_000, math_problems=300)
+    caps = data.CorpusCaps(**_SMALL_CAPS)
     mixture = data.Mixture(data.DEFAULT_MIXTURE.sources, data.DEFAULT_MIXTURE.phases, corpus=caps)
     lines = []
-    out = data.prepare_data(mixture, _tok(), str(tmp_path), log=lines.append)
-    assert set(out) == {"prose", "code", "math"}
+    out = data.prepare_data(mixture, _tok(), str(tmp_path), log=lines.append, extra=("repo",))
+    assert set(out) == {"prose", "code", "math", "repo"}
     for s in out.values():
         # every source has both splits; small sources give at most half of their documents to validation
         assert s.train_tokens > 0 and s.val_docs >= min(data.MIN_VAL_DOCS, (s.train_docs + s.val_docs) // 2)
-    assert any("tokens train" in line for line in lines)
-    math_tokens = np.asarray(data.read_shard(out["math"].train))
-    assert "\n#### " in _tok().decode(math_tokens[:400].tolist())
+        assert any(s.fingerprint in line for line in lines)
+    assert any("standard library" in line and "numpy" in line for line in lines)
+    assert "\n#### " in _tok().decode(np.asarray(data.read_shard(out["math"].train))[:400].tolist())
+    repo = _shard_docs(out["repo"].train, _tok().eot)
+    assert all(d[0] == _tok().filename and _tok().fim_prefix in d for d in repo)
 
 
 # -----------------------------------------------------------------------------
