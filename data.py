@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import site
 import struct
 import sys
@@ -810,6 +811,368 @@ def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=
         rows = [tokens[s: s + seq_len + 1] for s in starts[b * G + rank * batch_size: b * G + (rank + 1) * batch_size]]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         yield batch[:, :-1], batch[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Chat format: the released Mellum 2 template (ChatML + Hermes-style tool calls + Qwen3-style think blocks), one
+# renderer for SFT, RL, evaluation and sample.py --chat, its Jinja twin for Hugging Face, and the HF tokenizer export
+#
+#   <|im_start|>system\n{system}\n\n{TOOLS_PROMPT with one JSON schema per line}<|im_end|>\n
+#   <|im_start|>user\n{content}<|im_end|>\n
+#   <|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{content}\n<tool_call>\n{json}\n</tool_call><|im_end|>\n
+#   <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<tool_response>\n...<|im_end|>\n
+#   <|im_start|>assistant\n                                                  <- the generation prompt
+#
+# Trained tokens (ChatSample.mask): an assistant turn's body (think block, content, tool calls) and its <|im_end|>;
+# never the "<|im_start|>assistant\n" header nor the "\n" after <|im_end|> (our choice: generation stops at
+# <|im_end|>, so the model never has to produce that newline; whoever continues the conversation writes it).
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_STOP = "<|im_end|>"   # ends every turn; generation stops on it
+# Our wording (the released system text around the tool list is unpublished), Hermes/Qwen-like
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to help with the user's request. Their signatures are "
+                "listed inside <tools></tools>, one JSON schema per line:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nTo call a function, write a JSON object with its name and arguments inside "
+                "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>\nResults come back inside <tool_response></tool_response> tags.")
+MAX_THINKING_SAMPLES = 5   # a Thinking conversation unfolds into at most this many samples (its last turns)
+
+
+@dataclass
+class ChatSample:
+    ids: list[int]
+    mask: list[bool]   # mask[i]: ids[i] is a trained target token (predicted from ids[:i])
+
+
+def _json(x):  # exactly transformers' `tojson` filter in chat templates (no HTML escaping, unicode kept)
+    return json.dumps(x, ensure_ascii=False)
+
+
+def _check_conversation(conv, where):
+    """Raise ValueError naming `where` (file:line) and the field when `conv` breaks the JSONL schema."""
+    def bad(field, msg):
+        raise ValueError(f"{where}: {field} {msg}")
+    if not isinstance(conv, dict):
+        bad("the line", f"is a {type(conv).__name__}, expected an object with 'messages'")
+    unknown = set(conv) - {"messages", "tools", "reasoning"}
+    if unknown:
+        bad(f"key {sorted(unknown)[0]!r}", "is not part of the schema (messages, tools, reasoning)")
+    messages = conv.get("messages")
+    if not isinstance(messages, list) or not messages:
+        bad("'messages'", "must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            bad(f, f"is a {type(m).__name__}, expected an object with role and content")
+        if m.get("role") not in CHAT_ROLES:
+            bad(f"{f}.role", f"is {m.get('role')!r}, expected one of {', '.join(CHAT_ROLES)}")
+        if m["role"] == "system" and i > 0:
+            bad(f"{f}.role", "is 'system' but only the first message may be the system prompt")
+        if not isinstance(m.get("content"), str):
+            bad(f"{f}.content", f"is {type(m.get('content')).__name__}, expected a string (may be empty)")
+        extra = set(m) - {"role", "content"} - ({"tool_calls", "reasoning"} if m["role"] == "assistant" else set())
+        if extra:
+            bad(f"{f}.{sorted(extra)[0]}", f"is not allowed on a {m['role']} message")
+        if m.get("reasoning") is not None and not isinstance(m["reasoning"], str):
+            bad(f"{f}.reasoning", "must be a string")
+        for j, c in enumerate(m.get("tool_calls") or []):
+            if not (isinstance(c, dict) and set(c) == {"name", "arguments"} and isinstance(c["name"], str)
+                    and isinstance(c["arguments"], dict)):
+                bad(f"{f}.tool_calls[{j}]", 'must be {"name": str, "arguments": {...}}')
+    tools = conv.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        bad("'tools'", "must be a list of JSON schema objects")
+    if conv.get("reasoning") is not None:
+        if not isinstance(conv["reasoning"], str):
+            bad("'reasoning'", "must be a string (the final assistant turn's trace)")
+        if not any(m["role"] == "assistant" for m in messages):
+            bad("'reasoning'", "is given but no message has role 'assistant'")
+
+
+def load_conversations(path):
+    """Conversations from a JSONL file in the SFT schema: {"messages": [{"role", "content", optional "tool_calls"
+    and "reasoning" on assistant messages}], optional "tools": [schema, ...], optional "reasoning": str}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"conversation file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            _check_conversation(conv, f"{path}:{n}")
+            out.append(conv)
+    return out
+
+
+def _render(messages, tools=None, think=None, trained=(), generation_prompt=False):
+    """The template as (text, trained) segments. think: (index, reasoning) of the assistant turn that gets a think
+    block; trained: indices of the assistant turns whose body and <|im_end|> are trained. data.CHAT_TEMPLATE is
+    the same function in Jinja: change both together."""
+    segs = []
+    system, rest = (messages[0]["content"], 1) if messages and messages[0]["role"] == "system" else (None, 0)
+    if tools:
+        body = (system + "\n\n" if system else "") + TOOLS_HEADER + "".join("\n" + _json(t) for t in tools)
+        segs.append((f"<|im_start|>system\n{body}{TOOLS_FOOTER}<|im_end|>\n", False))
+    elif system is not None:
+        segs.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+    for i in range(rest, len(messages)):
+        m = messages[i]
+        if m["role"] == "tool":  # consecutive tool results share one user turn
+            first = i == rest or messages[i - 1]["role"] != "tool"
+            last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+            segs.append(("<|im_start|>user\n" if first else "\n", False))
+            segs.append((f"<tool_response>\n{m['content']}\n</tool_response>" + ("<|im_end|>\n" if last else ""),
+                         False))
+        elif m["role"] == "assistant":
+            body = f"<think>\n{think[1]}\n</think>\n\n" if think and think[0] == i else ""
+            body += m["content"]
+            for j, c in enumerate(m.get("tool_calls") or []):
+                call = _json({"name": c["name"], "arguments": c["arguments"]})
+                body += ("\n" if m["content"] or j else "") + f"<tool_call>\n{call}\n</tool_call>"
+            segs += [("<|im_start|>assistant\n", False), (body + "<|im_end|>", i in trained), ("\n", False)]
+        else:
+            segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+    if generation_prompt:
+        segs.append(("<|im_start|>assistant\n", False))
+    return segs
+
+
+def _chat_encoding(tok):
+    if not isinstance(tok, Tokenizer):
+        raise TypeError(f"the chat renderer needs a data.Tokenizer (tiktoken), got {type(tok).__name__}: load the "
+                        "checkpoint's tokenizer.json with data.tokenizer_from_hf")
+    return tok._enc
+
+
+def _encode_segments(tok, segs):
+    """Encode the whole text at once, as apply_chat_template does: tag strings become their special tokens, text
+    between them goes through the BPE, so ids never depend on how the template was cut into segments. A token is
+    trained when its first byte lies in a trained segment."""
+    enc = _chat_encoding(tok)
+    text = "".join(s for s, _ in segs)
+    ids = enc.encode(text, allowed_special="all")
+    flags = np.zeros(len(text.encode("utf-8")) + 1, dtype=bool)
+    pos = 0
+    for s, trained in segs:
+        n = len(s.encode("utf-8"))
+        flags[pos:pos + n] = trained
+        pos += n
+    starts = np.cumsum([0] + [len(b) for b in enc.decode_tokens_bytes(ids)])[:-1]
+    return ids, flags[starts].tolist()
+
+
+def _reasoning_turns(conversation):
+    """[(index, reasoning)] of the assistant turns that carry a trace; the top-level `reasoning` is the final
+    assistant turn's (and wins over that message's own field)."""
+    messages = conversation["messages"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    out = []
+    for i in turns:
+        r = conversation.get("reasoning") if i == turns[-1] and conversation.get("reasoning") else None
+        r = r or messages[i].get("reasoning")
+        if r:
+            out.append((i, r))
+    return out
+
+
+def render_chat(tok, conversation, variant="instruct"):
+    """Training samples of one conversation. instruct: one sample, every assistant turn trained, reasoning dropped.
+    thinking: one sample per assistant turn with reasoning (the last MAX_THINKING_SAMPLES of them), each the
+    conversation cut after that turn with only that turn (think block + answer) trained; [] if no turn has one."""
+    _check_conversation(conversation, "render_chat")
+    messages, tools = conversation["messages"], conversation.get("tools")
+    if variant == "instruct":
+        trained = {i for i, m in enumerate(messages) if m["role"] == "assistant"}
+        return [ChatSample(*_encode_segments(tok, _render(messages, tools, trained=trained)))]
+    if variant == "thinking":
+        return [ChatSample(*_encode_segments(tok, _render(messages[:i + 1], tools, think=(i, r), trained={i})))
+                for i, r in _reasoning_turns(conversation)[-MAX_THINKING_SAMPLES:]]
+    raise ValueError(f"render_chat: variant={variant!r}, expected 'instruct' or 'thinking'")
+
+
+def render_prompt(tok, messages, tools=None):
+    """Ids of the history (reasoning dropped) followed by the generation prompt "<|im_start|>assistant\\n"."""
+    _check_conversation({"messages": messages, "tools": tools}, "render_prompt")
+    return _encode_segments(tok, _render(messages, tools, generation_prompt=True))[0]
+
+
+def render_tool_results(tok, results):
+    """The ids that follow an assistant turn ending in tool calls (right after its <|im_end|>): the results in one
+    user turn, then the next generation prompt. Equal to rendering the longer conversation (specials cut the BPE)."""
+    segs = _render([{"role": "tool", "content": r} for r in results], generation_prompt=True)
+    return _encode_segments(tok, [("\n", False)] + segs)[0]
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.DOTALL)
+
+
+def parse_assistant(text):
+    """Split a generated assistant turn (text after "<|im_start|>assistant\\n", up to an optional <|im_end|>) into
+    reasoning, content and tool calls: the inverse of rendering one. well_formed is False when the think block is
+    unclosed, a call is not {"name": str, "arguments": {...}} JSON, or text follows the calls."""
+    text = text.split(CHAT_STOP, 1)[0]
+    well_formed, reasoning = True, None
+    if text.startswith("<think>"):
+        head, sep, rest = text.partition("</think>")
+        if sep:
+            reasoning = head[len("<think>"):].removeprefix("\n").removesuffix("\n")
+            text = rest.removeprefix("\n\n")
+        else:  # ran out of tokens while thinking
+            reasoning, text, well_formed = text[len("<think>"):].removeprefix("\n"), "", False
+    first = text.find("<tool_call>")
+    content, rest, calls = (text, "", []) if first < 0 else (text[:first].removesuffix("\n"), text[first:], [])
+    while rest:  # calls are separated by exactly one newline and end the turn
+        m = _TOOL_CALL.match(rest)
+        try:
+            call = json.loads(m.group(1)) if m else None
+        except json.JSONDecodeError:
+            call = None
+        if not (isinstance(call, dict) and set(call) == {"name", "arguments"} and isinstance(call["name"], str)
+                and isinstance(call["arguments"], dict)):
+            well_formed = False
+            break
+        calls.append(call)
+        rest = rest[m.end():]
+        if rest.startswith("\n<tool_call>"):
+            rest = rest[1:]
+        elif rest:
+            well_formed = False
+            break
+    if any(t in content for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
+        well_formed = False
+    return dict(reasoning=reasoning, content=content, tool_calls=calls, well_formed=well_formed)
+
+
+def _jinja_str(s):  # a Jinja string literal (JSON escapes are valid Jinja escapes for these ASCII texts)
+    return json.dumps(s)
+
+
+# _render in Jinja, for tokenizer_config.json: apply_chat_template(messages, tools=..., add_generation_prompt=...)
+# gives render_prompt's ids; a conversation ending in an assistant turn with `reasoning` (its own field, or the
+# template variable `reasoning`) gives render_chat(variant="thinking")'s last sample.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0].role == 'system' -%}"
+    "{%- set system = messages[0].content -%}{%- set rest = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set rest = messages -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}{%- if system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+    "{{- " + _jinja_str(TOOLS_HEADER) + " -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- " + _jinja_str(TOOLS_FOOTER) + " + '<|im_end|>\\n' -}}"
+    "{%- elif system is not none -%}{{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for message in rest -%}"
+    "{%- if message.role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user\\n' -}}"
+    "{%- else -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_response>\\n' + message.content + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif message.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.last and not add_generation_prompt -%}"
+    "{%- set trace = reasoning if reasoning is defined and reasoning else message.reasoning -%}"
+    "{%- if trace -%}{{- '<think>\\n' + trace + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- message.content -}}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- if message.content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n' + ({'name': call.name, 'arguments': call.arguments} | tojson) + '\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters (Radford et al. 2019): byte-level BPE
+    vocabularies in tokenizer.json are strings, so every byte needs a visible, non-whitespace stand-in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _merges(ranks):
+    """The HF merge list equivalent to tiktoken's ranks: for each multi-byte token, in rank order, the pair that
+    tiktoken's BPE joins last when it builds that token from its bytes using only lower ranks."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) cannot be built from two lower-ranked tokens: this BPE "
+                             "file has no Hugging Face merge list")
+        merges.append(parts)
+    return merges
+
+
+def save_hf_tokenizer(tok, out_dir):
+    """tokenizer.json (byte-level BPE: cl100k's regex split, then bytes -> GPT-2 characters; merges recovered from
+    the ranks; our specials as added tokens) + tokenizer_config.json (chat template, <|im_end|> as eos) +
+    special_tokens_map.json. transformers' AutoTokenizer then encodes and applies the chat template exactly as we do."""
+    enc = _chat_encoding(tok)
+    b2u = _byte_to_unicode()
+    ranks = enc._mergeable_ranks
+    as_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for s, i in tok.special.items()]
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {as_str(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+                  "merges": [[as_str(a), as_str(b)] for a, b in _merges(ranks)]},
+    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": None, "eos_token": CHAT_STOP, "pad_token": "<|endoftext|>", "unk_token": None,
+              "model_max_length": 131_072, "chat_template": CHAT_TEMPLATE}
+    files = {"tokenizer.json": spec, "tokenizer_config.json": config,
+             "special_tokens_map.json": {"eos_token": CHAT_STOP, "pad_token": "<|endoftext|>"}}
+    os.makedirs(out_dir, exist_ok=True)
+    for name, obj in files.items():
+        tmp = os.path.join(out_dir, f"{name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=None if name == "tokenizer.json" else 2)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
+def tokenizer_from_hf(path):
+    """A data.Tokenizer from a tokenizer.json that save_hf_tokenizer wrote (no `tokenizers` package needed).
+    Raises ValueError for any other tokenizer.json (sample.HFTokenizer reads those)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    spec = json.loads(raw)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or [{}]
+    pat = (steps[0].get("pattern") or {}).get("Regex")
+    u2b = {u: b for b, u in _byte_to_unicode().items()}
+    try:
+        ranks = {bytes(u2b[c] for c in s): r for s, r in model["vocab"].items()}
+    except (KeyError, TypeError):
+        ranks = None
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    if model.get("type") != "BPE" or pat is None or ranks is None or \
+            special != {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}:
+        raise ValueError(f"{path} was not written by data.save_hf_tokenizer (byte-level BPE + nanoMellum's specials)")
+    return Tokenizer(path, ranks, pat, hashlib.sha256(raw).hexdigest())
 
 
 # -----------------------------------------------------------------------------

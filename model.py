@@ -176,10 +176,10 @@ def _rope_frequencies_cached(head_dim, params):
 
 
 def rope_cos_sin(config, layer_type, pos, dtype):
-    """cos, sin of shape (T, head_dim) for integer positions `pos` (T,), rotate-half layout."""
+    """cos, sin of shape (..., T, head_dim) for integer positions `pos` (..., T), rotate-half layout."""
     params = tuple(sorted(config.rope_parameters[layer_type].items()))
     inv_freq, scale = _rope_frequencies_cached(config.head_dim, params)
-    freqs = pos.float()[:, None] * inv_freq.to(pos.device)[None, :]
+    freqs = pos.float()[..., None] * inv_freq.to(pos.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -209,9 +209,11 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
-def attention(q, k, v, window, q_pos=None, k_pos=None):
+def attention(q, k, v, window, q_pos=None, k_pos=None, pad=None):
     """Causal (window=None) or sliding-window attention with GQA. q (B, H, T, hd); k, v (B, K, S, hd).
-    q_pos (T,) / k_pos (S,) are absolute positions, given when decoding from a cache (k_pos < 0: empty slot)."""
+    q_pos (T,) / k_pos (S,) are absolute positions, given when decoding from a cache (k_pos < 0: empty slot).
+    pad (B,): row b's first pad[b] positions are left padding, hidden from every query but their own (a query
+    that saw no key at all would turn into NaN and poison the padding's keys in the next layer)."""
     if q_pos is None:
         if kernels.use_kernels(q.device):
             return kernels.flash_attention(q, k, v, window=window)
@@ -222,6 +224,9 @@ def attention(q, k, v, window, q_pos=None, k_pos=None):
     allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
+    if pad is not None:  # (T, S) -> (B, 1, T, S)
+        allowed = (allowed & (k_pos >= pad[:, None, None])) | (k_pos[None, :] == q_pos[:, None])
+        allowed = allowed[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
@@ -272,7 +277,7 @@ class Attention(nn.Module):
         else:
             k, v, k_pos = cache.update(k, v)
             q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
-            y = attention(q, k, v, self.window, q_pos, k_pos)
+            y = attention(q, k, v, self.window, q_pos, k_pos, cache.pad)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -412,9 +417,12 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block."""
+    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block.
+    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots; cache slot s then holds row b's
+    position s - pad[b] (RoPE uses that), and padding slots are masked out of attention."""
 
-    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None):
+    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
+                 pad=None):
         K, hd = config.num_key_value_heads, config.head_dim
         ring_size = config.sliding_window + slack
 
@@ -424,9 +432,25 @@ class KVCache:
 
         self.layers = [make(lt) for lt in (layer_types or config.layer_types)]
         self.pos, self.layer = 0, 0
+        self.pad = pad
         self.mtp = None
         if layer_types is None and config.num_mtp_layers:
-            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING])
+            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING], pad=pad)
+
+    def positions(self, T, device):
+        """Positions of the next T slots: (T,), or (B, T) per row when left-padded."""
+        slots = torch.arange(self.pos, self.pos + T, device=device)
+        return slots if self.pad is None else slots[None] - self.pad[:, None]
+
+    def select(self, rows):
+        """Keep (or repeat) batch rows: rows (R,) indexes the current rows. Shares a prefill among samples of one
+        prompt (rows = arange(P).repeat_interleave(G)) and drops finished rows."""
+        for c in self.layers:
+            c.k, c.v = c.k[rows], c.v[rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        if self.mtp is not None:
+            self.mtp.select(rows)
 
     def update(self, k, v):  # called by each attention layer in order during one forward
         out = self.layers[self.layer].update(self.pos, k, v)
@@ -476,15 +500,17 @@ class Mellum(nn.Module):
             if isinstance(m, (Linear, Experts)):
                 m.fp8 = enabled
 
-    def _cos_sin(self, T, start, device, dtype, layer_types):
-        pos = torch.arange(start, start + T, device=device)
-        return {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
+    def _cos_sin(self, T, cache, device, dtype, layer_types):
+        pos = cache.positions(T, device) if cache is not None else torch.arange(T, device=device)
+        rope = {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
+        if pos.dim() == 2:  # per-row positions: (B, T, hd) -> (B, 1, T, hd), broadcast over heads
+            rope = {lt: (cos[:, None], sin[:, None]) for lt, (cos, sin) in rope.items()}
+        return rope
 
     def hidden(self, idx, cache=None):
         """Final (normalised) hidden states (B, T, D) of the main model."""
         x = self.model.embed_tokens(idx)
-        start = cache.pos if cache else 0
-        rope = self._cos_sin(idx.size(1), start, idx.device, x.dtype, set(self.config.layer_types))
+        rope = self._cos_sin(idx.size(1), cache, idx.device, x.dtype, set(self.config.layer_types))
         for layer, lt in zip(self.model.layers, self.config.layer_types):
             x = layer(x, *rope[lt], cache)
         if cache is not None:
@@ -494,8 +520,7 @@ class Mellum(nn.Module):
     def mtp_hidden(self, h, next_idx, cache=None):
         """MTP hidden states: h (B, T, D) at positions t, next_idx (B, T) the tokens at t+1."""
         mcache = cache.mtp if cache is not None else None
-        start = mcache.pos if mcache else 0
-        rope = self._cos_sin(h.size(1), start, h.device, h.dtype, [SLIDING])
+        rope = self._cos_sin(h.size(1), mcache, h.device, h.dtype, [SLIDING])
         out = self.mtp(h, self.model.embed_tokens(next_idx), *rope[SLIDING], mcache)
         if mcache is not None:
             mcache.advance(h.size(1))
@@ -529,10 +554,11 @@ class Mellum(nn.Module):
 
     # --- Hugging Face format -------------------------------------------------------------------------------
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, dtype=None):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, dtype=None, tokenizer=None):
         """config.json + model(-0000i-of-0000n).safetensors (+ index), written to a temp dir then renamed.
         Experts are written one 2-D tensor each (`experts.{e}.gate_proj.weight`, ...), the on-disk layout of
-        the released checkpoints and of transformers."""
+        the released checkpoints and of transformers. tokenizer (a data.Tokenizer): also write its Hugging Face
+        files and the chat stop token as eos_token_id, so transformers and sample.py can use the directory alone."""
         from safetensors.torch import save_file
         tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -554,8 +580,13 @@ class Mellum(nn.Module):
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
+        hf = self.config.to_hf()
+        if tokenizer is not None:
+            import data  # lazily: model.py stays importable without the tokenizer packages
+            data.save_hf_tokenizer(tokenizer, tmp)
+            hf.update(eos_token_id=tokenizer.special[data.CHAT_STOP], pad_token_id=tokenizer.eot, bos_token_id=None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
+            json.dump(hf, f, indent=2)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

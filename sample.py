@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -171,6 +172,79 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return tokens, stats
 
 
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]       # everything after the prompt: sampled, injected (tool results) and the stop tokens
+    logprobs: list[float]   # of each sampled token under softmax(logits / temperature) over ids < n_vocab, before
+    # top-k / top-p (RL's IcePop compares it with the trainer's value); greedy: temperature 1; injected: 0.0
+    trained: list[bool]     # False for injected tokens
+    finished: bool          # stopped on a stop token (tool_hook said None), not cut by max_new_tokens
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1.0, top_k=None, top_p=None,
+                   generator=None, stop_tokens=(), n_vocab=None, tool_hook=None):
+    """n_samples completions of each prompt (lists of ids, any lengths), decoded together. Returns the
+    Completions ordered by (prompt_index, sample_index).
+
+    The prompts are left-padded into one prefill (per-row RoPE positions, padding masked: KVCache.pad); its cache
+    is then repeated n_samples times, so samples of a prompt share one prefill. Rows leave the batch when they
+    finish. When a row samples one of stop_tokens, tool_hook(completion) decides: None ends the row, a list of ids
+    is fed to the row (one per step, not trained, logprob 0.0) and sampling resumes after it. max_new_tokens
+    bounds every token after the prompt, injected ones included. Greedy rows equal generate() on the row alone."""
+    config, device = model.config, next(model.parameters()).device
+    if not prompts or not all(len(p) > 0 for p in prompts):
+        raise ValueError("generate_batch: give at least one prompt, each with at least one token")
+    if max_new_tokens < 1 or n_samples < 1:
+        raise ValueError(f"generate_batch: max_new_tokens={max_new_tokens}, n_samples={n_samples}: both must be >= 1")
+    P, T = len(prompts), max(len(p) for p in prompts)
+    if T + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {config.max_position_embeddings} tokens: shorten one")
+    greedy, stop_tokens = temperature == 0, set(stop_tokens)
+    n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
+    pad = torch.tensor([T - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)
+    cache = M.KVCache(config, P, T + max_new_tokens, device=device, dtype=next(model.parameters()).dtype, pad=pad)
+    h = model.hidden(idx, cache)[:, -1]
+    rows = torch.arange(P, device=device).repeat_interleave(n_samples)
+    cache.select(rows)
+    h = h[rows]
+    out = [Completion(p, s, [], [], [], False) for p in range(P) for s in range(n_samples)]
+    active = list(range(len(out)))  # the completion each cache row decodes
+    forced = {}                     # completion -> injected ids still to feed
+    while True:
+        logits = _logits(model, h, n_vocab).float()  # (R, V)
+        logp = torch.log_softmax(logits if greedy else logits / temperature, dim=-1)
+        x = _pick(logits if greedy else probabilities(logits, temperature, top_k, top_p), greedy, generator).tolist()
+        keep, feed = [], []
+        for r, c in enumerate(active):
+            comp = out[c]
+            if forced.get(c):
+                t = forced[c].pop(0)
+                comp.tokens.append(t), comp.logprobs.append(0.0), comp.trained.append(False)
+            else:
+                t = x[r]
+                comp.tokens.append(t), comp.logprobs.append(float(logp[r, t])), comp.trained.append(True)
+                if t in stop_tokens:
+                    ids = tool_hook(comp) if tool_hook else None
+                    if ids is None:
+                        comp.finished = True
+                    else:
+                        forced[c] = [int(i) for i in ids]
+            if not comp.finished and len(comp.tokens) < max_new_tokens:
+                keep.append(r)
+                feed.append(t)
+        if not keep:
+            return out
+        if len(keep) < len(active):
+            cache.select(torch.tensor(keep, device=device))
+            active = [active[r] for r in keep]
+        h = model.hidden(torch.tensor(feed, device=device)[:, None], cache)[:, -1]
+
+
 def _speculate(model, idx, h, x, cache, dist, greedy, gen, emit, stats, draft_vocab):
     """The speculative loop (see the module docstring). h: prefill hidden states, x (1,): the first new token.
     draft_vocab K: the draft scores only ids < K (FR-Spec, Zhao et al. 2025, https://arxiv.org/abs/2502.14856:
@@ -245,11 +319,14 @@ def load_model(ckpt, step=None, device="cpu"):
         raise FileNotFoundError(f"--ckpt {ckpt}: no such directory (give a training stage's output directory such "
                                 "as out/pretrain/phase1, or a Hugging Face-format directory with config.json)")
     model, meta = M.load_checkpoint(ckpt, step, device)
-    if meta:
-        import data  # the tokenizer recorded by the stage that wrote the checkpoint
+    import data
+    if meta:  # the tokenizer recorded by the stage that wrote the checkpoint
         tok = data.get_tokenizer(meta.get("tokenizer"))
     else:
-        tok = HFTokenizer(ckpt)
+        try:  # our own export reads back into tiktoken, without the `tokenizers` package
+            tok = data.tokenizer_from_hf(os.path.join(ckpt, "tokenizer.json"))
+        except (FileNotFoundError, ValueError):
+            tok = HFTokenizer(ckpt)
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"{ckpt}: tokenizer {tok.name} has {tok.n_vocab} ids but the model's vocab_size is "
                          f"{model.config.vocab_size}: this tokenizer does not belong to this checkpoint")
