@@ -411,7 +411,7 @@ def score(task, completion_text, variant="instruct", **sandbox):
     final = turns[-1]
     well_formed = all(t["closed"] and t["well_formed"] for t in turns)
     if variant == "thinking":
-        well_formed &= bool(final["reasoning"])
+        well_formed &= final["reasoning"] is not None
     if not well_formed:
         return Score(0.0, False, False)
     t = task.target
@@ -581,6 +581,30 @@ def _limits(timeout_s, memory_mb, file_mb):
     return set_limits
 
 
+def _kill(p):
+    """Kill the sandbox: first pid 1 of its namespace (the kernel then kills everything in it, and unshare, still
+    alive, reaps it: killing unshare first would leave that process a zombie nobody reaps, counted against
+    RLIMIT_NPROC), then the whole process group (unshare itself, or everything when there are no namespaces)."""
+    if p.poll() is None:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == p.pid:
+                    os.kill(int(pid), 9)
+            except (OSError, ValueError, IndexError):
+                pass
+        try:
+            p.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(p.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+    p.wait()
+
+
 def run_python(code, *, timeout_s=5.0, memory_mb=512, file_mb=16, disk_mb=32, max_output=65536, pass_fds=()):
     """Run `code` as __main__ in a sandboxed fresh interpreter (see the section comment and the module footguns)."""
     info = sandbox_info()
@@ -603,12 +627,8 @@ def run_python(code, *, timeout_s=5.0, memory_mb=512, file_mb=16, disk_mb=32, ma
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-        finally:  # the whole session: unshare (whose death kills the namespace) or, without namespaces, the group
-            try:
-                os.killpg(p.pid, 9)
-            except ProcessLookupError:
-                pass
-            p.wait()
+        finally:
+            _kill(p)
         seconds = time.perf_counter() - t0
 
         def read(f):
