@@ -156,9 +156,14 @@ def _math_task(rng):
                 target={"answer": ans})
 
 
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / and parentheses) exactly.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+def _tool(name, description, **params):
+    """A JSON schema in the BFCL / OpenAI `function` form, without the {"type": "function"} wrapper: every token of
+    the tool list costs context, and `tiny` has 256 positions."""
+    return {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {k: {"type": v} for k, v in params.items()}, "required": list(params)}}
+
+
+CALCULATOR = _tool("calculator", "Exact arithmetic: + - * / ( )", expression="string")
 
 
 def _calculator_task(rng):
@@ -170,12 +175,6 @@ def _calculator_task(rng):
                 target={"answer": ans}, level=level)
 
 
-def _tool(name, description, **params):
-    props = {k: ({"type": v} if isinstance(v, str) else {"type": "string", "enum": list(v)}) for k, v in params.items()}
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": props, "required": list(params)}}}
-
-
 _CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Berlin", "Sydney", "Toronto", "Nairobi", "Seoul")
 _CURRENCIES = ("USD", "EUR", "JPY", "GBP", "CHF", "INR")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -185,23 +184,22 @@ _PHRASES = ("good morning", "thank you", "where is the station", "see you tomorr
 
 # (schema, request templates, argument sampler): small enough that `tiny` can learn the mapping in minutes
 _TOOLS = (
-    (_tool("get_weather", "Current weather in a city.", city="string", unit=("celsius", "fahrenheit")),
+    (_tool("get_weather", "Weather in a city", city="string", unit="string"),
      ("What's the weather in {city} in {unit}?", "Tell me the {city} weather, in {unit} please."),
      lambda r: {"city": r.choice(_CITIES), "unit": r.choice(("celsius", "fahrenheit"))}),
-    (_tool("convert_currency", "Convert an amount between currencies.", amount="number", source="string",
-           target="string"),
+    (_tool("convert_currency", "Convert money", amount="number", source="string", target="string"),
      ("Convert {amount} {source} to {target}.", "How much is {amount} {source} in {target}?"),
      lambda r: dict(zip(("amount", "source", "target"), (r.randint(1, 500), *r.sample(_CURRENCIES, 2))))),
-    (_tool("set_timer", "Start a countdown timer.", minutes="integer"),
+    (_tool("set_timer", "Start a timer", minutes="integer"),
      ("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer."),
      lambda r: {"minutes": r.randint(1, 90)}),
-    (_tool("search_files", "Find files whose name contains a word.", word="string"),
+    (_tool("search_files", "Find files by name", word="string"),
      ("Find my files with '{word}' in the name.", "Search for files named like {word}."),
      lambda r: {"word": r.choice(_WORDS)}),
-    (_tool("add_event", "Add an event to the calendar.", title="string", day=_DAYS),
+    (_tool("add_event", "Add a calendar event", title="string", day="string"),
      ("Put '{title}' in my calendar on {day}.", "Add an event called {title} on {day}."),
      lambda r: {"title": r.choice(_WORDS), "day": r.choice(_DAYS)}),
-    (_tool("translate", "Translate a phrase.", text="string", language="string"),
+    (_tool("translate", "Translate text", text="string", language="string"),
      ("Translate '{text}' into {language}.", "How do you say '{text}' in {language}?"),
      lambda r: {"text": r.choice(_PHRASES), "language": r.choice(_LANGS)}),
 )
@@ -211,7 +209,7 @@ def _function_call_task(rng):
     offered = rng.sample(_TOOLS, rng.randint(2, 4))
     schema, templates, sampler = rng.choice(offered)
     args = sampler(rng)
-    name = schema["function"]["name"]
+    name = schema["name"]
     call = {"name": name, "arguments": args}
     reasoning = f"The user's request matches the tool `{name}`; its arguments come from the request: {json.dumps(args)}."
     return dict(messages=_user(rng.choice(templates).format(**args)), tools=[s for s, _, _ in offered],
@@ -472,7 +470,7 @@ def calculate(expression):
 def run_tool(task, call):
     """The result of a tool call the model made, or None when the task's tools are not executable (function_call is
     judged on the call itself). Only the calculator runs, and only on arithmetic it parses itself."""
-    names = {t["function"]["name"] for t in task.tools or ()}
+    names = {t["name"] for t in task.tools or ()}
     if call.get("name") not in names:
         return f"error: unknown tool {call.get('name')!r}"
     if call["name"] != "calculator":
@@ -727,18 +725,27 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
-def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batch_size, gen, sampling):
-    """Completions for every (task, sample), prompt by prompt in batches, running the calculator when asked."""
+def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batch_size, gen, sampling, log):
+    """(task index, Completion) for every (task, sample). Prompts are batched by length and each batch gets at most
+    the context left after its longest prompt; a prompt that fills the context gets empty completions (score 0)."""
     import sample
+    ctx = model.config.max_position_embeddings
     prompts = [data.render_prompt(tok, t.messages, tools=t.tools) for t in tasks]
-    out = []
-    for i in range(0, len(tasks), batch_size):
-        batch = tasks[i:i + batch_size]
-        for c in sample.generate_batch(model, prompts[i:i + batch_size], max_new_tokens, n_samples=n_samples,
+    fits = sorted((i for i, p in enumerate(prompts) if len(p) < ctx), key=lambda i: len(prompts[i]))
+    out = [(i, sample.Completion(i, s, [], [], [], False)) for i in range(len(tasks)) if len(prompts[i]) >= ctx
+           for s in range(n_samples)]
+    if out and log:
+        log(f"{tasks[0].family}: {len(out) // n_samples} of {len(tasks)} prompts do not fit the model's context of "
+            f"{ctx} tokens: they score 0")
+    for b in range(0, len(fits), batch_size):
+        batch = fits[b:b + batch_size]
+        new = min(max_new_tokens, ctx - len(prompts[batch[-1]]))
+        for c in sample.generate_batch(model, [prompts[i] for i in batch], new, n_samples=n_samples,
                                        temperature=temperature, generator=gen, stop_tokens=(tok.special[IM_END],),
-                                       n_vocab=tok.n_vocab, tool_hook=make_tool_hook(tok, batch), **sampling):
-            out.append((i + c.prompt_index, c))
-    return out
+                                       n_vocab=tok.n_vocab, tool_hook=make_tool_hook(tok, [tasks[i] for i in batch]),
+                                       **sampling):
+            out.append((batch[c.prompt_index], c))
+    return sorted(out, key=lambda ic: (ic[0], ic[1].sample_index))
 
 
 def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, max_new_tokens=256, temperature=0.6,
@@ -758,10 +765,10 @@ def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, ma
     results, samples = {}, []
     for family in tqdm(families, desc="eval", disable=log is None):
         tasks = [make_task(family, s) for s in task_seeds(family, "test", n_tasks)]
-        runs = [(True, _completions(model, tok, tasks, 1, 0.0, max_new_tokens, batch_size, gen, {}))]
+        runs = [(True, _completions(model, tok, tasks, 1, 0.0, max_new_tokens, batch_size, gen, {}, log))]
         if n_samples:
             runs.append((False, _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batch_size,
-                                             gen, sampling)))
+                                             gen, sampling, log)))
         rows = []
         for greedy, comps in runs:
             texts = [tok.decode(c.tokens) for _, c in comps]

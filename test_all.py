@@ -2103,7 +2103,7 @@ def test_eval_verifiers_reject_perturbed_answers():
     assert E.score(fc, good).correct
     key = next(iter(call["arguments"]))
     wrong_arg = {**call["arguments"], key: "Atlantis"}
-    other = next(t["function"]["name"] for t in fc.tools if t["function"]["name"] != call["name"])
+    other = next(t["name"] for t in fc.tools if t["name"] != call["name"])
     for name, args in ((call["name"], wrong_arg), (other, call["arguments"]),
                        (call["name"], {k: v for k, v in call["arguments"].items() if k != key})):
         text = f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>{end}'
@@ -2349,6 +2349,11 @@ def test_eval_evaluate_end_to_end_on_a_random_model(tmp_path):
         assert E.Score(s["reward"], s["correct"], s["well_formed"]) == E.score(task, s["text"])
     again = E.evaluate(model, tok, ["arithmetic"], 2, 0, max_new_tokens=6, log=None)
     assert again["arithmetic"]["greedy_acc"] == res["arithmetic"]["greedy_acc"]
+    # prompts longer than the context (byte-level tokens, 4 tool schemas) score 0 instead of failing the run
+    short = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=300)).init_weights(0)
+    logged = []
+    m = E.evaluate(short.eval(), tok, ["function_call"], 3, 1, max_new_tokens=4, log=logged.append)["function_call"]
+    assert m["mean_len"] == 0 and m["format_rate"] == 0 and any("3 of 3 prompts do not fit" in ln for ln in logged)
 
 
 @pytest.mark.slow
