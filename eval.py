@@ -36,14 +36,18 @@ Footguns
   a VM or seccomp); CPU and memory bandwidth contention with the trainer; a program that deliberately writes fake
   test results to the harness's report descriptor (reachable from the same process: fine for small models, not for
   adversarial ones); reading world-readable files of the host (the filesystem is visible, only its world-writable
-  temp directories are replaced by private tmpfs). Without `unshare` (not Linux, or namespaces forbidden) there is
+  temp directories are replaced by private tmpfs); when the trainer is not root, the child keeps its uid, so files
+  that user may write outside the temp directories stay writable. Without `unshare` (not Linux, or namespaces forbidden) there is
   no network, pid or mount isolation: sandbox_info() says so and evaluate() prints it. When the trainer runs as
   root, the child drops to uid/gid 65534; RLIMIT_NPROC counts all processes of that uid, so concurrent sandboxes
   share it (NPROC is sized for a pool of workers).
 - The sandbox interpreter must be readable by the unprivileged user: a Python under /root (pyenv) is not, so the
   system python3 is used then (sandbox_info()["python"]); programs get its standard library only.
 - Generation stops on <|im_end|>; make_tool_hook answers calculator calls and returns None (end) otherwise.
-- pass@k needs k <= n samples per task; the report card shows greedy accuracy (pass@1 for humaneval when sampled).
+- pass@k needs k <= n samples per task; the report card shows greedy accuracy.
+- `math` draws from data.make_math_problem, which also feeds the pre-training corpus: a test question can appear
+  there by chance (the hash split only keeps SFT/RL training data apart from the test set).
+- Limits are set by the boot script inside the child (no preexec_fn: score_many forks from threads).
 """
 import argparse
 import ast
@@ -56,7 +60,6 @@ import operator
 import os
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,7 +67,7 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import data
@@ -515,26 +518,28 @@ SANDBOX_UID = 65534
 NPROC = 64  # per uid, shared by concurrent sandboxes
 
 _BOOT = r"""
-import ctypes, os, sys
-mount, drop, disk_mb, work = sys.argv[1] == "1", sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
+import ctypes, json, os, resource, sys
+cfg = json.loads(sys.argv[1])
 src = sys.stdin.read()
-if mount:
+if cfg["mount"]:
     libc = ctypes.CDLL(None, use_errno=True)
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=%dm,mode=1777" % disk_mb):
+        if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=%dm,mode=1777" % cfg["disk_mb"]):
             sys.exit(f"sandbox: mounting a tmpfs on {d} failed (errno {ctypes.get_errno()})")
-    os.makedirs(work, exist_ok=True)
-with open(os.path.join(work, "main.py"), "w") as f:
+os.makedirs(cfg["work"], exist_ok=True)
+with open(os.path.join(cfg["work"], "main.py"), "w") as f:
     f.write(src)
-os.chdir(work)
-if drop:
-    os.chown(work, SANDBOX_UID, SANDBOX_UID)
-    os.setgroups([]); os.setgid(SANDBOX_UID); os.setuid(SANDBOX_UID)
-del ctypes, mount, drop, disk_mb, work, src, f
+os.chdir(cfg["work"])
+for name, v in cfg["limits"].items():
+    resource.setrlimit(getattr(resource, name), (v, v))
+if cfg["uid"] is not None:
+    os.chown(cfg["work"], cfg["uid"], cfg["uid"])
+    os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
+del ctypes, json, resource, cfg, src, f
 import runpy
 sys.argv = ["main.py"]
 runpy.run_path("main.py", run_name="__main__")
-""".replace("SANDBOX_UID", str(SANDBOX_UID))
+"""
 
 
 @dataclass
@@ -546,14 +551,9 @@ class SandboxResult:
     seconds: float
 
 
-def _can_run(cmd, drop=False):
-    def as_sandbox_user():
-        os.setgroups([])
-        os.setgid(SANDBOX_UID)
-        os.setuid(SANDBOX_UID)
+def _can_run(cmd):
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=30, preexec_fn=as_sandbox_user if drop else None,
-                              cwd="/").returncode == 0
+        return subprocess.run(cmd, capture_output=True, timeout=30, cwd="/").returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -565,18 +565,10 @@ def sandbox_info():
     root = os.geteuid() == 0
     prefix = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child"] + ([] if root else ["--map-root-user"])
     namespaces = bool(shutil.which("unshare")) and _can_run(prefix + ["true"])
+    drop = f"import os; os.setgroups([]); os.setgid({SANDBOX_UID}); os.setuid({SANDBOX_UID}); " if root else ""
     python = next((p for p in (sys.executable, shutil.which("python3", path="/usr/bin:/bin")) if p and
-                   _can_run([p, "-c", "import json, socket"], drop=root)), sys.executable)
+                   _can_run([p, "-c", drop + "import json, socket"])), sys.executable)
     return {"python": python, "namespaces": namespaces, "drop_to": SANDBOX_UID if root else None, "prefix": prefix}
-
-
-def _limits(timeout_s, memory_mb, file_mb):
-    def set_limits():  # runs in the child between fork and exec
-        for res, v in ((resource.RLIMIT_CPU, math.ceil(timeout_s) + 1), (resource.RLIMIT_AS, memory_mb << 20),
-                       (resource.RLIMIT_FSIZE, file_mb << 20), (resource.RLIMIT_NOFILE, 64),
-                       (resource.RLIMIT_NPROC, NPROC), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(res, (v, v))
-    return set_limits
 
 
 def _kill(p):
@@ -612,14 +604,15 @@ def run_python(code, *, timeout_s=5.0, memory_mb=512, file_mb=16, disk_mb=32, ma
         if not info["namespaces"]:
             os.chmod(tmp, 0o755)  # the unprivileged child must reach work/, which it then owns
             os.makedirs(work)
-        boot = [info["python"], "-s", "-c", _BOOT, str(int(info["namespaces"])), str(int(bool(info["drop_to"]))),
-                str(disk_mb), work]
+        limits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
+                  "RLIMIT_NOFILE": 64, "RLIMIT_NPROC": NPROC, "RLIMIT_CORE": 0}
+        cfg = dict(mount=info["namespaces"], uid=info["drop_to"], disk_mb=disk_mb, work=work, limits=limits)
+        boot = [info["python"], "-s", "-c", _BOOT, json.dumps(cfg)]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0",
                "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.perf_counter()
         p = subprocess.Popen((info["prefix"] if info["namespaces"] else []) + boot, stdin=subprocess.PIPE,
-                             stdout=out, stderr=err, env=env, cwd=tmp, start_new_session=True, pass_fds=pass_fds,
-                             preexec_fn=_limits(timeout_s, memory_mb, file_mb))
+                             stdout=out, stderr=err, env=env, cwd=tmp, start_new_session=True, pass_fds=pass_fds)
         try:
             p.communicate(code.encode(), timeout=timeout_s)
             timed_out = False

@@ -2268,6 +2268,7 @@ def test_sandbox_memory_disk_output_and_environment():
         assert "Permission denied" in r.stderr  # another user's /proc/PID/environ
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root trainer drops the child to another uid (see eval.py)")
 def test_sandbox_cannot_write_outside_its_directory(tmp_path):
     # the repository (the trainer's code) and a parent-owned directory: not writable by the sandbox user, and a
     # directory under /tmp is not even visible behind the private tmpfs
@@ -2280,6 +2281,21 @@ def test_sandbox_cannot_write_outside_its_directory(tmp_path):
         marker = f"/tmp/nm-eval-marker-{os.getpid()}"
         r = E.run_python(f"open({marker!r}, 'w').write('x')\nprint('wrote')")
         assert r.stdout == "wrote\n" and not os.path.exists(marker)
+
+
+def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
+    # where unshare is unavailable: rlimits, the scrubbed environment and (as root) the unprivileged uid remain
+    info = {**E.sandbox_info(), "namespaces": False}
+    monkeypatch.setattr(E, "sandbox_info", lambda: info)
+    r = E.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])\nopen('f', 'w').write('ok')")
+    assert r.stdout == "True ['HOME', 'LANG']\n" and r.returncode == 0
+    assert "MemoryError" in E.run_python("x = bytearray(2 * 1024**3)", memory_mb=256).stderr
+    assert E.run_python("while True: pass", timeout_s=1).timed_out
+    if os.geteuid() == 0:
+        os.chmod(tmp_path, 0o755)
+        r = E.run_python(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')")
+        assert not (tmp_path / "pwned").exists() and "Permission denied" in r.stderr
+    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 0"]) == 0.5
 
 
 @pytest.mark.skipif(not E.sandbox_info()["namespaces"], reason="no network namespace here (unshare unavailable)")
