@@ -37,10 +37,10 @@ Footguns
   test results to the harness's report descriptor (reachable from the same process: fine for small models, not for
   adversarial ones); reading world-readable files of the host (the filesystem is visible, only its world-writable
   temp directories are replaced by private tmpfs); when the trainer is not root, the child keeps its uid, so files
-  that user may write outside the temp directories stay writable. Without `unshare` (not Linux, or namespaces forbidden) there is
-  no network, pid or mount isolation: sandbox_info() says so and evaluate() prints it. When the trainer runs as
-  root, the child drops to uid/gid 65534; RLIMIT_NPROC counts all processes of that uid, so concurrent sandboxes
-  share it (NPROC is sized for a pool of workers).
+  that user may write outside the temp directories stay writable. Without `unshare` (not Linux, or namespaces
+  forbidden) there is no network, pid or mount isolation: sandbox_info() says so and evaluate() prints it. When
+  the trainer runs as root, the child drops to uid/gid 65534; RLIMIT_NPROC counts all processes of that uid, so
+  concurrent sandboxes share it (NPROC is sized for a pool of workers).
 - The sandbox interpreter must be readable by the unprivileged user: a Python under /root (pyenv) is not, so the
   system python3 is used then (sandbox_info()["python"]); programs get its standard library only.
 - Generation stops on <|im_end|>; make_tool_hook answers calculator calls and returns None (end) otherwise.
@@ -214,7 +214,7 @@ def _function_call_task(rng):
     args = sampler(rng)
     name = schema["name"]
     call = {"name": name, "arguments": args}
-    reasoning = f"The user's request matches the tool `{name}`; its arguments come from the request: {json.dumps(args)}."
+    reasoning = f"The request matches the tool `{name}`; its arguments come from the request: {json.dumps(args)}."
     return dict(messages=_user(rng.choice(templates).format(**args)), tools=[s for s, _, _ in offered],
                 reference=[_assistant("", tool_calls=[call])], reasoning=reasoning, target={"call": call})
 
@@ -474,10 +474,10 @@ def run_tool(task, call):
     """The result of a tool call the model made, or None when the task's tools are not executable (function_call is
     judged on the call itself). Only the calculator runs, and only on arithmetic it parses itself."""
     names = {t["name"] for t in task.tools or ()}
-    if call.get("name") not in names:
-        return f"error: unknown tool {call.get('name')!r}"
-    if call["name"] != "calculator":
+    if "calculator" not in names:
         return None
+    if call.get("name") != "calculator":
+        return f"error: unknown tool {call.get('name')!r}"
     args = call.get("arguments")
     return calculate(args.get("expression") if isinstance(args, dict) else None)
 
@@ -698,7 +698,8 @@ def family_metrics(rows, ks=(1,)):
         n = min(len(v) for v in sampled.values())
         for k in sorted({1, *ks}):
             if k <= n:
-                out[f"pass@{k}"], out[f"pass@{k}_se"] = _mean_se([pass_at_k(len(v), sum(v), k) for v in sampled.values()])
+                per_task = [pass_at_k(len(v), sum(v), k) for v in sampled.values()]
+                out[f"pass@{k}"], out[f"pass@{k}_se"] = _mean_se(per_task)
     out["format_rate"], out["format_rate_se"] = _mean_se([float(r["well_formed"]) for r in rows])
     out["mean_len"], out["mean_len_se"] = _mean_se([float(r["length"]) for r in rows])
     out["n_tasks"] = len({r["seed"] for r in rows})
@@ -831,7 +832,8 @@ def main(argv=None):
     p.add_argument("--n-tasks", type=int, default=20, help="test tasks per family")
     p.add_argument("--variant", choices=("instruct", "thinking"), default=None,
                    help="format the verifier expects (default: the checkpoint's, else instruct)")
-    p.add_argument("--column", choices=COLUMNS, default=None, help="report card column (default: from the checkpoint)")
+    p.add_argument("--column", choices=COLUMNS, default=None,
+                   help="report card column (default: the checkpoint meta's stage and variant; base otherwise)")
     p.add_argument("--report-card", default=REPORT_CARD)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -848,8 +850,9 @@ def main(argv=None):
     model, tok, meta = sample.load_model(args.ckpt, args.step, device)
     meta = meta or {}
     variant = args.variant or meta.get("variant", "instruct")
-    stage = {"sft": "SFT", "rlvr": "RL"}.get(meta.get("stage"))
-    column = args.column or (f"{variant}-{stage}" if stage else "base")
+    stage = str(meta.get("stage", ""))  # sft.py / rlvr.py record stage "sft..." / "rl..." and the variant
+    kind = "SFT" if stage.startswith("sft") else "RL" if stage.startswith("rl") else None
+    column = args.column or (f"{variant}-{kind}" if kind else "base")
     families = args.tasks or [f for f in FAMILIES if f != "humaneval" or humaneval_problems() is not None]
     results = evaluate(model, tok, families, args.n_tasks, args.n, variant, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

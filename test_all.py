@@ -2151,12 +2151,13 @@ def test_eval_calculator_is_exact_and_never_evaluates_code():
     assert E.run_tool(task, {"name": "rm", "arguments": {}}).startswith("error: unknown tool")
     fc = E.make_task("function_call", 0)
     assert E.run_tool(fc, fc.target["call"]) is None  # judged on the call itself, never executed
+    assert E.run_tool(fc, {"name": "calculator", "arguments": {"expression": "1 + 1"}}) is None
 
 
 def test_eval_tool_hook_injects_calculator_results():
     tok = _eval_tok()
     task = E.make_task("calculator", 2)
-    expr = task.target["call"] if "call" in task.target else task.reference[0]["tool_calls"][0]["arguments"]["expression"]
+    expr = task.reference[0]["tool_calls"][0]["arguments"]["expression"]
     turn = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expr}"}}}}\n</tool_call>{E.IM_END}'
     comp = S.Completion(0, 0, tok.encode(turn.removesuffix(E.IM_END)) + [tok.special[E.IM_END]], [], [], False)
     hook = E.make_tool_hook(tok, [task, E.make_task("function_call", 0)], max_tool_turns=2)
@@ -2287,7 +2288,7 @@ def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
     # where unshare is unavailable: rlimits, the scrubbed environment and (as root) the unprivileged uid remain
     info = {**E.sandbox_info(), "namespaces": False}
     monkeypatch.setattr(E, "sandbox_info", lambda: info)
-    r = E.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])\nopen('f', 'w').write('ok')")
+    r = E.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])")
     assert r.stdout == "True ['HOME', 'LANG']\n" and r.returncode == 0
     assert "MemoryError" in E.run_python("x = bytearray(2 * 1024**3)", memory_mb=256).stderr
     assert E.run_python("while True: pass", timeout_s=1).timed_out
