@@ -751,7 +751,7 @@ def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, ma
     import torch
     from tqdm import tqdm
     info = sandbox_info()
-    if not info["namespaces"]:
+    if log and not info["namespaces"]:
         log("sandbox: no network/pid/mount namespaces here (unshare failed): code runs with rlimits and "
             f"{'uid ' + str(info['drop_to']) if info['drop_to'] else 'the current user'} only")
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
