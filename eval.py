@@ -47,6 +47,8 @@ Footguns
 - pass@k needs k <= n samples per task; the report card shows greedy accuracy.
 - `math` draws from data.make_math_problem, which also feeds the pre-training corpus: a test question can appear
   there by chance (the hash split only keeps SFT/RL training data apart from the test set).
+- Rewards are deterministic (fixed PYTHONHASHSEED in the sandbox, no sampling in any verifier) except for a program
+  that runs close to its time limit, which can pass on one run and time out on another.
 - Limits are set by the boot script inside the child (no preexec_fn: score_many forks from threads).
 """
 import argparse
@@ -771,8 +773,8 @@ def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, ma
             texts = [tok.decode(c.tokens) for _, c in comps]
             scores = score_many([tasks[i] for i, _ in comps], texts, variant, workers)
             for (i, c), text, s in zip(comps, texts, scores):
-                rows.append(dict(family=family, seed=tasks[i].seed, greedy=greedy, sample=c.sample_index,
-                                 length=len(c.tokens), text=text, **dataclasses.asdict(s)))
+                rows.append(dict(family=family, seed=tasks[i].seed, level=tasks[i].level, greedy=greedy,
+                                 sample=c.sample_index, length=len(c.tokens), text=text, **dataclasses.asdict(s)))
         results[family] = family_metrics(rows, ks=(n_samples,))
         samples += rows
         if log:
