@@ -2021,6 +2021,8 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
 # =============================================================================
 # eval.py: task families, verifiers, sandbox, metrics, the eval stage
 
+import dataclasses  # noqa: E402
+
 import eval as E  # noqa: E402
 
 _EVAL_FAMILIES = [f for f in E.FAMILIES if f != "humaneval" or E.humaneval_problems() is not None]
@@ -2062,6 +2064,22 @@ def test_eval_generators_deterministic_with_disjoint_splits():
         E.task_seeds("humaneval", "train", 3)
     with pytest.raises(ValueError, match="unknown task family 'maths'"):
         E.make_task("maths", 0)
+
+
+def test_eval_tasks_are_the_same_in_another_process():
+    # seeds must not depend on the process (str hash randomisation, global RNG state): a fresh interpreter with a
+    # different PYTHONHASHSEED builds the same tasks
+    import subprocess
+    import sys
+    seeds = {f: E.task_seeds(f, "train", 2) + E.task_seeds(f, "test", 2) for f in E.FAMILIES if f not in E.EVAL_ONLY}
+    code = ("import dataclasses, json, random, eval as E\nrandom.seed(99)\n"
+            f"seeds = {seeds}\n"
+            "print(json.dumps({f: [dataclasses.asdict(E.make_task(f, s)) for s in ss] for f, ss in seeds.items()}))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.abspath(E.__file__))).stdout
+    here = {f: [dataclasses.asdict(E.make_task(f, s)) for s in ss] for f, ss in seeds.items()}
+    assert json.loads(out) == json.loads(json.dumps(here))
 
 
 def test_eval_humaneval_is_skipped_cleanly_without_its_package(monkeypatch):
