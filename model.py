@@ -8,7 +8,8 @@ Contents, top to bottom:
   Attention               GQA, QK-norm before RoPE, causal or sliding-window
   MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
-  KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions
+  KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions; rows may be
+                          left-padded (pad) and selected or repeated (select) for batched generation
   Mellum                  forward (logits + loss parts), decoding helpers, HF-format load/save
   summary / bench         `python model.py --preset NAME` and `python model.py --bench`
 
@@ -176,10 +177,10 @@ def _rope_frequencies_cached(head_dim, params):
 
 
 def rope_cos_sin(config, layer_type, pos, dtype):
-    """cos, sin of shape (..., T, head_dim) for integer positions `pos` (..., T), rotate-half layout."""
+    """cos, sin of shape (T, head_dim) for integer positions `pos` (T,), rotate-half layout."""
     params = tuple(sorted(config.rope_parameters[layer_type].items()))
     inv_freq, scale = _rope_frequencies_cached(config.head_dim, params)
-    freqs = pos.float()[..., None] * inv_freq.to(pos.device)
+    freqs = pos.float()[:, None] * inv_freq.to(pos.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -418,8 +419,10 @@ class LayerCache:
 
 class KVCache:
     """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block.
-    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots; cache slot s then holds row b's
-    position s - pad[b] (RoPE uses that), and padding slots are masked out of attention."""
+    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots, which attention masks out.
+    Row b's tokens then sit pad[b] positions later than alone; RoPE needs no per-row positions because attention
+    scores depend only on the distance between query and key (RoFormer, https://arxiv.org/abs/2104.09864), and
+    the sliding window is a distance too."""
 
     def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
                  pad=None):
@@ -436,11 +439,6 @@ class KVCache:
         self.mtp = None
         if layer_types is None and config.num_mtp_layers:
             self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING], pad=pad)
-
-    def positions(self, T, device):
-        """Positions of the next T slots: (T,), or (B, T) per row when left-padded."""
-        slots = torch.arange(self.pos, self.pos + T, device=device)
-        return slots if self.pad is None else slots[None] - self.pad[:, None]
 
     def select(self, rows):
         """Keep (or repeat) batch rows: rows (R,) indexes the current rows. Shares a prefill among samples of one
@@ -500,17 +498,15 @@ class Mellum(nn.Module):
             if isinstance(m, (Linear, Experts)):
                 m.fp8 = enabled
 
-    def _cos_sin(self, T, cache, device, dtype, layer_types):
-        pos = cache.positions(T, device) if cache is not None else torch.arange(T, device=device)
-        rope = {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
-        if pos.dim() == 2:  # per-row positions: (B, T, hd) -> (B, 1, T, hd), broadcast over heads
-            rope = {lt: (cos[:, None], sin[:, None]) for lt, (cos, sin) in rope.items()}
-        return rope
+    def _cos_sin(self, T, start, device, dtype, layer_types):
+        pos = torch.arange(start, start + T, device=device)
+        return {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
 
     def hidden(self, idx, cache=None):
         """Final (normalised) hidden states (B, T, D) of the main model."""
         x = self.model.embed_tokens(idx)
-        rope = self._cos_sin(idx.size(1), cache, idx.device, x.dtype, set(self.config.layer_types))
+        start = cache.pos if cache else 0
+        rope = self._cos_sin(idx.size(1), start, idx.device, x.dtype, set(self.config.layer_types))
         for layer, lt in zip(self.model.layers, self.config.layer_types):
             x = layer(x, *rope[lt], cache)
         if cache is not None:
@@ -520,7 +516,8 @@ class Mellum(nn.Module):
     def mtp_hidden(self, h, next_idx, cache=None):
         """MTP hidden states: h (B, T, D) at positions t, next_idx (B, T) the tokens at t+1."""
         mcache = cache.mtp if cache is not None else None
-        rope = self._cos_sin(h.size(1), mcache, h.device, h.dtype, [SLIDING])
+        start = mcache.pos if mcache else 0
+        rope = self._cos_sin(h.size(1), start, h.device, h.dtype, [SLIDING])
         out = self.mtp(h, self.model.embed_tokens(next_idx), *rope[SLIDING], mcache)
         if mcache is not None:
             mcache.advance(h.size(1))

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import sys
 import sysconfig
 from contextlib import redirect_stdout
 from fractions import Fraction
@@ -1320,6 +1321,287 @@ def test_default_corpus_small_caps(tmp_path):
     assert "\n#### " in _tok().decode(math_tokens[:400].tolist())
 
 
+# -----------------------------------------------------------------------------
+# chat format
+
+
+def _chat_ids(tok, parts):
+    """Hand-built expectation: parts are (piece, trained); a piece is a special token's name or plain text."""
+    ids, mask = [], []
+    for piece, trained in parts:
+        new = [tok.special[piece]] if piece in tok.special else tok.encode(piece)
+        ids += new
+        mask += [trained] * len(new)
+    return ids, mask
+
+
+_WEATHER = {"name": "weather", "description": "Current weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def _tool_conversation():
+    return {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Köln?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"name": "weather", "arguments": {"city": "Paris"}}, {"name": "weather", "arguments": {"city": "Köln"}}]},
+        {"role": "tool", "content": "18C"},
+        {"role": "tool", "content": "12C"},
+        {"role": "assistant", "content": "Paris 18C, Köln 12C.", "reasoning": "dropped by instruct"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {}}]},
+    ], "tools": [_WEATHER]}
+
+
+def _tools_system_parts(system):
+    """The system turn with the tool list, written out piece by piece (our wording, see data.TOOLS_HEADER)."""
+    return [("<|im_start|>", False),
+            (f"system\n{system}\n\n# Tools\n\nYou may call one or more functions to help with the user's request. "
+             "Their signatures are listed inside ", False), ("<tools>", False), ("</tools>", False),
+            (", one JSON schema per line:\n", False), ("<tools>", False),
+            ('\n{"name": "weather", "description": "Current weather", "parameters": {"type": "object", '
+             '"properties": {"city": {"type": "string"}}, "required": ["city"]}}\n', False), ("</tools>", False),
+            ("\n\nTo call a function, write a JSON object with its name and arguments inside ", False),
+            ("<tool_call>", False), ("</tool_call>", False), (" tags:\n", False), ("<tool_call>", False),
+            ('\n{"name": <function-name>, "arguments": <args-json-object>}\n', False), ("</tool_call>", False),
+            ("\nResults come back inside ", False), ("<tool_response>", False), ("</tool_response>", False),
+            (" tags.", False), ("<|im_end|>", False), ("\n", False)]
+
+
+def test_render_chat_instruct_token_by_token():
+    tok = _tok()
+    want = _chat_ids(tok, _tools_system_parts("Be brief.") + [
+        ("<|im_start|>", False), ("user\nWeather in Paris and Köln?", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("Checking.\n", True), ("<tool_call>", True),
+        ('\n{"name": "weather", "arguments": {"city": "Paris"}}\n', True), ("</tool_call>", True), ("\n", True),
+        ("<tool_call>", True), ('\n{"name": "weather", "arguments": {"city": "Köln"}}\n', True),
+        ("</tool_call>", True), ("<|im_end|>", True), ("\n", False),
+        ("<|im_start|>", False), ("user\n", False), ("<tool_response>", False), ("\n18C\n", False),
+        ("</tool_response>", False), ("\n", False), ("<tool_response>", False), ("\n12C\n", False),
+        ("</tool_response>", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("Paris 18C, Köln 12C.", True), ("<|im_end|>", True),
+        ("\n", False),
+        ("<|im_start|>", False), ("user\nThanks", False), ("<|im_end|>", False), ("\n", False),
+        ("<|im_start|>", False), ("assistant\n", False), ("<tool_call>", True),
+        ('\n{"name": "weather", "arguments": {}}\n', True), ("</tool_call>", True), ("<|im_end|>", True),
+        ("\n", False)])
+    [sample] = data.render_chat(tok, _tool_conversation(), "instruct")
+    assert (sample.ids, sample.mask) == want
+    # no system message: the tool list makes one; no tools: no system turn at all
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    tail = [("<|im_start|>", False), ("user\nHi", False), ("<|im_end|>", False), ("\n", False),
+            ("<|im_start|>", False), ("assistant\n", False), ("Hello!", True), ("<|im_end|>", True), ("\n", False)]
+    [sample] = data.render_chat(tok, conv)
+    assert (sample.ids, sample.mask) == _chat_ids(tok, tail)
+    [sample] = data.render_chat(tok, {**conv, "tools": [_WEATHER]})
+    parts = _tools_system_parts("")
+    parts[1] = (parts[1][0].replace("system\n\n\n", "system\n"), False)
+    assert (sample.ids, sample.mask) == _chat_ids(tok, parts + tail)
+    # a content that spells the tags itself renders exactly like tool_calls (both forms are accepted)
+    tagged = copy.deepcopy(_tool_conversation())
+    tagged["messages"][7] = {"role": "assistant", "content": '<tool_call>\n{"name": "weather", "arguments": {}}\n'
+                                                             '</tool_call>'}
+    assert data.render_chat(tok, tagged) == data.render_chat(tok, _tool_conversation())
+
+
+def _thinking_conversation(n_turns):
+    messages = [{"role": "system", "content": "Think first."}]
+    for t in range(n_turns):
+        messages += [{"role": "user", "content": f"Question {t}?"},
+                     {"role": "assistant", "content": f"Answer {t}.", "reasoning": f"Reasoning {t}."}]
+    return messages
+
+
+def test_render_chat_thinking_unfolds_the_last_five_turns():
+    tok = _tok()
+    messages = _thinking_conversation(7)
+    del messages[8]["reasoning"]  # turn 3 has no trace: it yields no sample
+    messages[-1]["reasoning"] = "overridden by the top-level trace"
+    conv = {"messages": messages, "reasoning": "Final trace."}
+    samples = data.render_chat(tok, conv, "thinking")
+    assert len(samples) == 5  # turns 1, 2, 4, 5, 6 have traces; turn 0 is beyond the last five
+    for sample, t in zip(samples, (1, 2, 4, 5, 6)):
+        trace = "Final trace." if t == 6 else f"Reasoning {t}."
+        parts = [("<|im_start|>", False), ("system\nThink first.", False), ("<|im_end|>", False), ("\n", False)]
+        for k in range(t + 1):  # earlier turns: no think block, not trained
+            parts += [("<|im_start|>", False), (f"user\nQuestion {k}?", False), ("<|im_end|>", False), ("\n", False),
+                      ("<|im_start|>", False), ("assistant\n", False)]
+            if k < t:
+                parts += [(f"Answer {k}.", False), ("<|im_end|>", False), ("\n", False)]
+        parts += [("<think>", True), (f"\n{trace}\n", True), ("</think>", True), (f"\n\nAnswer {t}.", True),
+                  ("<|im_end|>", True), ("\n", False)]
+        assert (sample.ids, sample.mask) == _chat_ids(tok, parts), t
+    # the same conversation as Instruct: one sample, every answer trained, no think block anywhere
+    [inst] = data.render_chat(tok, conv, "instruct")
+    assert tok.special["<think>"] not in inst.ids
+    assert tok.decode([i for i, m in zip(inst.ids, inst.mask) if m]) == \
+        "".join(f"Answer {t}.<|im_end|>" for t in range(7))
+    # no reasoning anywhere: no Thinking sample
+    plain = [{k: v for k, v in m.items() if k != "reasoning"} for m in messages]
+    assert data.render_chat(tok, {"messages": plain}, "thinking") == []
+    with pytest.raises(ValueError, match="variant"):
+        data.render_chat(tok, conv, "reasoning")
+
+
+def test_render_prompt_and_tool_results_continue_the_rendered_conversation():
+    tok = _tok()
+    conv = _tool_conversation()
+    messages = conv["messages"]
+    [full] = data.render_chat(tok, conv)
+    # the prompt before the first answer is a prefix of the rendered conversation plus "<|im_start|>assistant\n"
+    prompt = data.render_prompt(tok, messages[:2], conv["tools"])
+    assert full.ids[:len(prompt)] == prompt and not any(full.mask[:len(prompt)])
+    assert prompt[-3:] == [tok.special["<|im_start|>"], *tok.encode("assistant\n")]
+    # the ids a tool_hook injects after the first answer's <|im_end|>: the results' user turn + the next header
+    cut = full.ids.index(tok.special["<|im_end|>"], len(prompt)) + 1
+    inject = data.render_tool_results(tok, ["18C", "12C"])
+    assert full.ids[cut:cut + len(inject)] == inject
+    assert data.render_prompt(tok, messages[:5], conv["tools"]) == full.ids[:cut + len(inject)]
+
+
+def test_parse_assistant_inverts_rendering():
+    tok = _tok()
+    turns = [({"content": "Plain answer.\nTwo lines."}, None),
+             ({"content": "", "tool_calls": [{"name": "f", "arguments": {"x": [1, 2], "s": "é"}}]}, None),
+             ({"content": "Calling two.", "tool_calls": [{"name": "f", "arguments": {}},
+                                                         {"name": "g", "arguments": {"a": {"b": None}}}]}, "Plan.\nOk"),
+             ({"content": "Just thought."}, "Why not?")]
+    for msg, trace in turns:
+        msg = {"role": "assistant", **msg}
+        conv = {"messages": [{"role": "user", "content": "q"}, msg], "reasoning": trace}
+        [sample] = data.render_chat(tok, conv, "thinking" if trace else "instruct")
+        text = tok.decode([i for i, m in zip(sample.ids, sample.mask) if m])  # the trained turn, <|im_end|> included
+        assert data.parse_assistant(text) == dict(reasoning=trace, content=msg["content"],
+                                                  tool_calls=msg.get("tool_calls", []), well_formed=True)
+    bad = ['<think>\nstill thinking',                                       # unclosed think block
+           'x\n<tool_call>\n{"name": "f", "arguments": {}\n</tool_call>',   # invalid JSON
+           '<tool_call>\n{"name": "f"}\n</tool_call>',                      # no arguments
+           '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call> and more',  # text after the calls
+           'a </think> b']                                                  # stray tag
+    for text in bad:
+        assert not data.parse_assistant(text)["well_formed"], text
+    assert data.parse_assistant("<think>\nstill thinking")["reasoning"] == "still thinking"
+
+
+def test_load_conversations_errors_name_line_and_field(tmp_path):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    cases = [("{not json", r"bad\.jsonl:2: not valid JSON"),
+             ({"messages": []}, r"bad\.jsonl:2: 'messages' must be a non-empty list"),
+             ({"messages": [{"role": "bot", "content": "x"}]}, r"bad\.jsonl:2: messages\[0\]\.role is 'bot'"),
+             ({"messages": [{"role": "user", "content": 3}]}, r"bad\.jsonl:2: messages\[0\]\.content is int"),
+             ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+              r"messages\[1\]\.role is 'system' but only the first"),
+             ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
+              r"messages\[0\]\.tool_calls\[0\] must be"),
+             ({"messages": [{"role": "user", "content": "q", "reasoning": "r"}]},
+              r"messages\[0\]\.reasoning is not allowed on a user message"),
+             ({**good, "tools": {"name": "f"}}, r"'tools' must be a list"),
+             ({"messages": [{"role": "user", "content": "q"}], "reasoning": "r"},
+              r"'reasoning' is given but no message has role 'assistant'"),
+             ({**good, "system": "s"}, r"key 'system' is not part of the schema")]
+    for line, pattern in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+        with pytest.raises(ValueError, match=pattern):
+            data.load_conversations(str(path))
+    (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps(_tool_conversation()) + "\n")
+    assert data.load_conversations(str(tmp_path / "ok.jsonl")) == [good, _tool_conversation()]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def _hf_tokenizer_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf_tok"))
+    data.save_hf_tokenizer(_tok(), path)
+    return path
+
+
+_TEXTS = ["def f(x):\n    return x ** 2  # square\n\n\n\tif x:\r\n        pass\n",
+          "héllo wörld, 世界! Ελληνικά 🙂🙂 naïve café\u00a0\u2003spaces",
+          "   leading and trailing   \n\n  \n", "I'm we'LL they've 1234567 3.14159 $x_{ij}$ <html>&amp;</html>",
+          "a\n\n\nb\r\r\n c\t\t\td" + " " * 40 + "e"]
+
+
+def test_hf_tokenizer_json_encodes_like_tiktoken(_hf_tokenizer_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = _tok()
+    hf = tokenizers.Tokenizer.from_file(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
+    stdlib = open(os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py"), encoding="utf-8").read()
+    for text in _TEXTS + [stdlib]:
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text), text[:40]
+        assert hf.decode(tok.encode(text)) == text
+    # special tokens are single added tokens with our ids
+    assert hf.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).ids == \
+        [tok.special["<|im_start|>"], *tok.encode("user\nhi"), tok.special["<|im_end|>"]]
+    # read back without the tokenizers package: the same tiktoken tokenizer
+    back = data.tokenizer_from_hf(os.path.join(_hf_tokenizer_dir, "tokenizer.json"))
+    assert back.n_vocab == tok.n_vocab and back.special == tok.special
+    assert all(back.encode(t) == tok.encode(t) for t in _TEXTS)
+
+
+def test_merges_recovered_from_ranks_reproduce_bpe():
+    # ranks where the greedy pair choice matters: "abc" must be built as ("ab", "c"), never ("a", "bc")
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({b"ab": 256, b"bc": 257, b"abc": 258, b"abcab": 259})
+    assert data._merges(ranks) == [[b"a", b"b"], [b"b", b"c"], [b"ab", b"c"], [b"abc", b"ab"]]
+    with pytest.raises(ValueError, match="cannot be built"):
+        data._merges({**ranks, b"xyz": 260})
+
+
+def test_apply_chat_template_equals_renderer(_hf_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = _tok()
+    hf = transformers.AutoTokenizer.from_pretrained(_hf_tokenizer_dir)
+    assert hf.eos_token == "<|im_end|>" and hf.eos_token_id == tok.special["<|im_end|>"]
+
+    def apply(messages, **kw):
+        out = hf.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if not isinstance(out, list) else out)
+
+    conv = _tool_conversation()
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    for c in (conv, plain, {**plain, "tools": [_WEATHER]}):
+        messages = [{k: v for k, v in m.items() if k != "reasoning"} for m in c["messages"]]
+        assert apply(messages, tools=c.get("tools")) == data.render_chat(tok, c)[0].ids
+        for n in range(1, len(messages) + 1):  # every prefix as a generation prompt
+            assert apply(messages[:n], tools=c.get("tools"), add_generation_prompt=True) == \
+                data.render_prompt(tok, messages[:n], c.get("tools")), n
+    # Thinking: each unfolded sample is the conversation cut after its turn, the trace on that last turn
+    messages = _thinking_conversation(3)
+    conv = {"messages": messages, "reasoning": "Top-level trace."}
+    samples = data.render_chat(tok, conv, "thinking")
+    for sample, n in zip(samples[:-1], (3, 5)):
+        assert apply(messages[:n]) == sample.ids
+    assert apply(messages, reasoning="Top-level trace.") == samples[-1].ids
+
+
+def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    tok = data.get_tokenizer("cl100k_base:384")  # 399 ids: fits the test preset widened to 512 embeddings
+    model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
+    path = str(tmp_path / "hf")
+    model.save_pretrained(path, tokenizer=tok)
+    stop = tok.special["<|im_end|>"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    assert hf.generation_config.eos_token_id == stop
+    for messages in ([{"role": "user", "content": "def f(x):"}],
+                     [{"role": "system", "content": "s"}, {"role": "user", "content": "Tell me more, please."}]):
+        ids = data.render_prompt(tok, messages)
+        out = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert list(out["input_ids"] if not isinstance(out, list) else out) == ids
+        with torch.no_grad():
+            hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        ours, _ = S.generate(model, torch.tensor([ids]), 12, temperature=0, stop_token=stop)
+        assert ours[0] == hf_out  # both stop after <|im_end|> or at 12 tokens
+    # sample.py reads the directory back without the `tokenizers` package
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    loaded, tok2, meta = S.load_model(path)
+    assert isinstance(tok2, data.Tokenizer) and tok2.encode("def f(x):") == tok.encode("def f(x):")
+    assert data.get_tokenizer(tok2.name).special == tok.special  # later stages reload it by name
+
+
 # =============================================================================
 # pretrain.py
 
@@ -1597,9 +1879,170 @@ def test_probabilities_hand_cases():
                                torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, **tol)
     # temperature 2 on log-probabilities: proportional to sqrt(p)
     torch.testing.assert_close(S.probabilities(logits, 2.0), p.sqrt() / p.sqrt().sum(), **tol)
+    # top-k first, then the nucleus inside it: top-3 renormalised is [0.588, 0.235, 0.176]; 0.6 needs the first two
+    torch.testing.assert_close(S.probabilities(logits, top_k=3, top_p=0.6), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]),
+                               **tol)
     # rows are independent
     both = S.probabilities(torch.stack([logits, logits.flip(0)]), top_k=1)
     torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0]]), **tol)
+
+
+# -----------------------------------------------------------------------------
+# Batched generation
+
+
+def test_left_padded_cache_matches_each_row_alone():
+    # random weights, rows of 3 and 20 tokens (left padding 17 > the window of 8), then 25 decoded positions:
+    # every position of every row must equal the full forward of that row alone
+    cfg = M.get_config("test")
+    model = M.Mellum(cfg).init_weights(1).eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + 25,), generator=gen) for n in (3, 20)]
+    lens = [3, 20]
+    pad = torch.tensor([17, 0])
+    cache = M.KVCache(cfg, 2, 46, pad=pad)
+    tol = dict(atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        full = [model.hidden(s[None])[0] for s in seqs]
+        idx = torch.stack([torch.cat([torch.zeros(17, dtype=torch.long), seqs[0][:3]]), seqs[1][:20]])
+        h = model.hidden(idx, cache)
+        for b in range(2):
+            torch.testing.assert_close(h[b, pad[b]:], full[b][:lens[b]], **tol)
+        for t in range(25):
+            h = model.hidden(torch.stack([seqs[b][lens[b] + t] for b in range(2)])[:, None], cache)
+            for b in range(2):
+                torch.testing.assert_close(h[b, 0], full[b][lens[b] + t], **tol)
+        # dropping a row keeps the other's cache intact
+        cache.select(torch.tensor([1]))
+        seq = torch.cat([seqs[1], torch.tensor([5])])
+        h = model.hidden(seq[-1:][None], cache)
+        torch.testing.assert_close(h[0, 0], model.hidden(seq[None])[0, -1], **tol)
+
+
+def _batch_prompts(cycle):
+    """Three prompts of lengths 3, 9 and 5, the last one off the cycle (so its continuation differs)."""
+    return [cycle[:3].tolist(), cycle[torch.arange(4, 13) % 16].tolist(), [int(cycle[7]), 11, 5, 250, int(cycle[4])]]
+
+
+def test_generate_batch_greedy_rows_equal_single_row_decoding():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)
+    want = [_naive_greedy(model, torch.tensor([p]), 30) for p in prompts]
+    out = S.generate_batch(model, prompts, 30, n_samples=2, temperature=0)
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(p, s) for p in range(3) for s in range(2)]
+    for c in out:
+        assert c.tokens == want[c.prompt_index] and c.trained == [True] * 30 and not c.finished
+    # random weights (every position matters, rings wrap): still each row alone
+    rand = M.Mellum(M.get_config("test")).init_weights(2).eval()
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (2, 17, 9)]
+    out = S.generate_batch(rand, prompts, 25, temperature=0)
+    assert [c.tokens for c in out] == [_naive_greedy(rand, torch.tensor([p]), 25) for p in prompts]
+
+
+def test_generate_batch_stops_each_row_on_its_own():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)
+    want = [_naive_greedy(model, torch.tensor([p]), 30) for p in prompts]
+    stops = {want[0][3], want[2][6]}  # row 0 stops at its 4th token at the latest, row 2 at its 7th
+    out = S.generate_batch(model, prompts, 30, temperature=0, stop_tokens=stops)
+    for c, w in zip(out, want):
+        cut = next((i + 1 for i, t in enumerate(w) if t in stops), 30)
+        assert c.tokens == w[:cut] and c.finished == (cut < 30 or w[29] in stops)
+    assert len(out[0].tokens) <= 4 and len(out[2].tokens) <= 7
+
+
+def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monkeypatch):
+    model = M.Mellum(M.get_config("test")).init_weights(4).eval()  # near-uniform: samples differ
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    shapes = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: shapes.append(tuple(idx.shape)) or hidden(idx, cache))
+    gen = torch.Generator().manual_seed(0)
+    out = S.generate_batch(model, prompts, 6, n_samples=4, temperature=0.7, top_k=5, generator=gen, n_vocab=200)
+    assert shapes[0] == (2, 7)  # one prefill of the two prompts, not of the 8 rows
+    assert shapes[1:] == [(8, 1)] * 5  # then one token per row per step (the 6th token needs no forward)
+    assert len({tuple(c.tokens) for c in out[:4]}) > 1  # the 4 samples of prompt 0 differ
+    with torch.no_grad():
+        for c in out:  # reference: full forward over prompt + completion, softmax at temperature, no top-k
+            seq = torch.tensor([prompts[c.prompt_index] + c.tokens])
+            logits = model(seq)[0][0, len(prompts[c.prompt_index]) - 1:-1, :200].float()
+            logp = torch.log_softmax(logits / 0.7, -1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp[torch.arange(6), c.tokens], atol=1e-4, rtol=0)
+            top5 = logits.topk(5, -1).indices
+            assert all(t in top5[i] for i, t in enumerate(c.tokens))  # top-k did restrict the sampling
+
+
+def test_generate_batch_tool_hook_injects_untrained_tokens():
+    model, cycle = _trained_model()
+    prompts = _batch_prompts(cycle)[:2]
+    stop = _naive_greedy(model, torch.tensor([prompts[0]]), 30)[2]  # row 0 meets it at its 3rd token
+    inject = [t for t in (int(cycle[10]), 7, 200, 201) if t != stop][:3]
+    calls = []
+
+    def hook(c):
+        calls.append((c.prompt_index, list(c.tokens)))
+        return inject if sum(t == stop for t in c.tokens) == 1 else None  # first stop: tool results; then end
+
+    out = S.generate_batch(model, prompts, 30, temperature=0, stop_tokens=[stop], tool_hook=hook)
+    for c, p in zip(out, prompts):
+        # reference from the naive decoder: greedy to the stop, the injection, greedy again to the next stop
+        want = _naive_greedy(model, torch.tensor([p]), 30, stop=stop)
+        trained = [True] * len(want)
+        if want[-1] == stop:
+            more = _naive_greedy(model, torch.tensor([p + want + inject]), 30 - len(want) - 3, stop=stop)
+            want, trained = want + inject + more, trained + [False] * 3 + [True] * len(more)
+        assert c.tokens == want and c.trained == trained
+        assert c.finished == (want.count(stop) == 2)
+    c = out[0]
+    assert c.tokens[2] == stop and c.trained[3:6] == [False] * 3 and c.logprobs[3:6] == [0.0] * 3
+    assert all(lp < 0 for lp in c.logprobs[:3])
+    assert calls[0] == (0, c.tokens[:3])
+    # a hook that always injects: the budget of 30 tokens counts the injected ones, the row is not finished
+    out = S.generate_batch(model, prompts[:1], 30, temperature=0, stop_tokens=[stop], tool_hook=lambda c: [stop])
+    assert len(out[0].tokens) == 30 and not out[0].finished
+
+
+def test_generate_batch_bad_input():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="at least one prompt"):
+        S.generate_batch(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        S.generate_batch(model, [[1] * 60, [2]], 5)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        S.generate_batch(model, [[1]], 4, n_samples=0)
+
+
+def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    tok = data.get_tokenizer("cl100k_base:384")
+    model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
+    model.save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    stop = tok.special["<|im_end|>"]
+    # reference: the template by hand, greedy by full recompute
+    ids = [tok.special["<|im_start|>"], *tok.encode("user\nhello"), stop, *tok.encode("\n"),
+           tok.special["<|im_start|>"], *tok.encode("assistant\n")]
+    want = _naive_greedy(model, torch.tensor([ids]), 8, n_vocab=tok.n_vocab, stop=stop)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--chat", "--temperature", "0", "--max-new-tokens", "8"])
+    assert out.getvalue() == "> " + tok.decode([t for t in want if t != stop]) + "\n> "
+    out = io.StringIO()
+    with redirect_stdout(out):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--bench-batch", "--max-new-tokens", "4", "--prompt", "x"])
+    rows = [line.split() for line in out.getvalue().splitlines()[-3:]]
+    assert [r[0] for r in rows] == ["1", "8", "32"] and rows[0][-1] == "1.00x"
+    assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
+
+
+def test_pick_samples_the_distribution():
+    # N = 1M draws per row; standard error per bin <= 5e-4, tolerance 3e-3. Zero-probability ids are never drawn.
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.1, 0.0, 0.0, 0.9]])
+    N = 1_000_000
+    x = S._pick(p.repeat_interleave(N, 0), False, torch.Generator().manual_seed(0)).view(2, N)
+    freq = torch.stack([torch.bincount(r, minlength=5).float() / N for r in x])
+    torch.testing.assert_close(freq, p, atol=3e-3, rtol=0)
+    assert (freq[p == 0] == 0).all()
 
 
 # -----------------------------------------------------------------------------
