@@ -862,8 +862,7 @@ def main(argv=None):
     results = evaluate(model, tok, families, args.n_tasks, args.n, variant, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        batch_size=args.batch_size, workers=args.workers, out_dir=args.ckpt)
-    keys = ("greedy_acc", "reward", f"pass@{args.n}" if args.n else None, "format_rate", "mean_len")
-    keys = [k for k in keys if k]
+    keys = ["greedy_acc", "reward"] + [f"pass@{k}" for k in sorted({1, args.n}) if args.n] + ["format_rate", "mean_len"]
     print("\n| task | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for f, m in results.items():
         print(f"| {f} | " + " | ".join(f"{m[k]:.3f} ± {m[k + '_se']:.3f}" if k in m else "–" for k in keys) + " |")

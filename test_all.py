@@ -2866,6 +2866,6 @@ def test_eval_command_line_prints_the_table(tmp_path, capsys):
     E.main(["--ckpt", str(tmp_path / "ckpt"), "--tasks", "arithmetic", "identity", "function_call", "--n-tasks", "2",
             "--n", "2", "--max-new-tokens", "4", "--report-card", card])
     out = capsys.readouterr().out
-    assert "| task | greedy_acc | reward | pass@2 | format_rate | mean_len |" in out
+    assert "| task | greedy_acc | reward | pass@1 | pass@2 | format_rate | mean_len |" in out
     assert "| identity | 0.000 ± 0.000 |" in out  # a random model never names itself
     assert "| function_call |" in open(card).read() and "(base)" in out
