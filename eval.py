@@ -72,6 +72,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
+from tqdm import tqdm
+
 import data
 
 FAMILIES = ("arithmetic", "math", "calculator", "function_call", "python", "identity", "humaneval")
@@ -748,13 +750,12 @@ def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batc
 
 
 def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, max_new_tokens=256, temperature=0.6,
-             top_k=20, top_p=0.95, seed=0, batch_size=16, workers=4, out_dir=None, log=print):
+             top_k=20, top_p=0.95, seed=0, batch_size=16, workers=4, out_dir=None, log=tqdm.write):
     """Per family over n_tasks test tasks: a greedy completion each (greedy accuracy, reward) and n_samples sampled
     ones (pass@1, pass@n); format rate and mean length over all. The sampling defaults are the report's recommended
     ones. Returns {family: metrics}; with out_dir, writes eval_{variant}.jsonl (one line per family) and
     eval_{variant}_samples.jsonl (every completion with its score) there, atomically."""
     import torch
-    from tqdm import tqdm
     info = sandbox_info()
     if log and not info["namespaces"]:
         log("sandbox: no network/pid/mount namespaces here (unshare failed): code runs with rlimits and "
