@@ -13,9 +13,9 @@ One GPU:
     python extend.py --from out/pretrain/phase3 --factor 16 --batch-size 1 --grad-accum 8
 Many GPUs (DDP for small models, FSDP2 above 2B parameters, as in pretrain.py):
     torchrun --nproc_per_node=8 extend.py --from out/pretrain/phase3 --factor 16 --batch-size 1
-Checkpoints, metrics and --resume are pretrain.py's (pretrain.train): out/extend/model_{step}.pt + meta_{step}.json,
-metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
-in every checkpoint and in save_pretrained's config.json, so later stages and transformers reproduce it.
+Checkpoints, metrics and --resume are pretrain.py's (pretrain.train): out/extend/step_{step}/ (DCP, any world size
+reads it), metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type
+"yarn") travels in every checkpoint and in save_pretrained's config.json, so later stages and transformers reproduce it.
 
 Contents, top to bottom:
   extend_config              YaRN config surgery on the full-attention layers; composes with an earlier extension
@@ -391,7 +391,7 @@ def main(argv=None):
     log = print if ctx.master else (lambda *a, **k: None)
 
     # --- the base and its extended config; refuse what cannot work before the long context is allocated
-    base, base_meta = M.load_checkpoint(args.base)
+    base, base_meta = pretrain.load_checkpoint(args.base)
     try:
         config = extend_config(base.config, args.factor)
     except ValueError as e:
@@ -437,9 +437,9 @@ def main(argv=None):
 
     # --- (c) extension training, with pretrain.py's loop
     if args.eval_only:
-        step = M.latest_step(args.out_dir)
+        step = pretrain.latest_step(args.out_dir)
         if step is not None:
-            model, meta = M.load_checkpoint(args.out_dir, step, device=ctx.device)
+            model, meta = pretrain.load_checkpoint(args.out_dir, step, device=ctx.device)
             if model.config.to_hf() != config.to_hf():
                 raise SystemExit(f"{args.out_dir} holds a model extended from another base or factor than "
                                  f"--from {args.base} --factor {args.factor:g}")
@@ -462,7 +462,8 @@ def main(argv=None):
             f"world {ctx.world_size} ({parallel})")
         schedule = lambda s: pretrain.whd_schedule(s, args.steps, warmup, args.steps - warmup)  # noqa: E731
         result = pretrain.train(
-            ctx, model, loader, lambda m: pretrain.evaluate(m, val, ctx), out_dir=args.out_dir, stage="extend",
+            ctx, pretrain.wrap_model(ctx, model, parallel), loader, lambda m: pretrain.evaluate(m, val, ctx),
+            out_dir=args.out_dir, stage="extend",
             steps=args.steps, lr=lr, schedule=schedule,
             mtp_weight=MTP_WEIGHT, grad_accum=args.grad_accum, eval_every=args.eval_every,
             ckpt_every=args.ckpt_every, meta=meta, resume=args.resume, optimizer=args.optimizer, parallel=parallel,

@@ -250,16 +250,6 @@ def test_transformers_loads_our_checkpoint_with_same_logits(tmp_path):
     assert diff <= 1e-4
 
 
-def test_training_checkpoint_round_trip(tmp_path):
-    m = _tiny_model(seed=2)
-    M.save_checkpoint(str(tmp_path), 7, m, {"stage": "test"}, optim_state={"x": 1})
-    m2, meta = M.load_checkpoint(str(tmp_path))
-    assert meta["step"] == 7 and meta["stage"] == "test"
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
-    assert M.load_optim_state(str(tmp_path), 7) == {"x": 1}
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        M.load_checkpoint(str(tmp_path / "empty"))
-
 # =============================================================================
 # kernels.py
 
@@ -1370,12 +1360,12 @@ def test_pretrain_loss_drops_and_phases_chain(tmp_path):
     ce = _losses(tmp_path, "run")
     assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.5, ce
     _pretrain(tmp_path, "run", "--phase", "2", "--steps", "2")  # phase 2 starts at phase 1's final step
-    assert M.latest_step(str(tmp_path / "run" / "phase2")) == 32
+    assert pretrain.latest_step(str(tmp_path / "run" / "phase2")) == 32
     with pytest.raises(SystemExit, match="ends at step"):  # phase 3 before phase 2 finished its plan
-        with open(tmp_path / "run" / "phase2" / "meta_000032.json") as f:
+        with open(tmp_path / "run" / "phase2" / "step_000032" / "meta.json") as f:
             meta = json.load(f)
         meta["phase_steps"]["2"] = 5
-        with open(tmp_path / "run" / "phase2" / "meta_000032.json", "w") as f:
+        with open(tmp_path / "run" / "phase2" / "step_000032" / "meta.json", "w") as f:
             json.dump(meta, f)
         _pretrain(tmp_path, "run", "--phase", "3")
 
@@ -1397,8 +1387,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert len(_losses(tmp_path, "cut")) == 3
     _pretrain(tmp_path, "cut", "--phase", "1", "--steps", "8", "--resume")
     assert _losses(tmp_path, "cut") == _losses(tmp_path, "full")  # bit-identical loss sequence
-    a, _ = M.load_checkpoint(str(tmp_path / "full" / "phase1"))
-    b, _ = M.load_checkpoint(str(tmp_path / "cut" / "phase1"))
+    a, _ = pretrain.load_checkpoint(str(tmp_path / "full" / "phase1"))
+    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut" / "phase1"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -1620,7 +1610,8 @@ def test_bad_input_errors(tmp_path):
         S.load_model(str(tmp_path))
     # the byte tokenizer has 256 + specials ids: more than the test preset's 256 embeddings
     model = M.Mellum(M.get_config("test")).init_weights(0)
-    M.save_checkpoint(str(tmp_path / "ckpt"), 0, model, {"tokenizer": _byte_tokenizer(str(tmp_path / "b.tiktoken"))})
+    tok = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 0, model, None, {"tokenizer": tok})
     with pytest.raises(ValueError, match="tokenizer .* does not belong to this checkpoint"):
         S.load_model(str(tmp_path / "ckpt"))
     pytest.importorskip("safetensors")
@@ -1640,7 +1631,7 @@ def test_command_line_streams_greedy_text_and_benchmarks(tmp_path):
     cfg = M.get_config("test", vocab_size=384, initializer_range=0.1)
     model = M.Mellum(cfg).init_weights(3).eval()
     tok_path = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
-    M.save_checkpoint(str(tmp_path / "ckpt"), 5, model, {"tokenizer": tok_path, "stage": "test"})
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 5, model, None, {"tokenizer": tok_path, "stage": "test"})
     import data
     tok = data.get_tokenizer(tok_path)
     prompt = "def f(x):"
@@ -1829,8 +1820,8 @@ def test_extended_checkpoint_round_trips(tmp_path):
         want = ext(idx)[0]
         assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # YaRN changes the full layer
     ext.save_pretrained(str(tmp_path / "hf"))
-    M.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, {"stage": "extend"})
-    for loaded in (M.Mellum.from_pretrained(str(tmp_path / "hf")), M.load_checkpoint(str(tmp_path / "ckpt"))[0]):
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, None, {"stage": "extend"})
+    for loaded in (M.Mellum.from_pretrained(str(tmp_path / "hf")), pretrain.load_checkpoint(str(tmp_path / "ckpt"))[0]):
         assert loaded.config.rope_parameters == ext.config.rope_parameters
         assert loaded.config.max_position_embeddings == 256
         with torch.no_grad():
