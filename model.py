@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -334,7 +333,8 @@ class MoE(nn.Module):
             raise ValueError(f"expert parallelism: num_experts={self.num_experts} is not divisible by the EP group "
                              f"size {ep}; choose --ep among the divisors of num_experts")
         E_local = self.num_experts // ep
-        self.experts = Experts(self.config, first=rank * E_local, count=E_local).to(self.gate.weight.device)
+        with torch.device(self.gate.weight.device):
+            self.experts = Experts(self.config, first=rank * E_local, count=E_local)
         self.ep_group = group
 
     def forward(self, x):
@@ -367,22 +367,38 @@ class MoE(nn.Module):
     def dispatch_ep(self, x_RD, count_E):
         """Expert parallelism (GShard, https://arxiv.org/abs/2006.16668): rows sorted by global expert are already
         grouped by the rank that owns the expert; all_to_all sends each block there, the local experts run as one
-        grouped GEMM, and a second all_to_all brings the results back in the original order. The collectives are
-        torch.distributed.nn.functional's, whose backward is the reverse all_to_all, so gradients reach the
-        sending rank's router and the receiving rank's experts. S = rows this rank receives."""
+        grouped GEMM, and a second all_to_all brings the results back in the original order. Each all_to_all's
+        backward is the reverse all_to_all (_AllToAll), so gradients reach the sending rank's router and the
+        receiving rank's experts. S = rows this rank receives."""
         ep, E_local = dist.get_world_size(self.ep_group), self.experts.gate_up_proj.size(0)
         count_PL = count_E.view(ep, E_local)  # P ranks x L local experts each
         recv_PL = torch.empty_like(count_PL)  # rows each rank sends to each of this rank's experts
         dist.all_to_all_single(recv_PL, count_PL, group=self.ep_group)
         send_splits, recv_splits = count_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
-        x_SD = dist_nn.all_to_all_single(x_RD.new_empty(sum(recv_splits), x_RD.size(1)), x_RD,
-                                         recv_splits, send_splits, group=self.ep_group)
+        x_SD = _AllToAll.apply(x_RD, recv_splits, send_splits, self.ep_group)
         # received rows are ordered (source rank, local expert): regroup them by local expert for the GEMM
         expert_S = torch.repeat_interleave(torch.arange(E_local, device=x_RD.device).repeat(ep), recv_PL.flatten())
         order_S = expert_S.argsort(stable=True)
         y_SD = self.experts(x_SD[order_S], recv_PL.sum(0).cumsum(0).to(torch.int32))[order_S.argsort()]
-        return dist_nn.all_to_all_single(y_SD.new_empty(x_RD.shape), y_SD, send_splits, recv_splits,
-                                         group=self.ep_group)
+        return _AllToAll.apply(y_SD, send_splits, recv_splits, self.ep_group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single on rows (out_splits rows arrive from each rank, in_splits leave to each), with the
+    reverse exchange as its backward: each row's gradient goes back to the rank the row came from. (Our own
+    Function: torch.distributed.nn.functional's is deprecated in torch 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 class DecoderLayer(nn.Module):

@@ -307,6 +307,8 @@ def wrap_model(ctx, model, parallel):
             if isinstance(layer.mlp, M.MoE) and layer.mlp.ep_group is not None:
                 fully_shard(layer.mlp.experts, mesh=ctx.mesh["dp"])
                 layer.mlp.experts.set_gradient_divide_factor(ctx.world_size)
+                # sum, then divide (gloo has no PREMUL_SUM); not with one dp rank, where torch 2.13 would divide twice
+                layer.mlp.experts.set_force_sum_reduction_for_comms(ctx.mesh["dp"].size() > 1)
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     if sharded_experts:
