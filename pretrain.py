@@ -162,18 +162,20 @@ def read_meta(ckpt_dir, step=None):
         return step, json.load(f)
 
 
-def _expert_views(state, ctx):
-    """The state with every expert tensor replaced by a DTensor of the whole layer's experts over the (ep, dp)
-    mesh: experts are split into ep slices (EP), each slice sharded by FSDP2 over dp, which is Shard(0) on the
-    ep-major mesh. The views share memory with the originals, so DCP reads and writes the real tensors, and a
-    checkpoint holds [E, ...] tensors whatever the EP size that wrote it."""
+def _expert_views(state, ctx, path=""):
+    """The state with every expert tensor (the parameters' and their optimizer state's: any entry under a key path
+    that names `.experts.`) replaced by a DTensor of the whole layer's experts over the (ep, dp) mesh: experts are
+    split into ep slices (EP), each slice sharded by FSDP2 over dp, which is Shard(0) on the ep-major mesh. The
+    views share memory with the originals, so DCP reads and writes the real tensors, and a checkpoint holds
+    [E, ...] tensors whatever the EP size that wrote it."""
     if ctx.ep == 1:
         return state
     out = {}
     for k, v in state.items():
+        key = f"{path}.{k}"
         if isinstance(v, dict):
-            out[k] = _expert_views(v, ctx)
-        elif isinstance(v, DTensor) and ".experts." in k:
+            out[k] = _expert_views(v, ctx, key)
+        elif isinstance(v, DTensor) and ".experts." in key:
             shape = (v.size(0) * ctx.ep, *v.shape[1:])
             out[k] = DTensor.from_local(v.to_local(), ctx.mesh_ep_major, [Shard(0), Shard(0)], run_check=False,
                                         shape=shape, stride=torch.empty(shape, device="meta").stride())

@@ -1541,9 +1541,10 @@ def _ep_worker(rank, world, port, tmp, ep):
     out["loss"] = loss.item()
     out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
     out["norm"] = pretrain.clip_grad_norm(model, 1e9).item()
-    MuonAdamW(param_groups(model, lr=_LR)).step()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt.step()
     out["stepped"] = {n: _full(p) for n, p in model.named_parameters()}
-    pretrain.save_checkpoint(f"{tmp}/ckpt", 1, model, None, {}, None, ctx)
+    pretrain.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
     torch.save(out, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -1560,7 +1561,8 @@ def test_expert_parallel_matches_one_process(tmp_path, world, ep):
     loss = _train_loss(model, *_global_batch(world, 0))
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-    MuonAdamW(param_groups(model, lr=_LR)).step()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt.step()
     E_local = M.get_config("test").num_experts // ep
     assert [r["first"] for r in results] == [(rank % ep) * E_local for rank in range(world)]
     # every rank's loss is the mean over its rows; equal row counts, so their mean is the global mean
@@ -1577,6 +1579,13 @@ def test_expert_parallel_matches_one_process(tmp_path, world, ep):
     loaded, _ = pretrain.load_checkpoint(str(tmp_path / "ckpt"))  # the EP slices put back together
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p, model.get_parameter(name).detach(), rtol=1e-4, atol=1e-5, msg=name)
+    resumed = M.Mellum(M.get_config("test")).init_weights(1)  # and the optimizer state too, in one process
+    resumed_opt = MuonAdamW(param_groups(resumed, lr=_LR))
+    pretrain.resume_checkpoint(str(tmp_path / "ckpt"), 1, resumed, resumed_opt)
+    for name, p in model.named_parameters():
+        for key, want in opt.state[p].items():
+            got = resumed_opt.state[resumed.get_parameter(name)][key]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
 
 
 # =============================================================================
