@@ -538,13 +538,14 @@ class Mellum(nn.Module):
         for mod_name, mod in self.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
+                full = torch.empty(p.shape)  # the one temporary: this parameter (this rank's experts), whole
                 if p.dim() == 1:
-                    full = torch.ones(p.shape)
+                    full.fill_(1.0)
                 elif isinstance(mod, Experts):
-                    full = torch.stack([torch.randn(p.shape[1:], generator=_generator(seed, name, mod.first + e))
-                                        for e in range(p.size(0))]) * std
+                    for e in range(p.size(0)):
+                        full[e].normal_(0, std, generator=_generator(seed, name, mod.first + e))
                 else:
-                    full = torch.randn(p.shape, generator=_generator(seed, name)) * std
+                    full.normal_(0, std, generator=_generator(seed, name))
                 if isinstance(p, DTensor):  # keep this rank's shard: slicing only, no communication
                     full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
                     p.to_local().copy_(full.to_local())
