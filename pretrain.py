@@ -65,7 +65,7 @@ class Compute:
     world_size: int = 1
     ddp: bool = False
     ep: int = 1  # expert-parallel group size: each layer's experts are split over `ep` consecutive ranks
-    mesh: DeviceMesh = None  # (dp, ep) when world > 1; rank = dp_index * ep + ep_index
+    mesh: DeviceMesh = None  # (dp, ep) when ep > 1; rank = dp_index * ep + ep_index
     mesh_ep_major: DeviceMesh = None  # the same ranks as (ep, dp): how checkpoints see the expert slices
 
     @property
@@ -97,6 +97,8 @@ def compute_init(device=None, ep=1):
 def _meshes(device, world, ep):
     if ep < 1 or world % ep:
         raise SystemExit(f"--ep {ep} must divide the number of processes ({world})")
+    if ep == 1:
+        return {}
     ranks = torch.arange(world).view(world // ep, ep)  # EP groups are consecutive ranks: one node's GPUs
     return dict(ep=ep, mesh=init_device_mesh(device.type, tuple(ranks.shape), mesh_dim_names=("dp", "ep")),
                 mesh_ep_major=DeviceMesh(device.type, ranks.T, mesh_dim_names=("ep", "dp")))

@@ -1440,6 +1440,13 @@ def test_checkpoint_round_trip_one_process(tmp_path):
         pretrain.resume_checkpoint(ckpt, None, M.Mellum(M.get_config("test", num_experts=4)), None)
 
 
+def test_expert_parallel_flag_errors():
+    with pytest.raises(SystemExit, match="--ep 2 needs 2 or a multiple of 2 processes"):
+        pretrain.compute_init("cpu", ep=2)  # one process holds all experts
+    with pytest.raises(SystemExit, match="--ep 3 must divide the number of processes"):
+        pretrain._meshes(torch.device("cpu"), 4, 3)
+
+
 _PROBE = torch.arange(24).view(2, 12) % 256
 
 
