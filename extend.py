@@ -14,8 +14,8 @@ One GPU:
 Many GPUs (DDP for small models, FSDP2 above 2B parameters, as in pretrain.py); a mellum2-12b base gets the
 report's settings by default (factor 16 from 8,192, 3,500 iterations, peak LR 3e-5, 500 decay iterations):
     torchrun --nnodes=32 --nproc_per_node=8 ... extend.py --from out/pretrain/phase3
-Checkpoints, metrics and --resume use pretrain.py's shared functions: out/extend/model_{step}.pt + meta_{step}.json,
-metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
+Checkpoints, metrics and --resume use pretrain.py's shared functions: out/extend/step_{step}/ (DCP: any
+world size reads it), metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
 in every checkpoint and in save_pretrained's config.json, so later stages and transformers reproduce it.
 
 Contents, top to bottom:
@@ -507,9 +507,11 @@ def main(argv=None):
     if args.resume and pretrain.latest_step(args.out_dir) is not None:
         step = pretrain.latest_step(args.out_dir)
         rank_state = pretrain.resume_checkpoint(args.out_dir, step, raw, opt, ctx)
-        loader.load_state_dict(rank_state["loader"])
-        pretrain.set_rng_state(rank_state["rng"])
-        log(f"resumed {args.out_dir} at step {step}")
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+            pretrain.set_rng_state(rank_state["rng"])
+        log(f"resumed {args.out_dir} at step {step}" + ("" if rank_state is not None else
+            " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
     meta = dict(stage="extend", tokenizer=tok.name, extended_from=os.path.abspath(args.base),
                 factor=yarn["factor"], args=vars(args))
     metrics = os.path.join(args.out_dir, "metrics.jsonl")

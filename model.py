@@ -6,7 +6,8 @@ Contents, top to bottom:
   RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on both types, YaRN on full layers only
   dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention)
   Attention               GQA, QK-norm before RoPE, causal or sliding-window
-  MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM
+  MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM;
+                          expert parallelism (all_to_all dispatch) when shard_experts() gave it a process group
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
   KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions; rows may be
@@ -28,9 +29,14 @@ Footguns:
   rank must run the same forwards. Without it, each forward uses its own local counts.
 - The MTP head sees the *normalised* final hidden state at t and the embedding of token t+1, and predicts t+2.
 - `torch._grouped_mm` wants int32 cumulative *end* offsets, one per expert; empty experts are fine.
+- Under expert parallelism a layer's `experts` holds only this rank's slice (`experts.first` onward): its
+  state_dict() is not the whole layer. pretrain.py's checkpoints put the slices back together.
+- init_weights() draws every matrix (every expert) from its own seeded generator: same seed, same weights,
+  whatever the sharding, but not the values of a single global stream.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -43,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import kernels
 
@@ -303,14 +310,17 @@ class MLP(nn.Module):  # dense SwiGLU
 # Shape suffixes in the MoE: T tokens, D hidden, E experts, K top-k, F expert hidden, R = T*K routed rows.
 
 class Experts(nn.Module):
-    """E SwiGLU experts as 3-D tensors: gate_up [E, 2F, D] (gate rows first), down [E, D, F]."""
+    """Experts first .. first+count-1 of a layer's E SwiGLU experts as 3-D tensors: gate_up [count, 2F, D] (gate
+    rows first), down [count, D, F]. One process holds all E (first=0); expert parallelism a slice per rank."""
     fp8 = False
 
-    def __init__(self, config):
+    def __init__(self, config, first=0, count=None):
         super().__init__()
-        E, D, Fe = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fe, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, Fe))
+        count = config.num_experts if count is None else count
+        D, Fe = config.hidden_size, config.moe_intermediate_size
+        self.first = first  # global index of expert 0 here: init_weights draws each expert from its own seed
+        self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * Fe, D))
+        self.down_proj = nn.Parameter(torch.empty(count, D, Fe))
 
     def forward(self, x_RD, offs_E):
         gate_RF, up_RF = grouped_linear(x_RD, self.gate_up_proj, offs_E, self.fp8).chunk(2, dim=-1)
@@ -320,6 +330,7 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.top_k, self.num_experts = config.num_experts_per_tok, config.num_experts
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router, kept in high precision
         self.experts = Experts(config)
@@ -327,6 +338,19 @@ class MoE(nn.Module):
         self.count_E = self.probs_E = self.z = None
         self.step_count_E = None  # counts summed over the step's micro-batches and ranks (after a reset)
         self.load = None  # the counts the balancing loss used (E,), for logging
+        self.ep_group = None  # expert parallelism: the process group whose ranks hold a slice of experts each
+
+    def shard_experts(self, group):
+        """Keep only this rank's E / ep experts (expert parallelism over `group`); call on the meta device,
+        before materialising. Tokens then travel to their experts' rank and back (dispatch_ep)."""
+        ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % ep:
+            raise ValueError(f"expert parallelism: num_experts={self.num_experts} is not divisible by the EP group "
+                             f"size {ep}; choose --ep among the divisors of num_experts")
+        E_local = self.num_experts // ep
+        with torch.device(self.gate.weight.device):
+            self.experts = Experts(self.config, first=rank * E_local, count=E_local)
+        self.ep_group = group
 
     def forward(self, x):
         B, T, D = x.shape
@@ -342,8 +366,10 @@ class MoE(nn.Module):
         order_R = expert_R.argsort(stable=True)
         token_R = order_R // self.top_k
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
-        offs_E = count_E.cumsum(0).to(torch.int32)
-        y_RD = self.experts(x_TD[token_R], offs_E)
+        if self.ep_group is None:
+            y_RD = self.experts(x_TD[token_R], count_E.cumsum(0).to(torch.int32))
+        else:
+            y_RD = self.dispatch_ep(x_TD[token_R], count_E)
         y_RD = y_RD * topw_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         out_TD = torch.zeros_like(x_TD, dtype=y_RD.dtype).index_add_(0, token_R, y_RD)
 
@@ -354,6 +380,42 @@ class MoE(nn.Module):
         self.count_E, self.probs_E = count_E, probs_TE.mean(dim=0)
         self.z = torch.logsumexp(logits_TE, dim=-1).square().mean()
         return out_TD.view(B, T, D).to(x.dtype)
+
+    def dispatch_ep(self, x_RD, count_E):
+        """Expert parallelism (GShard, https://arxiv.org/abs/2006.16668): rows sorted by global expert are already
+        grouped by the rank that owns the expert; all_to_all sends each block there, the local experts run as one
+        grouped GEMM, and a second all_to_all brings the results back in the original order. Each all_to_all's
+        backward is the reverse all_to_all (_AllToAll), so gradients reach the sending rank's router and the
+        receiving rank's experts. S = rows this rank receives."""
+        ep, E_local = dist.get_world_size(self.ep_group), self.experts.gate_up_proj.size(0)
+        count_PL = count_E.view(ep, E_local)  # P ranks x L local experts each
+        recv_PL = torch.empty_like(count_PL)  # rows each rank sends to each of this rank's experts
+        dist.all_to_all_single(recv_PL, count_PL, group=self.ep_group)
+        send_splits, recv_splits = count_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        x_SD = _AllToAll.apply(x_RD, recv_splits, send_splits, self.ep_group)
+        # received rows are ordered (source rank, local expert): regroup them by local expert for the GEMM
+        expert_S = torch.repeat_interleave(torch.arange(E_local, device=x_RD.device).repeat(ep), recv_PL.flatten())
+        order_S = expert_S.argsort(stable=True)
+        y_SD = self.experts(x_SD[order_S], recv_PL.sum(0).cumsum(0).to(torch.int32))[order_S.argsort()]
+        return _AllToAll.apply(y_SD, send_splits, recv_splits, self.ep_group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single on rows (out_splits rows arrive from each rank, in_splits leave to each), with the
+    reverse exchange as its backward: each row's gradient goes back to the rank the row came from. (Our own
+    Function: torch.distributed.nn.functional's is deprecated in torch 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 class DecoderLayer(nn.Module):
@@ -481,6 +543,12 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
+def _generator(*key):
+    """A CPU generator seeded by a stable hash of `key` (Python's hash() of a str changes between processes)."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 class Mellum(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -491,13 +559,31 @@ class Mellum(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed=None):
-        """Normal(0, initializer_range) for every matrix, ones for norms (as the reference implementation)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for p in self.parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
+        """Normal(0, initializer_range) for every matrix, ones for norms (as the reference implementation).
+        Our choice of random streams: every matrix, and every expert of a 3-D stack, draws from its own generator
+        seeded by (seed, name[, global expert index]). So a rank that holds an FSDP2 shard or an EP slice of
+        experts (pretrain.build_model materialises it from the meta device) computes exactly the values the
+        one-process model has there, generating at most one matrix (one rank's experts) at a time.
+        seed=None draws the seed from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        std = self.config.initializer_range
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                full = torch.empty(p.shape)  # the one temporary: this parameter (this rank's experts), whole
+                if p.dim() == 1:
+                    full.fill_(1.0)
+                elif isinstance(mod, Experts):
+                    for e in range(p.size(0)):
+                        full[e].normal_(0, std, generator=_generator(seed, name, mod.first + e))
+                else:
+                    full.normal_(0, std, generator=_generator(seed, name))
+                if isinstance(p, DTensor):  # keep this rank's shard: slicing only, no communication
+                    full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                    p.to_local().copy_(full.to_local())
+                else:
+                    p.copy_(full)
         return self
 
     def moe_layers(self):
@@ -728,64 +814,6 @@ def fuse_experts(state, source):
         out[f"{prefix}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
         out[f"{prefix}.down_proj"] = stack["down_proj"]
     return out
-
-
-# -----------------------------------------------------------------------------
-# Training checkpoints: <dir>/model_{step}.pt + meta_{step}.json (+ optim_{step}_rank{r}.pt per rank).
-# Each file is written to a temp name and renamed; meta is written last, so a step counts only once complete.
-
-def _atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(ckpt_dir, step, model, meta, optim_state=None, rank=0):
-    """meta: JSON-able dict (stage, tokenizer, loader state, ...); the model config is added to it."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    if optim_state is not None:
-        _atomic_save(optim_state, os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"))
-    if rank == 0:
-        _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     os.path.join(ckpt_dir, f"model_{step:06d}.pt"))
-        _atomic_save({**meta, "step": step, "config": model.config.to_hf()},
-                     os.path.join(ckpt_dir, f"meta_{step:06d}.json"))
-
-
-def latest_step(ckpt_dir):
-    steps = [int(f[5:11]) for f in os.listdir(ckpt_dir) if f.startswith("meta_") and f.endswith(".json")] \
-        if os.path.isdir(ckpt_dir) else []
-    return max(steps) if steps else None
-
-
-def load_checkpoint(path, step=None, device="cpu"):
-    """(model, meta) from a training checkpoint directory (latest step unless given) or a Hugging Face-format
-    directory (config.json + safetensors; meta is then {})."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return Mellum.from_pretrained(path, device=device), {}
-    step = latest_step(path) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint here (expected meta_*.json + model_*.pt from a "
-                                "training stage, or a Hugging Face config.json + *.safetensors)")
-    with open(os.path.join(path, f"meta_{step:06d}.json")) as f:
-        meta = json.load(f)
-    config = Config.from_hf(meta["config"], source=f"{path}/meta_{step:06d}.json")
-    model = Mellum(config)
-    state = torch.load(os.path.join(path, f"model_{step:06d}.pt"), map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device), meta
-
-
-def load_optim_state(path, step, rank=0):
-    f = os.path.join(path, f"optim_{step:06d}_rank{rank}.pt")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f} missing: resume needs the optimizer state of every rank "
-                                "(was the run started with another number of processes?)")
-    return torch.load(f, map_location="cpu", weights_only=False)
 
 
 # -----------------------------------------------------------------------------

@@ -39,11 +39,12 @@ Footguns:
 - Non-finite gradients raise FloatingPointError (naming the parameter) before anything is updated, on every rank
   at once; the caller may skip the batch (zero_grad) and go on. Checking costs one device sync per step.
 - A zero gradient matrix gives a zero Muon update (Newton-Schulz of 0 is 0): only weight decay moves the weights.
-- Optimizer state is per rank under FSDP2: save every rank's state_dict() and resume with the same world size
-  (load_state_dict() refuses shards of the wrong shape). DDP state is identical on every rank.
+- Optimizer state tensors are DTensors like their parameters under FSDP2, so torch.distributed.checkpoint saves
+  and reshards them (pretrain.save_checkpoint / resume_checkpoint); load_state_dict() refuses state whose shape
+  or type differs from its parameter's. DDP state is identical on every rank.
 - FSDP2 gathers U once for Newton-Schulz and the updates once more for the all_gather: twice the traffic of one
-  all-gather, traded for not repeating Newton-Schulz on every rank. Only data parallelism over the default
-  process group is supported (no tensor or expert parallelism).
+  all-gather, traded for not repeating Newton-Schulz on every rank. Expert parallelism: expert stacks are dealt
+  out among the ranks holding the same experts (their FSDP2 mesh), not among all ranks. No tensor parallelism.
 - Muon groups must hold 2-D matrices or 3-D stacks [E, out, in]; anything else is rejected at construction.
 """
 import argparse
@@ -135,9 +136,9 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _rank_world():
+def _rank_world(group=None):
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -197,8 +198,18 @@ class MuonAdamW(torch.optim.Optimizer):
                                      "Skip this batch (optimizer.zero_grad()) or lower the learning rate.")
 
     def _muon_step(self, work):
-        """Steps 1-5 for every (parameter, group) pair of all Muon groups."""
-        rank, world = _rank_world()
+        """Steps 1-5 for every (parameter, group) pair of all Muon groups. The work is dealt out among the ranks
+        that hold the same full matrix: all ranks for replicated (DDP) and FSDP2-sharded parameters, but only
+        the data-parallel ranks for expert-parallel experts (each EP rank holds other experts under the same
+        name). A DTensor's mesh is exactly that set of ranks; a plain tensor is replicated on every rank."""
+        by_group = {}
+        for p, group in work:  # same parameter order on every rank, so the same order of groups
+            by_group.setdefault(p.device_mesh.get_group() if isinstance(p, DTensor) else None, []).append((p, group))
+        for pg, items in by_group.items():
+            self._muon_round_robin(items, pg)
+
+    def _muon_round_robin(self, work, pg):
+        rank, world = _rank_world(pg)
         # Largest first, then dealt out in rounds of `world`: each round's matrices have similar sizes, so the
         # ranks' work is balanced and the all_gather pads little. sort() is stable, so every rank agrees.
         work.sort(key=lambda pg: -pg[0].numel())
@@ -210,7 +221,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 if i == rank:
                     mine = newton_schulz(self._as_matrices(U, group["split"]), group["ns_steps"])
             params = [p for p, _ in chunk]
-            for (p, group), O in zip(chunk, self._all_gather(mine, params, world)):
+            for (p, group), O in zip(chunk, self._all_gather(mine, params, world, pg)):
                 rows, cols = p.shape[-2] // group["split"], p.shape[-1]
                 if isinstance(p, DTensor):  # keep this rank's shard; every rank holds O, so no communication
                     O = distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None).to_local()
@@ -222,9 +233,9 @@ class MuonAdamW(torch.optim.Optimizer):
         """Steps 1-2 on this rank's (shard of the) gradient; returns the full U."""
         g = _local(p.grad)
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
+        if "momentum_buffer" not in state:  # a DTensor like its parameter, so DCP saves and reshards it
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = _local(state["momentum_buffer"])
         buf.mul_(group["momentum"]).add_(g)
         U = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         if isinstance(p, DTensor):
@@ -238,7 +249,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return U.unflatten(-2, (split, U.size(-2) // split))
 
     @staticmethod
-    def _all_gather(mine, params, world):
+    def _all_gather(mine, params, world, pg):
         """Every rank's orthogonalised matrix of this round, each reshaped to its parameter's full shape."""
         if world == 1:
             return [mine.reshape(params[0].shape)]
@@ -248,7 +259,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if mine is not None:  # ranks past the end of a short last round send padding
             send[:mine.numel()] = mine.flatten()
         recv = [torch.empty_like(send) for _ in range(world)]
-        dist.all_gather(recv, send)
+        dist.all_gather(recv, send, group=pg)
         return [r[:p.numel()].view(p.shape) for r, p in zip(recv, params)]
 
     def _adamw_step(self, group):
@@ -261,10 +272,10 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(g)
-                state["exp_avg_sq"] = torch.zeros_like(g)
+                state["exp_avg"] = torch.zeros_like(p.grad)
+                state["exp_avg_sq"] = torch.zeros_like(p.grad)
             state["step"] += 1
-            m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            m, v, t = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"]
             w.mul_(1 - lr * group["weight_decay"])
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -276,11 +287,12 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, p in zip(self._names(group), group["params"]):
                 for key, value in self.state[p].items():
-                    if torch.is_tensor(value) and value.shape != _local(p).shape:
-                        raise ValueError(f"MuonAdamW.load_state_dict: {key} of {name} has shape "
-                                         f"{tuple(value.shape)}, this rank's parameter {tuple(_local(p).shape)}: "
-                                         "the state was saved with another sharding; resume with the same "
-                                         "number of ranks.")
+                    if torch.is_tensor(value) and (value.shape != p.shape
+                                                   or isinstance(value, DTensor) != isinstance(p, DTensor)):
+                        raise ValueError(f"MuonAdamW.load_state_dict: {key} of {name} is a {type(value).__name__} "
+                                         f"of shape {tuple(value.shape)}, the parameter a {type(p).__name__} of "
+                                         f"{tuple(p.shape)}: the state was saved with another sharding or model; "
+                                         "load sharded state with pretrain.resume_checkpoint (DCP reshards it).")
 
 
 # -----------------------------------------------------------------------------

@@ -9,17 +9,21 @@ CPU, the default `tiny` preset on the embedded corpus (built and cached under da
     python pretrain.py --phase 3        # the decay phase: the learning rate reaches zero at its last step
 One GPU (bf16 autocast; --fp8 for FP8 GEMMs on Hopper/Ada):
     python pretrain.py --preset mellum2-1b --phase 1
-Many GPUs / nodes (DDP for small presets, FSDP2 for large ones, chosen by --parallel auto):
+Many GPUs / nodes (DDP for small presets, FSDP2 for large ones, chosen by --parallel auto; --ep 8: expert
+parallelism over each node's 8 GPUs, FSDP2 over the rest, the report's layout):
     torchrun --nproc_per_node=8 pretrain.py --preset mellum2-1b --phase 1
     torchrun --nnodes=32 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HOST:29500 \
-        pretrain.py --preset mellum2-12b --phase 1
+        pretrain.py --preset mellum2-12b --phase 1 --ep 8
 Plan only (the report's recipe): python pretrain.py --preset mellum2-12b --phase 1 --dry-run --world-size 256
+Share: python pretrain.py --export-hf out/pretrain/phase3 out/hf/base     (one Hugging Face-format directory)
 
 Each preset carries a recipe (RECIPES): micro-batch, a global batch that ramps linearly in whole rounds of
 micro-batches (the loader is simply called more times per step), peak LR, warmup and decay, token budgets.
-Checkpoints: out/pretrain/phase{N}/model_{step}.pt + meta_{step}.json + optim_{step}_rank{r}.pt, written
-atomically every --ckpt-every steps and at the end of the phase; --resume continues exactly (model, optimizer,
-loader position, RNG). Steps are counted globally across the three phases, so the schedule is one curve.
+Checkpoints: out/pretrain/phase{N}/step_{step}/ (a torch.distributed.checkpoint of model + optimizer, every rank's
+loader/RNG state, meta.json), written atomically every --ckpt-every steps and at the end of the phase; --resume
+continues exactly (model, optimizer, loader position, RNG) at the same world size, and at another one with the
+weights and optimizer resharded. Any later stage loads it in one process or many. Steps are counted globally
+across the three phases, so the schedule is one curve.
 Metrics: out/pretrain/phase{N}/metrics.jsonl, one JSON object per step and per evaluation.
 
 Shared with the later stages (extend.py, sft.py, rlvr.py import them; each stage writes its own loop):
@@ -42,12 +46,21 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 from tqdm import tqdm
 
 import data
@@ -55,6 +68,8 @@ import kernels
 import model as M
 import muon
 
+# DCP warns on every single-process save/load (sample.py, one-process training) that it assumes one process: it does.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # -----------------------------------------------------------------------------
 # Compute: one CPU process, one GPU, or torchrun's N processes
@@ -66,6 +81,9 @@ class Compute:
     local_rank: int = 0
     world_size: int = 1
     ddp: bool = False
+    ep: int = 1  # expert-parallel group size: each layer's experts are split over `ep` consecutive ranks
+    mesh: DeviceMesh = None  # (dp, ep) when ep > 1; rank = dp_index * ep + ep_index
+    mesh_ep_major: DeviceMesh = None  # the same ranks as (ep, dp): how checkpoints see the expert slices
 
     @property
     def master(self):
@@ -77,7 +95,7 @@ class Compute:
         return contextlib.nullcontext()
 
 
-def compute_init(device=None):
+def compute_init(device=None, ep=1):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -85,9 +103,22 @@ def compute_init(device=None):
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
         dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-        return Compute(dev, rank, local, world, ddp=world > 1)
+        return Compute(dev, rank, local, world, ddp=world > 1, **_meshes(dev, world, ep))
+    if ep != 1:
+        raise SystemExit(f"--ep {ep} needs {ep} or a multiple of {ep} processes (torchrun); one process holds all "
+                         "experts, leave --ep at 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Compute(dev)
+
+
+def _meshes(device, world, ep):
+    if ep < 1 or world % ep:
+        raise SystemExit(f"--ep {ep} must divide the number of processes ({world})")
+    if ep == 1:
+        return {}
+    ranks = torch.arange(world).view(world // ep, ep)  # EP groups are consecutive ranks: one node's GPUs
+    return dict(ep=ep, mesh=init_device_mesh(device.type, tuple(ranks.shape), mesh_dim_names=("dp", "ep")),
+                mesh_ep_major=DeviceMesh(device.type, ranks.T, mesh_dim_names=("ep", "dp")))
 
 
 def compute_cleanup(ctx):
@@ -107,17 +138,193 @@ def peak_flops(device):
     return None
 
 
+# -----------------------------------------------------------------------------
+# Training checkpoints: <dir>/step_{N:06d}/ holds the model and optimizer state as a torch.distributed.checkpoint
+# (DCP) directory (*.distcp + .metadata: each rank writes its own shards, any number of ranks reads them back,
+# resharding as needed), rank_{r}.pt (rank r's loader position and RNG state) and meta.json (stage, tokenizer,
+# config, world size, ...). All ranks write into step_{N}.tmp; rank 0 adds meta.json last and renames the
+# directory, so a step_{N} directory exists only once it is complete.
+
+def _step_dir(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step_{step:06d}")
+
+
+def latest_step(ckpt_dir):
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    steps = [int(n[5:]) for n in names if re.fullmatch(r"step_\d+", n)
+             and os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
+    return max(steps, default=None)
+
+
+def read_meta(ckpt_dir, step=None):
+    """(step, meta dict) of a checkpoint directory's given or latest step."""
+    step = latest_step(ckpt_dir) if step is None else step
+    path = os.path.join(_step_dir(ckpt_dir, step), "meta.json") if step is not None else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint{'' if step is None else f' for step {step}'} here "
+                                "(expected step_NNNNNN/meta.json from a training stage, or a Hugging Face "
+                                "config.json + *.safetensors)")
+    with open(path) as f:
+        return step, json.load(f)
+
+
+def _expert_views(state, ctx, path=""):
+    """The state with every expert tensor (the parameters' and their optimizer state's: any entry under a key path
+    that names `.experts.`) replaced by a DTensor of the whole layer's experts over the (ep, dp) mesh: experts are
+    split into ep slices (EP), each slice sharded by FSDP2 over dp, which is Shard(0) on the ep-major mesh. The
+    views share memory with the originals, so DCP reads and writes the real tensors, and a checkpoint holds
+    [E, ...] tensors whatever the EP size that wrote it."""
+    if ctx.ep == 1:
+        return state
+    out = {}
+    for k, v in state.items():
+        key = f"{path}.{k}"
+        if isinstance(v, dict):
+            out[k] = _expert_views(v, ctx, key)
+        elif isinstance(v, DTensor) and ".experts." in key:
+            shape = (v.size(0) * ctx.ep, *v.shape[1:])
+            out[k] = DTensor.from_local(v.to_local(), ctx.mesh_ep_major, [Shard(0), Shard(0)], run_check=False,
+                                        shape=shape, stride=torch.empty(shape, device="meta").stride())
+        else:
+            out[k] = v
+    return out
+
+
+def save_checkpoint(ckpt_dir, step, model, optimizer, meta, rank_state=None, ctx=None):
+    """Collective under torchrun: every rank calls it. model: raw, DDP- or FSDP2-wrapped (+ EP); optimizer:
+    muon.MuonAdamW or None; meta: JSON dict (stage, tokenizer, ...) to which step, config and world size are
+    added; rank_state: this rank's picklable dict (loader state, RNG), or None."""
+    ctx = ctx or Compute(torch.device("cpu"))
+    final, tmp = _step_dir(ckpt_dir, step), _step_dir(ckpt_dir, step) + ".tmp"
+    if ctx.master:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+        os.makedirs(tmp)
+    if ctx.ddp:
+        dist.barrier()
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(_expert_views(state, ctx), checkpoint_id=tmp, no_dist=not ctx.ddp)
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(tmp, f"rank_{ctx.rank}.pt"))
+    if ctx.ddp:
+        dist.barrier()
+    if ctx.master:
+        meta = {**meta, "step": step, "world_size": ctx.world_size, "config": unwrap(model).config.to_hf()}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run's last step)
+        os.replace(tmp, final)
+    if ctx.ddp:
+        dist.barrier()
+
+
+def resume_checkpoint(ckpt_dir, step, model, optimizer, ctx=None):
+    """Load step `step` of ckpt_dir into model (and optimizer, unless None) in place, whatever the world size,
+    sharding or EP size that wrote it (DCP reshards). Returns this rank's saved rank_state, or None when the
+    checkpoint was written by another world size (the caller re-derives the loader position from meta)."""
+    ctx = ctx or Compute(torch.device("cpu"))
+    step, meta = read_meta(ckpt_dir, step)
+    if meta["config"] != unwrap(model).config.to_hf():
+        raise ValueError(f"{ckpt_dir} step {step}: the checkpoint's config differs from this run's model; use the "
+                         "same --preset / flags as the run that wrote it, or another --out-dir")
+    path = _step_dir(ckpt_dir, step)
+    state = get_model_state_dict(model)
+    dcp.load(_expert_views({"model": state}, ctx), checkpoint_id=path, no_dist=not ctx.ddp)
+    set_model_state_dict(model, state)
+    if optimizer is not None:
+        # DCP first gives every parameter optimizer state (a zero-lr step on zero gradients); a parameter that
+        # had no gradient before the save (the MTP block, if no step ever ran it) has none in the checkpoint and
+        # keeps those zeros: a partial load.
+        state = get_optimizer_state_dict(model, optimizer)
+        dcp.load(_expert_views({"optim": state}, ctx), checkpoint_id=path, no_dist=not ctx.ddp,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_optimizer_state_dict(model, optimizer, state)
+    path = os.path.join(path, f"rank_{ctx.rank}.pt")
+    if meta["world_size"] != ctx.world_size or not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(path, step=None, device="cpu"):
+    """(model, meta) in this process alone, from a training checkpoint directory (latest step unless given)
+    written by any number of ranks, or from a Hugging Face-format directory (config.json + safetensors; meta {})."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return M.Mellum.from_pretrained(path, device=device), {}
+    step, meta = read_meta(path, step)
+    config = M.Config.from_hf(meta["config"], source=os.path.join(_step_dir(path, step), "meta.json"))
+    with torch.device("meta"):
+        model = M.Mellum(config)
+    model.to_empty(device=device)
+    dcp.load({"model": model.state_dict()}, checkpoint_id=_step_dir(path, step), no_dist=True)  # in place
+    return model, meta
+
+
+def export_hf(ckpt_dir, out_dir, step=None):
+    """The checkpoint as one consolidated Hugging Face-format directory (config.json + *.safetensors), for
+    sharing: `python pretrain.py --export-hf out/pretrain/phase3 out/hf/base`."""
+    model, meta = load_checkpoint(ckpt_dir, step)
+    model.save_pretrained(out_dir)
+    print(f"exported {ckpt_dir} step {meta.get('step')} to {out_dir} (Hugging Face format)")
+
+
+# -----------------------------------------------------------------------------
+# Model construction: meta device -> expert slice -> FSDP2 shards -> materialise -> init
+
 def wrap_model(ctx, model, parallel):
-    """DDP (replicated weights, all-reduced grads) or FSDP2 (every decoder layer sharded) when world > 1."""
+    """DDP (replicated weights, all-reduced grads) or FSDP2 (every decoder layer sharded over all ranks) when
+    world > 1. With expert parallelism, each MoE layer's experts (already a different slice on every rank of an EP
+    group) are sharded by FSDP2 only over mesh["dp"], the ranks that hold the same slice. Their gradients are
+    divided by the world size, not by dp: the all_to_all backward already summed, on the expert's rank, the
+    gradients of all `ep` ranks that routed tokens to it, so the dp-sum holds every rank's term once, as the
+    all-rank average of the other parameters does."""
     if not ctx.ddp:
         return model
+    sharded_experts = any(m.ep_group is not None for m in model.moe_layers())
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         for layer in list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else []):
-            fully_shard(layer)
-        return fully_shard(model)
+            if isinstance(layer.mlp, M.MoE) and layer.mlp.ep_group is not None:
+                fully_shard(layer.mlp.experts, mesh=ctx.mesh["dp"])
+                layer.mlp.experts.set_gradient_divide_factor(ctx.world_size)
+                # sum, then divide (gloo has no PREMUL_SUM); not with one dp rank, where torch 2.13 would divide twice
+                layer.mlp.experts.set_force_sum_reduction_for_comms(ctx.mesh["dp"].size() > 1)
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if sharded_experts:
+        raise ValueError("expert parallelism needs --parallel fsdp: DDP would average the different experts of "
+                         "the EP ranks as if they were replicas")
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The Mellum inside a DDP or torch.compile wrapper (FSDP2 shards in place: the model is its own raw)."""
+    while not isinstance(model, M.Mellum):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def build_model(config, ctx, parallel, seed):
+    """(model to train, raw Mellum). The model is built on the meta device (no memory), its experts cut to this
+    rank's slice (ctx.ep > 1), sharded by FSDP2, and only then materialised and initialised: each rank allocates
+    and fills its shard, never the whole model. Mellum.init_weights draws each matrix from its own seed, so the
+    weights are those of Mellum(config).init_weights(seed) in one process. DDP wraps after materialising (it
+    replicates the whole model anyway)."""
+    if ctx.ep > 1 and parallel != "fsdp":
+        raise SystemExit(f"--ep {ctx.ep} needs --parallel fsdp (DDP cannot keep different experts per rank)")
+    with torch.device("meta"):
+        raw = M.Mellum(config)
+    if ctx.ep > 1:
+        for moe in raw.moe_layers():
+            moe.shard_experts(ctx.mesh["ep"].get_group())
+    model = wrap_model(ctx, raw, parallel) if parallel == "fsdp" else raw
+    raw.to_empty(device=ctx.device)
+    raw.init_weights(seed)
+    if parallel != "fsdp":
+        model = wrap_model(ctx, raw, parallel)
+    return model, raw
 
 
 # -----------------------------------------------------------------------------
@@ -204,38 +411,7 @@ def human(n):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: <dir>/model_{step}.pt + meta_{step}.json + optim_{step}_rank{r}.pt (rank_state rides with the
-# optimizer shard). Thin wrappers over model.py's functions; the loops use only these names.
-
-def save_checkpoint(ckpt_dir, step, model, optimizer, meta, rank_state, ctx):
-    """model: the unwrapped model. meta: JSON dict, written last (a step counts only once complete).
-    rank_state: this rank's loader position and RNG."""
-    M.save_checkpoint(ckpt_dir, step, model, meta, optim_state={"optimizer": optimizer.state_dict(), **rank_state},
-                      rank=ctx.rank)
-    if ctx.ddp:
-        dist.barrier()
-
-
-def latest_step(ckpt_dir):
-    return M.latest_step(ckpt_dir)
-
-
-def load_checkpoint(path, step=None, device="cpu"):
-    """(model, meta) in one process: a training checkpoint directory or a Hugging Face-format directory."""
-    return M.load_checkpoint(path, step, device)
-
-
-def resume_checkpoint(ckpt_dir, step, model, optimizer, ctx):
-    """Load weights and optimizer state in place; return this rank's rank_state (loader, RNG)."""
-    saved, meta = M.load_checkpoint(ckpt_dir, step)
-    if meta["config"] != model.config.to_hf():
-        raise SystemExit(f"{ckpt_dir}: the checkpoint's config differs from this run's model; use the same "
-                         "--preset / flags, or a new --out-dir")
-    model.load_state_dict(saved.state_dict())
-    state = M.load_optim_state(ckpt_dir, step, ctx.rank)
-    optimizer.load_state_dict(state.pop("optimizer"))
-    return state
-
+# RNG state (saved per rank with the loader position)
 
 def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -294,9 +470,28 @@ def forward_backward(ctx, model, raw, batches, norm, mtp_weight=0.1, aux_coef=1e
     return parts
 
 
+def clip_grad_norm(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_, also for FSDP2 + EP, whose gradients are DTensors on two device meshes
+    (torch's version cannot stack their norms). Every element of a sharded gradient lives on exactly one rank,
+    so the squares summed locally and then over all ranks give the global norm."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    local = [g.to_local() for g in grads]
+    sq = torch.stack([g.float().square().sum() for g in local]).sum()
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in local:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+
+
 def optimizer_step(model, optimizer, grad_clip):
     """Clip the global gradient norm, step, zero the gradients; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = clip_grad_norm(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
@@ -361,7 +556,7 @@ def log_metrics(path, record, ctx, echo=True):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     # --- run
-    ap.add_argument("--phase", type=int, choices=(1, 2, 3), required=True)
+    ap.add_argument("--phase", type=int, choices=(1, 2, 3))
     ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS))
     ap.add_argument("--out-dir", default="out/pretrain")
     ap.add_argument("--resume", action="store_true", help="continue this phase from its latest checkpoint")
@@ -404,15 +599,24 @@ def parse_args(argv=None):
     # --- runtime
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
-                    help="auto: FSDP2 above 2B parameters, DDP below")
+                    help="auto: FSDP2 above 2B parameters or with --ep > 1, DDP below")
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism: each layer's experts split over groups "
+                    "of this many consecutive ranks (the report trains with 8), FSDP2 over the rest")
     ap.add_argument("--fp8", action="store_true", help="FP8 GEMMs (E4M3 fwd / E5M2 grads) on Hopper/Ada GPUs")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only)")
-    return ap.parse_args(argv)
+    ap.add_argument("--export-hf", nargs=2, metavar=("CKPT_DIR", "OUT_DIR"), help="write CKPT_DIR's latest "
+                    "checkpoint as one Hugging Face-format directory (config.json + safetensors) and exit")
+    args = ap.parse_args(argv)
+    if args.phase is None and not args.export_hf:
+        ap.error("--phase is required (or --export-hf CKPT_DIR OUT_DIR)")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = compute_init(args.device)
+    if args.export_hf:
+        return export_hf(*args.export_hf)
+    ctx = compute_init(args.device, args.ep)
     torch.manual_seed(args.seed + ctx.rank)
     if args.compile and ctx.device.type != "cuda":
         raise SystemExit("--compile needs a CUDA GPU: on CPU, torch.compile (torch 2.13) fails inside dynamo on "
@@ -431,8 +635,7 @@ def main(argv=None):
             raise SystemExit(f"phase {args.phase} starts from phase {args.phase - 1}'s final checkpoint, but "
                              f"{prev_dir} has none: run `python pretrain.py --phase {args.phase - 1}` with the "
                              "same flags first")
-        with open(os.path.join(prev_dir, f"meta_{prev_step:06d}.json")) as f:
-            prev_meta = json.load(f)
+        _, prev_meta = read_meta(prev_dir, prev_step)
     preset_config = M.get_config(args.preset)
     tok = data.get_tokenizer(args.tokenizer or (prev_meta or {}).get("tokenizer")
                              or data.tokenizer_for_vocab(preset_config.vocab_size))
@@ -457,8 +660,11 @@ def main(argv=None):
 
     pinned = args.mixture is None and recipe.phase_tokens is not None  # the recipe's budgets and step counts
     budgets = recipe.phase_tokens if pinned else {p: ph.tokens for p, ph in mixture.phases.items()}
-    if prev_meta is not None:
-        phase_steps = {int(p): n for p, n in prev_meta["phase_steps"].items()}
+    # a resumed phase keeps the plan it was started with (also at another world size); later phases inherit it
+    resume_step = latest_step(phase_dir) if args.resume else None
+    plan_meta = read_meta(phase_dir, resume_step)[1] if resume_step is not None else prev_meta
+    if plan_meta is not None:
+        phase_steps = {int(p): n for p, n in plan_meta["phase_steps"].items()}
     else:
         phase_steps = plan_phases(budgets, T, batch_at, recipe.ramp_steps, *((recipe.total_steps, int(recipe.decay))
                                                                              if pinned else ()))
@@ -470,7 +676,7 @@ def main(argv=None):
     warmup, decay = (args.warmup or recipe.warmup), (args.decay or recipe.decay)
     warmup, decay = (min(total, max(1, round(x * total)) if x < 1 else int(x)) for x in (warmup, decay))
     parallel = args.parallel if args.parallel != "auto" else \
-        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
+        ("fsdp" if M.count_params(config)["total"] > 2e9 or args.ep > 1 else "ddp")
 
     if args.dry_run:
         if ctx.master:
@@ -509,23 +715,24 @@ def main(argv=None):
     if args.phase > 1 and prev_step != start:
         raise SystemExit(f"{prev_dir} ends at step {prev_step}, but phase {args.phase} starts at step {start}: "
                          f"finish phase {args.phase - 1} first (`--phase {args.phase - 1} --resume`)")
-    raw = M.Mellum(config).init_weights(args.seed).to(ctx.device)
+    model, raw = build_model(config, ctx, parallel, args.seed)  # meta device -> shards -> init: no full copy
     if args.fp8:
         raw.set_fp8(True)
-    model = wrap_model(ctx, raw, parallel)
-    if args.compile:
-        model = torch.compile(model)
     opt = muon.MuonAdamW(muon.param_groups(model, lr, args.weight_decay, adamw_only=args.optimizer == "adamw"))
     step = start
-    if args.resume and latest_step(phase_dir) is not None:
-        step = latest_step(phase_dir)
+    if resume_step is not None:
+        step = resume_step
         rank_state = resume_checkpoint(phase_dir, step, raw, opt, ctx)
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
         if ctx.master:
-            print(f"resumed {phase_dir} at step {step}")
+            print(f"resumed {phase_dir} at step {step}" + ("" if rank_state is not None else
+                  " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
     elif args.phase > 1:
         resume_checkpoint(prev_dir, prev_step, raw, opt, ctx)
+    if args.compile:
+        model = torch.compile(model)
     meta = dict(stage=f"phase{args.phase}", tokenizer=tok.name, phase=args.phase, preset=args.preset,
                 args=vars(args), phase_steps=phase_steps)
     metrics = os.path.join(phase_dir, "metrics.jsonl")

@@ -331,7 +331,8 @@ def load_model(ckpt, step=None, device="cpu"):
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt}: no such directory (give a training stage's output directory such "
                                 "as out/pretrain/phase1, or a Hugging Face-format directory with config.json)")
-    model, meta = M.load_checkpoint(ckpt, step, device)
+    import pretrain  # training checkpoints are read by the training code's loader (DCP, any world size)
+    model, meta = pretrain.load_checkpoint(ckpt, step, device)
     import data
     if meta:  # the tokenizer recorded by the stage that wrote the checkpoint
         tok = data.get_tokenizer(meta.get("tokenizer"))

@@ -342,16 +342,6 @@ def test_transformers_loads_our_checkpoint_with_same_logits(tmp_path):
     assert diff <= 1e-4
 
 
-def test_training_checkpoint_round_trip(tmp_path):
-    m = _tiny_model(seed=2)
-    M.save_checkpoint(str(tmp_path), 7, m, {"stage": "test"}, optim_state={"x": 1})
-    m2, meta = M.load_checkpoint(str(tmp_path))
-    assert meta["step"] == 7 and meta["stage"] == "test"
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
-    assert M.load_optim_state(str(tmp_path), 7) == {"x": 1}
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        M.load_checkpoint(str(tmp_path / "empty"))
-
 # =============================================================================
 # kernels.py
 
@@ -2041,7 +2031,7 @@ def test_batch_ramp_takes_more_micro_batches_per_step(tmp_path):
     _pretrain(tmp_path, "ramp", "--steps", "12", "--batch-size", "1")
     with open(tmp_path / "ramp" / "phase1" / "metrics.jsonl") as f:
         assert [r["batch"] for r in map(json.loads, f) if "batch" in r] == [2] * 10 + [3] * 2
-    state = torch.load(tmp_path / "ramp" / "phase1" / "optim_000012_rank0.pt", weights_only=False)
+    state = torch.load(tmp_path / "ramp" / "phase1" / "step_000012" / "rank_0.pt", weights_only=False)
     assert state["loader"]["step"] == 10 * 2 + 2 * 3  # the loader was called once per micro-batch
 
 
@@ -2050,12 +2040,12 @@ def test_pretrain_loss_drops_and_phases_chain(tmp_path):
     ce = _losses(tmp_path, "run")
     assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.5, ce
     _pretrain(tmp_path, "run", "--phase", "2", "--steps", "2")  # phase 2 starts at phase 1's final step
-    assert M.latest_step(str(tmp_path / "run" / "phase2")) == 32
+    assert pretrain.latest_step(str(tmp_path / "run" / "phase2")) == 32
     with pytest.raises(SystemExit, match="ends at step"):  # phase 3 before phase 2 finished its plan
-        with open(tmp_path / "run" / "phase2" / "meta_000032.json") as f:
+        with open(tmp_path / "run" / "phase2" / "step_000032" / "meta.json") as f:
             meta = json.load(f)
         meta["phase_steps"]["2"] = 5
-        with open(tmp_path / "run" / "phase2" / "meta_000032.json", "w") as f:
+        with open(tmp_path / "run" / "phase2" / "step_000032" / "meta.json", "w") as f:
             json.dump(meta, f)
         _pretrain(tmp_path, "run", "--phase", "3")
 
@@ -2078,11 +2068,11 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     _pretrain(tmp_path, "cut", *run, "--stop-after", "5")
     assert len(_losses(tmp_path, "cut")) == 5
     _pretrain(tmp_path, "cut", *run, "--stop-after", "5", "--resume")  # a second job slot trains 5 more
-    assert M.latest_step(str(tmp_path / "cut" / "phase1")) == 10
+    assert pretrain.latest_step(str(tmp_path / "cut" / "phase1")) == 10
     _pretrain(tmp_path, "cut", *run, "--resume")
     assert _losses(tmp_path, "cut") == _losses(tmp_path, "full")  # bit-identical loss sequence
-    a, _ = M.load_checkpoint(str(tmp_path / "full" / "phase1"))
-    b, _ = M.load_checkpoint(str(tmp_path / "cut" / "phase1"))
+    a, _ = pretrain.load_checkpoint(str(tmp_path / "full" / "phase1"))
+    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut" / "phase1"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -2102,6 +2092,192 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # same global batch (2 ranks x 2 rows = 4 rows), token-normalised over both ranks, balancing loss from the
     # expert counts of both: the same losses up to float summation order
     np.testing.assert_allclose(_losses(tmp_path, "two"), _losses(tmp_path, "one"), rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (DCP), meta-device construction, expert parallelism: gloo CPU ranks vs one process
+
+def test_checkpoint_round_trip_one_process(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    model = M.Mellum(M.get_config("test")).init_weights(2)
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    _ckpt_steps(model, opt, range(1))
+    pretrain.save_checkpoint(ckpt, 7, model, opt, {"stage": "test"}, {"loader": 3})
+    os.makedirs(os.path.join(ckpt, "step_000009.tmp"))  # a save that died half-way does not count
+    os.makedirs(os.path.join(ckpt, "step_000008"))  # nor does a step without meta.json
+    assert pretrain.latest_step(ckpt) == 7
+    loaded, meta = pretrain.load_checkpoint(ckpt)
+    assert meta["step"] == 7 and meta["stage"] == "test" and meta["world_size"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    fresh = M.Mellum(M.get_config("test")).init_weights(3)
+    fresh_opt = MuonAdamW(param_groups(fresh, lr=_LR))
+    assert pretrain.resume_checkpoint(ckpt, None, fresh, fresh_opt) == {"loader": 3}
+    want, got = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    for i in want:
+        for key, value in want[i].items():
+            assert torch.equal(value, got[i][key]) if torch.is_tensor(value) else value == got[i][key], (i, key)
+    pretrain.main(["--export-hf", ckpt, str(tmp_path / "hf")])
+    hf = M.Mellum.from_pretrained(str(tmp_path / "hf"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), hf.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pretrain.load_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="config differs"):
+        pretrain.resume_checkpoint(ckpt, None, M.Mellum(M.get_config("test", num_experts=4)), None)
+
+
+def test_expert_parallel_flag_errors():
+    with pytest.raises(SystemExit, match="--ep 2 needs 2 or a multiple of 2 processes"):
+        pretrain.compute_init("cpu", ep=2)  # one process holds all experts
+    with pytest.raises(SystemExit, match="--ep 3 must divide the number of processes"):
+        pretrain._meshes(torch.device("cpu"), 4, 3)
+
+
+_PROBE = torch.arange(24).view(2, 12) % 256
+
+
+def _rank_batch(rank, step):
+    """Rank `rank`'s (x, y) at `step`: 2 rows of 16 tokens; rank=None with world=n: all n ranks' rows."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
+
+
+def _global_batch(world, step):
+    xs, ys = zip(*(_rank_batch(r, step) for r in range(world)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _train_loss(model, x, y):
+    _, losses = model(x, y)  # the aux loss uses per-rank routing statistics: left out of the comparison
+    return losses["ce"] + 0.1 * losses["mtp"]
+
+
+def _ckpt_steps(model, opt, steps, rank=None, world=1):
+    for step in steps:
+        x, y = _rank_batch(rank, step) if rank is not None else _global_batch(world, step)
+        _train_loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _init_rank(rank, world, port, ep=1):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return pretrain.compute_init("cpu", ep)
+
+
+def _spawn(worker, world, *args):
+    import socket
+    with socket.socket() as s:  # a free port for this test's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(world, port, *args), nprocs=world)
+
+
+def _full(t):  # a copy: full_tensor() over a 1-rank mesh is the live parameter itself
+    return (t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t).detach().clone()
+
+
+def _fsdp_ckpt_worker(rank, world, port, tmp):
+    ctx = _init_rank(rank, world, port)
+    out = {}
+    model, _ = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
+    out["init"] = {n: _full(p) for n, p in model.named_parameters()}
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    _ckpt_steps(model, opt, range(2), rank)
+    pretrain.save_checkpoint(f"{tmp}/ckpt", 2, model, opt, {"stage": "test"}, {"rank": rank}, ctx)
+    with torch.no_grad():
+        out["logits"] = model(_PROBE)[0]
+    _ckpt_steps(model, opt, range(2, 4), rank)
+    out["straight"] = {n: _full(p) for n, p in model.named_parameters()}
+    model, _ = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=1)
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    out["rank_state"] = pretrain.resume_checkpoint(f"{tmp}/ckpt", 2, model, opt, ctx)
+    _ckpt_steps(model, opt, range(2, 4), rank)
+    out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_loads_in_one_process_and_resumes(tmp_path):
+    _spawn(_fsdp_ckpt_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    eager = M.Mellum(M.get_config("test")).init_weights(0)
+    for name, p in eager.named_parameters():  # meta device + FSDP2 shards: the one-process initial weights
+        assert torch.equal(results[0]["init"][name], p.detach()), name
+    loaded, meta = pretrain.load_checkpoint(str(tmp_path / "ckpt"))  # 2 ranks wrote it, 1 process reads it
+    assert (meta["step"], meta["world_size"], meta["stage"]) == (2, 2, "test")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_PROBE)[0], results[0]["logits"], rtol=0, atol=0)
+    assert [r["rank_state"] for r in results] == [{"rank": 0}, {"rank": 1}]
+    for r in results:  # resumed at 2 ranks: bit-identical to the uninterrupted 2-rank run
+        for name in r["straight"]:
+            torch.testing.assert_close(r["resumed"][name], r["straight"][name], rtol=0, atol=0, msg=name)
+    # resumed in one process from the 2-rank checkpoint (weights and optimizer resharded), same global batches
+    model = M.Mellum(M.get_config("test")).init_weights(1)
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    assert pretrain.resume_checkpoint(str(tmp_path / "ckpt"), 2, model, opt) is None  # other world: no rank state
+    _ckpt_steps(model, opt, range(2, 4), world=2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), results[0]["straight"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _ep_worker(rank, world, port, tmp, ep):
+    ctx = _init_rank(rank, world, port, ep)
+    model, raw = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
+    out = {"first": raw.model.layers[0].mlp.experts.first,
+           "init": {n: _full(p) for n, p in model.named_parameters()}}
+    loss = _train_loss(model, *_rank_batch(rank, 0))
+    loss.backward()
+    out["loss"] = loss.item()
+    out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
+    out["norm"] = pretrain.clip_grad_norm(model, 1e9).item()
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt.step()
+    out["stepped"] = {n: _full(p) for n, p in model.named_parameters()}
+    pretrain.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
+def test_expert_parallel_matches_one_process(tmp_path, world, ep):
+    """EP 2 alone (2 ranks) and EP 2 x FSDP2 over dp 2 (4 ranks, the 2-D mesh) against one process that sees
+    the same global batch: loss, every gradient, the clipped norm, one Muon/AdamW step, the checkpoint."""
+    _spawn(_ep_worker, world, str(tmp_path), ep)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    model = M.Mellum(M.get_config("test")).init_weights(0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = _train_loss(model, *_global_batch(world, 0))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt.step()
+    E_local = M.get_config("test").num_experts // ep
+    assert [r["first"] for r in results] == [(rank % ep) * E_local for rank in range(world)]
+    # every rank's loss is the mean over its rows; equal row counts, so their mean is the global mean
+    assert np.mean([r["loss"] for r in results]) == pytest.approx(loss.item(), rel=1e-5)
+    for r in results:
+        assert r["norm"] == pytest.approx(norm.item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            mine = slice(r["first"], r["first"] + E_local) if ".experts." in name else slice(None)
+            torch.testing.assert_close(r["init"][name], init[name][mine], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(r["grads"][name], p.grad[mine], rtol=1e-4, atol=1e-6, msg=name)
+            # atol 1e-5 against steps of ~lr = 2e-2: AdamW's first step is g / (|g| + eps), so a gradient of
+            # ~eps (4e-9 here) turns fp32 reduction-order noise into an update difference of ~1e-6
+            torch.testing.assert_close(r["stepped"][name], p.detach()[mine], rtol=1e-4, atol=1e-5, msg=name)
+    loaded, _ = pretrain.load_checkpoint(str(tmp_path / "ckpt"))  # the EP slices put back together
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p, model.get_parameter(name).detach(), rtol=1e-4, atol=1e-5, msg=name)
+    resumed = M.Mellum(M.get_config("test")).init_weights(1)  # and the optimizer state too, in one process
+    resumed_opt = MuonAdamW(param_groups(resumed, lr=_LR))
+    pretrain.resume_checkpoint(str(tmp_path / "ckpt"), 1, resumed, resumed_opt)
+    for name, p in model.named_parameters():
+        for key, want in opt.state[p].items():
+            got = resumed_opt.state[resumed.get_parameter(name)][key]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
 
 
 # =============================================================================
@@ -2468,7 +2644,8 @@ def test_bad_input_errors(tmp_path):
         S.load_model(str(tmp_path))
     # the byte tokenizer has 256 + specials ids: more than the test preset's 256 embeddings
     model = M.Mellum(M.get_config("test")).init_weights(0)
-    M.save_checkpoint(str(tmp_path / "ckpt"), 0, model, {"tokenizer": _byte_tokenizer(str(tmp_path / "b.tiktoken"))})
+    tok = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 0, model, None, {"tokenizer": tok})
     with pytest.raises(ValueError, match="tokenizer .* does not belong to this checkpoint"):
         S.load_model(str(tmp_path / "ckpt"))
     pytest.importorskip("safetensors")
@@ -2488,7 +2665,7 @@ def test_command_line_streams_greedy_text_and_benchmarks(tmp_path):
     cfg = M.get_config("test", vocab_size=384, initializer_range=0.1)
     model = M.Mellum(cfg).init_weights(3).eval()
     tok_path = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
-    M.save_checkpoint(str(tmp_path / "ckpt"), 5, model, {"tokenizer": tok_path, "stage": "test"})
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 5, model, None, {"tokenizer": tok_path, "stage": "test"})
     import data
     tok = data.get_tokenizer(tok_path)
     prompt = "def f(x):"
@@ -2689,8 +2866,8 @@ def test_extended_checkpoint_round_trips(tmp_path):
         want = ext(idx)[0]
         assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # YaRN changes the full layer
     ext.save_pretrained(str(tmp_path / "hf"))
-    M.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, {"stage": "extend"})
-    for loaded in (M.Mellum.from_pretrained(str(tmp_path / "hf")), M.load_checkpoint(str(tmp_path / "ckpt"))[0]):
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, None, {"stage": "extend"})
+    for loaded in (M.Mellum.from_pretrained(str(tmp_path / "hf")), pretrain.load_checkpoint(str(tmp_path / "ckpt"))[0]):
         assert loaded.config.rope_parameters == ext.config.rope_parameters
         assert loaded.config.max_position_embeddings == 256
         with torch.no_grad():
@@ -3236,7 +3413,7 @@ def _eval_checkpoint(tmp_path):
     tok = data.get_tokenizer("cl100k_base:256")
     cfg = M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=2048)
     model = M.Mellum(cfg).init_weights(0).eval()
-    M.save_checkpoint(str(tmp_path / "ckpt"), 1, model, {"tokenizer": tok.name, "stage": "pretrain"})
+    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 1, model, None, {"tokenizer": tok.name, "stage": "pretrain"})
     return model, tok
 
 
