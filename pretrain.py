@@ -350,13 +350,14 @@ def batch_ramp(step, start, end, ramp_steps, unit):
 
 @dataclass
 class Recipe:
-    """A preset's pre-training plan. warmup / decay: steps, or a fraction of all three phases' steps when < 1."""
+    """A preset's pre-training plan. warmup / decay: steps, or a fraction of all three phases' steps when < 1;
+    decay None: the whole of phase 3, the report's shape (hold through phases 1-2, decay to zero over phase 3)."""
     micro_batch: int                 # sequences per rank per forward
     batch: tuple                     # (start, end) global batch in sequences, ramped by batch_ramp
     ramp_steps: int
     lr: float                        # peak LR of both optimizer groups (Muon's update is scaled to AdamW's RMS)
     warmup: float
-    decay: float
+    decay: float = None
     aux_coef: float = 1e-3           # balancing-loss coefficient per MoE layer (the report's 1e-3)
     phase_tokens: dict = None        # {phase: tokens}; None: the mixture's budgets
     total_steps: int = None          # pinned step count (the report's); None: from the token budgets
@@ -369,11 +370,11 @@ RECIPES = {
                           phase_tokens={1: 6_180_000_000_000, 2: 2_790_000_000_000, 3: 1_690_000_000_000},
                           total_steps=323_459),
     # One 24 GB GPU at 4,096 tokens (our choice): the budgets are the mixture's.
-    "mellum2-1b": Recipe(micro_batch=8, batch=(64, 128), ramp_steps=500, lr=3e-3, warmup=0.02, decay=0.2),
+    "mellum2-1b": Recipe(micro_batch=8, batch=(64, 128), ramp_steps=500, lr=3e-3, warmup=0.02),
     # CPU: the README's Muon ablation on tiny found 3e-2 best of 1e-3 .. 1e-1 (120 steps). Its balancing ablation
     # (README): at 1e-3 the router collapses (max/mean expert load ~7 of a possible 8) and stays there; 1e-1 keeps
     # the load near 2.5 at the same validation loss. Small models route few tokens per step, so they need more.
-    "tiny": Recipe(micro_batch=2, batch=(2, 4), ramp_steps=20, lr=3e-2, warmup=0.05, decay=0.3, aux_coef=0.1),
+    "tiny": Recipe(micro_batch=2, batch=(2, 4), ramp_steps=20, lr=3e-2, warmup=0.05, aux_coef=0.1),
 }
 RECIPES["test"] = RECIPES["tiny"]
 
@@ -588,7 +589,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=None, help="warmup steps, or a fraction of all three phases' "
                     "steps when < 1 (default: the recipe's)")
     ap.add_argument("--decay", type=float, default=None, help="steps of the final linear decay to zero, or a "
-                    "fraction when < 1 (default: the recipe's)")
+                    "fraction when < 1 (default: the recipe's; tiny and mellum2-1b: the whole last phase, the report's shape)")
     ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
     ap.add_argument("--aux-coef", type=float, default=None, help="balancing-loss coefficient per MoE layer "
                     "(default: the recipe's: the report's 1e-3; tiny 0.1, from the README's ablation)")
@@ -677,7 +678,7 @@ def main(argv=None):
     total = sum(phase_steps.values())
     start = sum(n for p, n in phase_steps.items() if p < args.phase)
     end = start + phase_steps[args.phase]
-    warmup, decay = (args.warmup or recipe.warmup), (args.decay or recipe.decay)
+    warmup, decay = (args.warmup or recipe.warmup), (args.decay or recipe.decay or phase_steps[max(phase_steps)])
     warmup, decay = (min(total, max(1, round(x * total)) if x < 1 else int(x)) for x in (warmup, decay))
     parallel = args.parallel if args.parallel != "auto" else \
         ("fsdp" if M.count_params(config)["total"] > 2e9 or args.ep > 1 else "ddp")
