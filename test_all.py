@@ -3064,8 +3064,8 @@ def test_sft_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_sft_raises_held_out_accuracy_above_the_base(tmp_path):
     # identity only: a random base never answers in the format; a few dozen steps teach it to name itself
-    results = _sft(tmp_path, "id", "--steps", "40", "--lr", "1e-2", "--eval-tasks", "16", "--eval-max-new-tokens",
-                   "48")
+    results = _sft(tmp_path, "id", "--steps", "60", "--lr", "1e-2", "--seq-len", "256", "--tasks-per-family", "48",
+                   "--eval-tasks", "16", "--eval-max-new-tokens", "48")
     base = json.loads((tmp_path / "id" / "eval_base.jsonl").read_text().splitlines()[0])
     tuned = results["identity"]
     assert base["greedy_acc"] == 0.0
