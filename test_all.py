@@ -2440,6 +2440,36 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
 
 
+def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
+    # the model is scripted: a calculator call, then the answer; the second prompt must carry the result in a
+    # tool_response user turn, the system turn the offered schemas
+    pytest.importorskip("safetensors")
+    tok = data.get_tokenizer("cl100k_base:384")
+    _tiny_model(vocab_size=512, max_position_embeddings=1024).save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    replies = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*(3+4)"}}\n</tool_call><|im_end|>',
+               "#### 84<|im_end|>"]
+    prompts = []
+
+    def scripted(model, idx, max_new_tokens, on_token=None, **kw):
+        prompts.append(tok.decode(idx[0].tolist()))
+        ids = tok._enc.encode(replies[len(prompts) - 1], allowed_special="all")
+        for t in ids:
+            on_token(0, t)
+        return [ids], dict(tokens=len(ids), seconds=1.0, tokens_per_s=1.0, kv_cache_bytes=0)
+
+    monkeypatch.setattr(S, "generate", scripted)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is 12*(3+4)?\n"))
+    with redirect_stdout(io.StringIO()):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--chat", "--tools", "calculator", "python"])
+    assert len(prompts) == 2 and '"name": "calculator"' in prompts[0] and '"name": "python"' in prompts[0]
+    assert prompts[1].endswith("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n84\n</tool_response>"
+                               "<|im_end|>\n<|im_start|>assistant\n")
+    assert S.run_chat_tool({"name": "calculator", "arguments": {"expression": "7/12 + 1"}}) == "19/12"
+    assert S.run_chat_tool({"name": "python", "arguments": {"code": "print(6 * 7)"}}) == "42\n"
+    assert "ZeroDivisionError" in S.run_chat_tool({"name": "python", "arguments": {"code": "1/0"}})
+    assert S.run_chat_tool({"name": "shell", "arguments": {}}).startswith("error: unknown tool 'shell'")
+
+
 def test_pick_samples_the_distribution():
     # N = 1M draws per row; standard error per bin <= 5e-4, tolerance 3e-3. Zero-probability ids are never drawn.
     p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.1, 0.0, 0.0, 0.9]])
