@@ -9,6 +9,7 @@ CPU or one GPU (a training stage's output directory, latest step, or a Hugging F
     python sample.py --ckpt out/sft/instruct --chat       # interactive, through the chat template
     python sample.py --ckpt out/sft/thinking --chat --tools calculator python   # offer tools; calls are run
     python sample.py --ckpt out/pretrain/phase1 --bench    # tokens/s: no cache, cache, cache + speculative
+    python sample.py --ckpt out/sft/instruct --bench --chat --prompt "Compute 3 + 4."   # the same on a chat prompt
     python sample.py --ckpt out/pretrain/phase1 --bench-batch --temperature 0.6   # tokens/s at batch 1, 8, 32
 
 Contents, top to bottom
@@ -495,7 +496,8 @@ def main(argv=None):
     ap.add_argument("--chat", action="store_true", help="interactive chat through the chat template (an SFT model)")
     ap.add_argument("--tools", nargs="*", choices=tuple(CHAT_TOOLS), default=None, help="with --chat: offer these "
                     "tools in the system turn (calls the model makes are run whether offered or not)")
-    ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative")
+    ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative "
+                    "(with --chat: --prompt as a user turn through the chat template)")
     ap.add_argument("--bench-batch", action="store_true", help="tokens/s of batched generation at batch 1, 8, 32")
     # --- decoding
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -533,7 +535,11 @@ def main(argv=None):
         return torch.tensor([ids], device=device)
 
     if args.bench:
-        bench(model, encode(args.prompt), args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
+        idx = encode(args.prompt)
+        if args.chat:  # --prompt as a user turn through the chat template: what a fine-tuned model is asked
+            import data
+            idx = torch.tensor([data.render_prompt(tok, [{"role": "user", "content": args.prompt}])], device=device)
+        bench(model, idx, args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
               draft_vocab=min(args.draft_vocab or tok.n_vocab, tok.n_vocab), **sampling)
         return
     if args.bench_batch:

@@ -79,6 +79,8 @@ import sample
 # -----------------------------------------------------------------------------
 # Recipes and the schedule
 
+FAMILIES = tuple(f for f in E.FAMILIES if f not in E.EVAL_ONLY)  # the built-in sources: eval.py's task families
+
 
 @dataclass
 class Recipe:
@@ -89,6 +91,7 @@ class Recipe:
     global_batch: int       # rows per optimizer step
     min_seq_len: int        # rows are max(this, the base's context) tokens
     tasks_per_family: int   # train conversations drawn from each built-in family
+    weights: dict           # the built-in mixture: family -> times each of its conversations is seen per epoch
     eval_tasks: int         # held-out test tasks per family at the end
 
 
@@ -96,11 +99,16 @@ RECIPES = {
     # The report: LR 3e-5 -> 3e-6 cosine after 100 warmup iterations, 3 epochs, rows of the extended context
     # (131,072). Batch size unpublished: 32 rows of 128K (4M tokens) is our choice.
     "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
-                          tasks_per_family=100_000, eval_tasks=200),
+                          tasks_per_family=100_000, weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3},
+                          eval_tasks=200),
     # CPU-sized, measured on `tiny` (README): about 1/10 of pre-training's peak 3e-2 (the usual SFT ratio; the
-    # report's is 1/10 as well), rows of 512 so tool conversations fit.
+    # report's is 1/10 as well), rows of 512 so tool conversations fit. A calculator or function-calling
+    # conversation is 240-310 tokens (the tool schemas), 6-14x an arithmetic one: a quarter of them keeps the
+    # epoch within the 10-minute budget.
     "default": Recipe(lr=3e-3, warmup=10, epochs=3, micro_batch=4, global_batch=8, min_seq_len=512,
-                      tasks_per_family=300, eval_tasks=50),
+                      tasks_per_family=300, weights={"arithmetic": 1, "math": 1, "calculator": 0.25,
+                                                     "function_call": 0.25, "python": 1, "identity": 3},
+                      eval_tasks=50),
 }
 
 
@@ -121,8 +129,6 @@ def cosine_schedule(step, total, warmup, floor=0.1):
 # -----------------------------------------------------------------------------
 # Data: sources -> conversations -> samples
 
-FAMILIES = tuple(f for f in E.FAMILIES if f not in E.EVAL_ONLY)  # the built-in sources
-DEFAULT_WEIGHTS = {"arithmetic": 1, "math": 1, "calculator": 1, "function_call": 1, "python": 1, "identity": 3}
 
 
 @dataclass
@@ -132,11 +138,11 @@ class SFTMixture:
     tasks_per_family: int
 
 
-def load_sft_mixture(path, tasks_per_family):
-    """DEFAULT_WEIGHTS over the built-in families, or a JSON / TOML file (module docstring); errors name the file
-    and the field."""
+def load_sft_mixture(path, tasks_per_family, weights):
+    """`weights` over the built-in families (the recipe's), or a JSON / TOML file (module docstring); errors name
+    the file and the field."""
     if path is None:
-        return SFTMixture({}, dict(DEFAULT_WEIGHTS), tasks_per_family)
+        return SFTMixture({}, dict(weights), tasks_per_family)
     with open(path, "rb") as f:
         try:
             spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
@@ -294,7 +300,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from --out-dir's latest checkpoint")
     # --- data (defaults: the recipe for the base, RECIPES)
     ap.add_argument("--mixture", default=None, help="JSON/TOML SFT mixture: JSONL sources and per-source weights "
-                    f"(default: the built-in task families, {DEFAULT_WEIGHTS})")
+                    "(default: the built-in task families with the recipe's weights, identity 3x)")
     ap.add_argument("--tasks-per-family", type=int, default=None, help="train conversations per built-in family")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: the base's context; "
                     "at least 512 for the CPU presets)")
@@ -358,7 +364,7 @@ def main(argv=None):
 
     # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
     try:
-        mixture = load_sft_mixture(args.mixture, args.tasks_per_family or recipe.tasks_per_family)
+        mixture = load_sft_mixture(args.mixture, args.tasks_per_family or recipe.tasks_per_family, recipe.weights)
         samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
         loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:

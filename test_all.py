@@ -2468,6 +2468,11 @@ def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
     assert S.run_chat_tool({"name": "python", "arguments": {"code": "print(6 * 7)"}}) == "42\n"
     assert "ZeroDivisionError" in S.run_chat_tool({"name": "python", "arguments": {"code": "1/0"}})
     assert S.run_chat_tool({"name": "shell", "arguments": {}}).startswith("error: unknown tool 'shell'")
+    # --bench --chat measures on the chat-rendered prompt
+    seen = []
+    monkeypatch.setattr(S, "bench", lambda model, idx, *a, **k: seen.append(tok.decode(idx[0].tolist())))
+    S.main(["--ckpt", str(tmp_path / "hf"), "--bench", "--chat", "--prompt", "Compute 3 + 4."])
+    assert seen == ["<|im_start|>user\nCompute 3 + 4.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_pick_samples_the_distribution():
@@ -3027,18 +3032,19 @@ def test_sft_mixture_weights_and_errors(tmp_path):
     mix = tmp_path / "mix.json"
     mix.write_text(json.dumps({"sources": {"mine": {"paths": ["chats.jsonl"]}},
                                "weights": {"identity": 3, "mine": 0.5}, "tasks_per_family": 4}))
-    convs = sft.conversations(sft.load_sft_mixture(str(mix), 100), seed=0)
+    convs = sft.conversations(sft.load_sft_mixture(str(mix), 100, {}), seed=0)
     assert len(convs["identity"]) == 12 and len(convs["mine"]) == 5  # 3x oversampled; half kept
     assert convs["identity"][:4] == convs["identity"][4:8]
     assert all(c in [json.loads(ln) for ln in chats.read_text().splitlines()] for c in convs["mine"])
-    assert sft.load_sft_mixture(None, 7).weights == sft.DEFAULT_WEIGHTS and sft.DEFAULT_WEIGHTS["identity"] == 3
+    for recipe in sft.RECIPES.values():  # the built-in mixtures oversample identity 3x, as the report
+        assert sft.load_sft_mixture(None, 7, recipe.weights).weights["identity"] == 3
     for spec, msg in [({"weights": {"arithmetc": 1}}, "unknown source 'arithmetc'"),
                       ({"weights": {"math": -1}}, "weight of 'math'"),
                       ({"sources": {"x": {"paths": ["nope*.jsonl"]}}, "weights": {"x": 1}}, "matches no file"),
                       ({"weights": {"math": 1}, "epochs": 3}, "unknown keys")]:
         mix.write_text(json.dumps(spec))
         with pytest.raises((ValueError, FileNotFoundError), match=re.escape(msg)):
-            sft.load_sft_mixture(str(mix), 4)
+            sft.load_sft_mixture(str(mix), 4, {})
 
 
 def test_sft_cosine_schedule_hand_values():
