@@ -15,7 +15,8 @@ One GPU: the same commands. Many GPUs (DDP below 2B parameters, FSDP2 above, as 
     torchrun --nproc_per_node=8 sft.py --variant thinking --from out/extend
 
 Data. The built-in mixture is eval.py's task families rendered from their reference conversations (train seeds
-only; eval's test seeds and test prompts are never trained on), identity dialogues oversampled 3x as in the report.
+only; eval's test seeds and test prompts are never trained on), identity dialogues oversampled 3x as in the report
+(RECIPES: all families for mellum2-12b; for the CPU presets the ones tiny learns in 10 minutes, see README).
 A mixture file adds JSONL files in the report's schema ({"messages", optional "tools", optional "reasoning"}, see
 data.load_conversations) and sets every source's weight: how many times each of its conversations is seen per
 epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or TOML:
@@ -65,7 +66,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -342,7 +342,7 @@ def main(argv=None):
     # --- the base, its recipe and the config SFT trains at
     base_dir = args.base or default_source()
     try:
-        base, tok, base_meta = sample.load_model(base_dir)
+        base, tok, _ = sample.load_model(base_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sft.py: --from {base_dir}: {e}")
     if not isinstance(tok, data.Tokenizer):
@@ -383,19 +383,20 @@ def main(argv=None):
     raw = M.Mellum(config)
     raw.load_state_dict(base.state_dict())
     del base
-    raw.train().to(ctx.device)
-    parallel = args.parallel if args.parallel != "auto" else \
-        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
-    model = pretrain.wrap_model(ctx, raw, parallel)
-    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1))
+    raw.to(ctx.device)
     os.makedirs(out_dir, exist_ok=True)
     families = [f for f in mixture.weights if f in FAMILIES] if eval_tasks else []
     base_eval = os.path.join(out_dir, "eval_base.jsonl")
     if ctx.master and families and not os.path.exists(base_eval):  # the base, at SFT's context, on the same prompts
+        # (before wrapping: rank 0 generates alone; the other ranks wait in the first collective)
         base_results = E.evaluate(raw.eval(), tok, families, eval_tasks, 0, "instruct",
                                   max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
-        raw.train()
         E._atomic_write(base_eval, "".join(json.dumps({"family": f, **m}) + "\n" for f, m in base_results.items()))
+    raw.train()
+    parallel = args.parallel if args.parallel != "auto" else \
+        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
+    model = pretrain.wrap_model(ctx, raw, parallel)
+    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1))
     step = 0
     if args.resume and pretrain.latest_step(out_dir) is not None:
         step = pretrain.latest_step(out_dir)
