@@ -401,12 +401,14 @@ def main(argv=None):
     if args.resume and pretrain.latest_step(out_dir) is not None:
         step = pretrain.latest_step(out_dir)
         rank_state = pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)
-        try:
-            loader.load_state_dict(rank_state["loader"])
-        except ValueError as e:
-            raise SystemExit(f"sft.py: {out_dir}: {e}")
-        pretrain.set_rng_state(rank_state["rng"])
-        log(f"resumed {out_dir} at step {step}")
+        if rank_state is not None:  # None (after the DCP layout): saved by another number of ranks
+            try:
+                loader.load_state_dict(rank_state["loader"])
+            except ValueError as e:
+                raise SystemExit(f"sft.py: {out_dir}: {e}")
+            pretrain.set_rng_state(rank_state["rng"])
+        log(f"resumed {out_dir} at step {step}" + ("" if rank_state is not None else
+            " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
     meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
                 args=vars(args), data=stats, dropped=loader.dropped)
     metrics = os.path.join(out_dir, "metrics.jsonl")
