@@ -7,7 +7,9 @@ CPU or one GPU (a training stage's output directory, latest step, or a Hugging F
     python sample.py --ckpt out/pretrain/phase1 --prompt "import os" --speculative --temperature 0
     python sample.py --ckpt out/pretrain/phase1 --prompts-file prompts.txt      # one prompt per line
     python sample.py --ckpt out/sft/instruct --chat       # interactive, through the chat template
+    python sample.py --ckpt out/sft/thinking --chat --tools calculator python   # offer tools; calls are run
     python sample.py --ckpt out/pretrain/phase1 --bench    # tokens/s: no cache, cache, cache + speculative
+    python sample.py --ckpt out/sft/instruct --bench --chat --prompt "Compute 3 + 4."   # the same on a chat prompt
     python sample.py --ckpt out/pretrain/phase1 --bench-batch --temperature 0.6   # tokens/s at batch 1, 8, 32
 
 Contents, top to bottom
@@ -21,8 +23,10 @@ Contents, top to bottom
                          injection through tool_hook, per-token log-probabilities
   load_model             checkpoint + its tokenizer (our own tokenizer.json reads back into tiktoken), vocabulary
                          checked
-  bench, bench_batch,    the benchmarks and the command line
-  main
+  bench, bench_batch     the benchmarks
+  CHAT_TOOLS,            --chat's tools: the calculator and Python, run in eval.py's sandbox
+  run_chat_tool
+  main                   the command line
 
 Speculative decoding, one step (the MTP module at position t reads h_t and token t+1 and predicts token t+2):
   x_n is sampled but not yet fed; the MTP has run at n-1 and drafted d for x_{n+1}. The main model runs on
@@ -40,7 +44,9 @@ Footguns
 - The returned tokens include the stop token when one was produced. Ids >= n_vocab (the vocabulary padding of
   data.Tokenizer) are never sampled.
 - --chat renders the history with data.render_prompt and stops on <|im_end|>; earlier turns' reasoning is
-  dropped (as in training), tool calls are shown but not executed.
+  dropped (as in training). Tool calls are run (run_chat_tool: the calculator, or Python in eval.py's sandbox) and
+  their results go back in a user turn, up to MAX_TOOL_TURNS rounds per message. A think block is printed dimmed
+  on a terminal (the raw <think> tags otherwise), apart from the answer.
 - generate_batch's batched greedy rows equal single-row decoding up to float rounding of batched matmuls (exact
   in the tests); sampled rows draw from one generator, so they differ from sampling each row alone.
 - Padding slots cost compute: a batch of one long and many short prompts prefills them all at the long length.
@@ -422,6 +428,36 @@ def bench_batch(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
 
 
 # -----------------------------------------------------------------------------
+# Tools for --chat: the calculator the SFT data teaches, and Python in eval.py's sandbox (never in this process)
+
+MAX_TOOL_TURNS = 4  # tool rounds per user message, as eval.make_tool_hook allows
+CHAT_TOOLS = {
+    "calculator": {"name": "calculator", "description": "Exact arithmetic: + - * / ( )",
+                   "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                  "required": ["expression"]}},
+    "python": {"name": "python", "description": "Run a Python program; returns what it prints",
+               "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}},
+}
+MAX_TOOL_OUTPUT = 2000  # characters of a program's output sent back (the context is small)
+
+
+def run_chat_tool(call):
+    """The result text of a tool call the model made: eval.calculate for the calculator, eval.run_python (the
+    sandbox: no network, rlimits, a fresh interpreter) for python, an error message otherwise."""
+    import eval as E
+    args = call["arguments"]
+    if call["name"] == "calculator":
+        return E.calculate(args.get("expression"))
+    if call["name"] == "python":
+        if not isinstance(args.get("code"), str):
+            return "error: python needs {\"code\": \"...\"}"
+        r = E.run_python(args["code"])
+        out = r.stdout + (r.stderr if r.returncode else "") + ("\n[timed out]" if r.timed_out else "")
+        return out[:MAX_TOOL_OUTPUT] or "(no output)"
+    return f"error: unknown tool {call['name']!r} (this chat runs {', '.join(CHAT_TOOLS)})"
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -459,7 +495,10 @@ def main(argv=None):
     ap.add_argument("--prompts-file", default=None, help="one prompt per line (write \\n for a newline inside "
                     "one), decoded one at a time")
     ap.add_argument("--chat", action="store_true", help="interactive chat through the chat template (an SFT model)")
-    ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative")
+    ap.add_argument("--tools", nargs="*", choices=tuple(CHAT_TOOLS), default=None, help="with --chat: offer these "
+                    "tools in the system turn (calls the model makes are run whether offered or not)")
+    ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative "
+                    "(with --chat: --prompt as a user turn through the chat template)")
     ap.add_argument("--bench-batch", action="store_true", help="tokens/s of batched generation at batch 1, 8, 32")
     # --- decoding
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -497,7 +536,11 @@ def main(argv=None):
         return torch.tensor([ids], device=device)
 
     if args.bench:
-        bench(model, encode(args.prompt), args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
+        idx = encode(args.prompt)
+        if args.chat:  # --prompt as a user turn through the chat template: what a fine-tuned model is asked
+            import data
+            idx = torch.tensor([data.render_prompt(tok, [{"role": "user", "content": args.prompt}])], device=device)
+        bench(model, idx, args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
               draft_vocab=min(args.draft_vocab or tok.n_vocab, tok.n_vocab), **sampling)
         return
     if args.bench_batch:
@@ -531,7 +574,9 @@ def main(argv=None):
             sys.exit(f"sample.py: --chat needs nanoMellum's tokenizer (this checkpoint has {tok.name}): the chat "
                      "template's tags must be single tokens")
         stop = tok.special[data.CHAT_STOP]
-        print("chat through the chat template (tools are not executed here); Ctrl-D to quit", file=sys.stderr)
+        tools = [CHAT_TOOLS[name] for name in args.tools or ()] or None
+        print(f"chat through the chat template (tools offered: {', '.join(args.tools or ()) or 'none'}; tool calls "
+              "the model makes are run either way); Ctrl-D to quit", file=sys.stderr)
         messages = []
         while True:
             try:
@@ -541,19 +586,27 @@ def main(argv=None):
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
-            ids = data.render_prompt(tok, messages)
-            if len(ids) >= context:  # keep only the new question
-                print(f"[the conversation fills the context of {context}: starting over]", file=sys.stderr)
-                messages = messages[-1:]
-                ids = data.render_prompt(tok, messages)
-            if len(ids) >= context:
-                sys.exit(f"sample.py: the message has {len(ids)} tokens with the template, the context is {context}")
-            reply = data.parse_assistant(tok.decode(complete("", torch.tensor([ids], device=device), stop,
-                                                            dim_think=sys.stdout.isatty())))
-            print()
-            # the template drops earlier turns' reasoning: the history keeps the answer and any tool calls
-            messages.append({"role": "assistant", "content": reply["content"],
-                             **({"tool_calls": reply["tool_calls"]} if reply["tool_calls"] else {})})
+            for _ in range(MAX_TOOL_TURNS + 1):  # an answer, or tool calls whose results go back to the model
+                ids = data.render_prompt(tok, messages, tools)
+                if len(ids) >= context:  # keep only the new question
+                    print(f"[the conversation fills the context of {context}: starting over]", file=sys.stderr)
+                    messages = [next(m for m in reversed(messages) if m["role"] == "user")]
+                    ids = data.render_prompt(tok, messages, tools)
+                if len(ids) >= context:
+                    sys.exit(f"sample.py: the message has {len(ids)} tokens with the template, the context is "
+                             f"{context}")
+                reply = data.parse_assistant(tok.decode(complete("", torch.tensor([ids], device=device), stop,
+                                                                dim_think=sys.stdout.isatty())))
+                print()
+                # the template drops earlier turns' reasoning: the history keeps the answer and any tool calls
+                messages.append({"role": "assistant", "content": reply["content"],
+                                 **({"tool_calls": reply["tool_calls"]} if reply["tool_calls"] else {})})
+                if not reply["tool_calls"] or not reply["well_formed"]:
+                    break
+                for call in reply["tool_calls"]:
+                    result = run_chat_tool(call)
+                    print(f"[tool {call['name']} -> {result}]", file=sys.stderr)
+                    messages.append({"role": "tool", "content": result})
     elif args.prompts_file:
         with open(args.prompts_file) as f:
             prompts = [p.rstrip("\n").replace("\\n", "\n") for p in f if p.strip()]

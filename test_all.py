@@ -3,7 +3,7 @@ nanoMellum test suite: CPU-only, every fast path against an independent referenc
     python -m pytest -q test_all.py                 everything (a few minutes on 2 cores)
     python -m pytest -q test_all.py -m "not slow"   skip the end-to-end runs
 Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), muon.py, data.py, pretrain.py,
-sample.py, extend.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _ and
+sample.py, extend.py, sft.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _ and
 live next to the tests that use them.
 """
 import base64
@@ -2616,6 +2616,41 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
 
 
+def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
+    # the model is scripted: a calculator call, then the answer; the second prompt must carry the result in a
+    # tool_response user turn, the system turn the offered schemas
+    pytest.importorskip("safetensors")
+    tok = data.get_tokenizer("cl100k_base:384")
+    _tiny_model(vocab_size=512, max_position_embeddings=1024).save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    replies = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*(3+4)"}}\n</tool_call><|im_end|>',
+               "#### 84<|im_end|>"]
+    prompts = []
+
+    def scripted(model, idx, max_new_tokens, on_token=None, **kw):
+        prompts.append(tok.decode(idx[0].tolist()))
+        ids = tok._enc.encode(replies[len(prompts) - 1], allowed_special="all")
+        for t in ids:
+            on_token(0, t)
+        return [ids], dict(tokens=len(ids), seconds=1.0, tokens_per_s=1.0, kv_cache_bytes=0)
+
+    monkeypatch.setattr(S, "generate", scripted)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is 12*(3+4)?\n"))
+    with redirect_stdout(io.StringIO()):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--chat", "--tools", "calculator", "python"])
+    assert len(prompts) == 2 and '"name": "calculator"' in prompts[0] and '"name": "python"' in prompts[0]
+    assert prompts[1].endswith("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n84\n</tool_response>"
+                               "<|im_end|>\n<|im_start|>assistant\n")
+    assert S.run_chat_tool({"name": "calculator", "arguments": {"expression": "7/12 + 1"}}) == "19/12"
+    assert S.run_chat_tool({"name": "python", "arguments": {"code": "print(6 * 7)"}}) == "42\n"
+    assert "ZeroDivisionError" in S.run_chat_tool({"name": "python", "arguments": {"code": "1/0"}})
+    assert S.run_chat_tool({"name": "shell", "arguments": {}}).startswith("error: unknown tool 'shell'")
+    # --bench --chat measures on the chat-rendered prompt
+    seen = []
+    monkeypatch.setattr(S, "bench", lambda model, idx, *a, **k: seen.append(tok.decode(idx[0].tolist())))
+    S.main(["--ckpt", str(tmp_path / "hf"), "--bench", "--chat", "--prompt", "Compute 3 + 4."])
+    assert seen == ["<|im_start|>user\nCompute 3 + 4.<|im_end|>\n<|im_start|>assistant\n"]
+
+
 def test_pick_samples_the_distribution():
     # N = 1M draws per row; standard error per bin <= 5e-4, tolerance 3e-3. Zero-probability ids are never drawn.
     p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.1, 0.0, 0.0, 0.9]])
@@ -3056,6 +3091,200 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
     assert again[names[2]]["loss"] == pytest.approx(trained, rel=1e-6)
     with pytest.raises(SystemExit, match="factor must be >= 1"):
         extend.main(common[:2] + ["--factor", "0.5"] + common[4:])
+
+
+# =============================================================================
+# sft.py
+
+import sft  # noqa: E402
+
+
+@functools.cache
+def _sft_tok():
+    return data.get_tokenizer("cl100k_base:256")
+
+
+def _sft_base(tmp_path):
+    """A random `test`-preset base saved through pretrain's checkpoint functions, with its tokenizer in meta."""
+    tok = _sft_tok()
+    model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size)).init_weights(0)
+    opt = MuonAdamW(param_groups(model, 1e-3))
+    pretrain.save_checkpoint(str(tmp_path / "base"), 1, model, opt, {"tokenizer": tok.name, "stage": "phase3"},
+                             {}, _CPU)
+    return str(tmp_path / "base")
+
+
+def _sft(tmp_path, out, *extra, weights=None, variant="instruct"):
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"weights": weights or {"identity": 1}}))
+    argv = ["--variant", variant, "--from", _sft_base(tmp_path) if not (tmp_path / "base").exists() else
+            str(tmp_path / "base"), "--out-dir", str(tmp_path / out), "--mixture", str(mix), "--tasks-per-family",
+            "24", "--seq-len", "128", "--batch-size", "2", "--global-batch", "4", "--eval-tasks", "0",
+            "--log-every", "1000", "--device", "cpu", "--report-card", str(tmp_path / "card.md"), *extra]
+    return sft.main(argv)
+
+
+def _sft_losses(tmp_path, out):
+    with open(tmp_path / out / "metrics.jsonl") as f:
+        return [r["ce"] for r in map(json.loads, f) if "ce" in r]
+
+
+def test_sft_masks_reach_the_loss_hand_computed():
+    # a two-turn conversation: Instruct trains both answers (+ their <|im_end|>), Thinking the final answer and its
+    # think block only; the step's CE is the mean of -log p over exactly those tokens
+    tok = _sft_tok()
+    conv = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                         {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}],
+            "reasoning": "3+3=6"}
+    want = {"instruct": "4<|im_end|>6<|im_end|>", "thinking": "<think>\n3+3=6\n</think>\n\n6<|im_end|>"}
+    model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size)).init_weights(0).train()
+    for variant, text in want.items():
+        samples, _ = sft.build_samples(tok, {"c": [conv]}, variant)
+        x, y = sft.SFTLoader(samples, 96, 1, pad=tok.eot).next_batch()
+        assert tok.decode(y[y != -1].tolist()) == text
+        assert tok.decode(x[0, :len(samples[0].ids)].tolist()).startswith("<|im_start|>user\n2+2?")
+        parts = pretrain.forward_backward(_CPU, model, model, [(x, y)], pretrain.token_normaliser([(x, y)], _CPU),
+                                          aux_coef=0.0, z_coef=0.0)
+        with torch.no_grad():
+            logp = model.lm_head(model.hidden(x)).double().log_softmax(-1)[0]
+        hand = [-logp[t, y[0, t]].item() for t in range(y.size(1)) if y[0, t] != -1]
+        assert parts[0].item() == pytest.approx(sum(hand) / len(hand), rel=1e-5)
+        model.zero_grad(set_to_none=True)
+
+
+def test_sft_packing_keeps_conversations_whole_and_counts_dropped():
+    # sample k is k + 1 repeated, its first token untrained (as <|im_start|> is); best fit must combine them;
+    # 40 > 32 + 1 tokens is dropped
+    lengths = [5, 9, 17, 40, 3, 12, 20, 8, 33]
+    samples = [data.ChatSample([k + 1] * n, [False] + [True] * (n - 1)) for k, n in enumerate(lengths)]
+    loader = sft.SFTLoader(samples, 32, 2, pad=0)
+    assert loader.dropped == 1
+    full = torch.cat([loader.x, loader.y[:, -1:].clamp(min=0)], dim=1)  # rows of 33 tokens (padding 0)
+    for k, n in enumerate(lengths):
+        where = [(r, t) for r in range(len(full)) for t in range(full.size(1)) if full[r, t] == k + 1]
+        if n > 33:
+            assert where == []
+            continue
+        rows = {r for r, _ in where}
+        assert len(rows) == 1 and len(where) == n, (k, where)  # in one row, every token
+        ts = [t for _, t in where]
+        assert ts == list(range(ts[0], ts[0] + n))  # contiguous
+    assert loader.targets() == sum(n - 1 for n in lengths if n <= 33)  # the masks survive packing
+    # two epochs: every row once per epoch, in two different orders
+    seen = [tuple(map(tuple, loader.next_batch()[0].tolist())) for _ in range(len(loader))]
+    rows = [r for b in seen for r in b]
+    epoch_rows = len(loader)
+    as_set = lambda rs: sorted(rs)  # noqa: E731
+    assert as_set(rows[:epoch_rows]) == as_set(rows[epoch_rows:]) == as_set(map(tuple, loader.x.tolist()))
+    assert rows[:epoch_rows] != rows[epoch_rows:]
+
+
+def test_sft_thinking_leaves_out_conversations_without_reasoning():
+    tok = _sft_tok()
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    traced = {**plain, "reasoning": "greet back"}
+    _, stats = sft.build_samples(tok, {"c": [plain, traced, plain]}, "thinking")
+    assert stats["c"] == dict(conversations=3, samples=1, no_reasoning=2)
+    _, stats = sft.build_samples(tok, {"c": [plain, traced, plain]}, "instruct")
+    assert stats["c"] == dict(conversations=3, samples=3, no_reasoning=0)
+
+
+def test_sft_ranks_split_the_global_batch():
+    samples = [data.ChatSample([k + 1] * (3 + k % 7), [True] * (3 + k % 7)) for k in range(40)]
+    one = sft.SFTLoader(samples, 16, 4, pad=0, seed=3)
+    two = [sft.SFTLoader(samples, 16, 2, pad=0, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(2 * len(one)):
+        x, y = one.next_batch()
+        parts = [ld.next_batch() for ld in two]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+    with pytest.raises(ValueError, match="global_batch"):
+        sft.SFTLoader(samples, 16, 2, pad=0, seed=3).load_state_dict(one.state_dict())
+
+
+def test_sft_mixture_weights_and_errors(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(10)))
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": {"mine": {"paths": ["chats.jsonl"]}},
+                               "weights": {"identity": 3, "mine": 0.5}, "tasks_per_family": 4}))
+    convs = sft.conversations(sft.load_sft_mixture(str(mix), 100, {}), seed=0)
+    assert len(convs["identity"]) == 12 and len(convs["mine"]) == 5  # 3x oversampled; half kept
+    assert convs["identity"][:4] == convs["identity"][4:8]
+    assert all(c in [json.loads(ln) for ln in chats.read_text().splitlines()] for c in convs["mine"])
+    for recipe in sft.RECIPES.values():  # the built-in mixtures oversample identity 3x, as the report
+        assert sft.load_sft_mixture(None, 7, recipe.weights).weights["identity"] == 3
+    for spec, msg in [({"weights": {"arithmetc": 1}}, "unknown source 'arithmetc'"),
+                      ({"weights": {"math": -1}}, "weight of 'math'"),
+                      ({"sources": {"x": {"paths": ["nope*.jsonl"]}}, "weights": {"x": 1}}, "matches no file"),
+                      ({"weights": {"math": 1}, "epochs": 3}, "unknown keys")]:
+        mix.write_text(json.dumps(spec))
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(msg)):
+            sft.load_sft_mixture(str(mix), 4, {})
+
+
+def test_sft_cosine_schedule_hand_values():
+    values = [sft.cosine_schedule(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
+    assert values[99] == pytest.approx(0.1)  # the report's 3e-5 -> 3e-6 at the last step
+    mid = 10 + 89 / 2  # halfway through the cosine: 0.1 + 0.9 / 2
+    assert sft.cosine_schedule(mid, 100, 10) == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_sft_without_a_base_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no base checkpoint in out/extend, out/pretrain/phase3"):
+        sft.main(["--variant", "instruct"])
+
+
+@pytest.mark.slow
+def test_sft_interrupted_run_resumes_exactly(tmp_path):
+    _sft(tmp_path, "full", "--steps", "6")
+    _sft(tmp_path, "cut", "--steps", "6", "--stop-after", "3")
+    assert len(_sft_losses(tmp_path, "cut")) == 3
+    _sft(tmp_path, "cut", "--steps", "6", "--resume")
+    assert _sft_losses(tmp_path, "cut") == _sft_losses(tmp_path, "full")  # bit-identical loss sequence
+    a, meta = pretrain.load_checkpoint(str(tmp_path / "full"))
+    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert meta["stage"] == "sft" and meta["variant"] == "instruct" and a.config.max_position_embeddings == 128
+    with pytest.raises(SystemExit, match="fingerprint"):  # other data: refused
+        _sft(tmp_path, "cut", "--steps", "8", "--resume", "--tasks-per-family", "30")
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one_process(tmp_path):
+    import subprocess
+    _sft(tmp_path, "one", "--steps", "3")
+    mix = tmp_path / "mix.json"
+    argv = ["--variant", "instruct", "--from", str(tmp_path / "base"), "--out-dir", str(tmp_path / "two"),
+            "--mixture", str(mix), "--tasks-per-family", "24", "--seq-len", "128", "--batch-size", "1",
+            "--global-batch", "4", "--eval-tasks", "0", "--device", "cpu", "--steps", "3"]
+    port = str(29600 + os.getpid() % 1000)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    os.path.join(_REPO, "sft.py"), *argv], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   cwd=_REPO, timeout=600)
+    # same global batch of 4 rows (2 ranks x 2 micro-batches x 1 row vs 2 micro-batches x 2 rows)
+    np.testing.assert_allclose(_sft_losses(tmp_path, "two"), _sft_losses(tmp_path, "one"), rtol=1e-5, atol=1e-5)
+    a, _ = pretrain.load_checkpoint(str(tmp_path / "one"))
+    b, _ = pretrain.load_checkpoint(str(tmp_path / "two"))
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.slow
+def test_sft_raises_held_out_accuracy_above_the_base(tmp_path):
+    # identity only: a random base never answers in the format; a few dozen steps teach it to name itself
+    results = _sft(tmp_path, "id", "--steps", "60", "--lr", "1e-2", "--seq-len", "256", "--tasks-per-family", "48",
+                   "--eval-tasks", "16", "--eval-max-new-tokens", "48")
+    base = json.loads((tmp_path / "id" / "eval_base.jsonl").read_text().splitlines()[0])
+    tuned = results["identity"]
+    assert base["greedy_acc"] == 0.0
+    assert tuned["greedy_acc"] - 3 * tuned["greedy_acc_se"] > base["greedy_acc"], tuned
+    card = (tmp_path / "card.md").read_text()
+    assert "| identity | – | " in card and f"{100 * tuned['greedy_acc']:.1f}" in card
 
 
 # =============================================================================

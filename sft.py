@@ -1,0 +1,475 @@
+"""
+Supervised fine-tuning of a Mellum 2 base into the Instruct and the Thinking model (Mellum 2 report, "SFT"): two
+runs from the same base, as Mellum 2 released two models. Instruct trains on every assistant turn and drops the
+reasoning; Thinking trains on the final assistant turn with its <think> trace, unfolds multi-turn conversations into
+up to 5 samples and leaves conversations without reasoning out (data.render_chat). Loss = masked next-token CE over
+the trained tokens of the whole global batch + 0.1 MTP CE (the head keeps drafting for speculative decoding on chat
+text) + 1e-4 global-batch balancing loss + 1e-3 router z-loss, the report's coefficients.
+
+CPU, `tiny` (from the last pre-training / extension stage that exists: out/extend, else out/pretrain/phase3, ...):
+    python sft.py --variant instruct
+    python sft.py --variant thinking --from out/pretrain/phase3
+    python sft.py --variant instruct --mixture my_sft.json      # built-in task families + your JSONL files
+    python sample.py --ckpt out/sft/instruct --chat             # then chat with it (tools run, think shown apart)
+One GPU: the same commands. Many GPUs (DDP below 2B parameters, FSDP2 above, as in pretrain.py):
+    torchrun --nproc_per_node=8 sft.py --variant thinking --from out/extend
+
+Data. The built-in mixture is eval.py's task families rendered from their reference conversations (train seeds
+only; eval's test seeds and test prompts are never trained on), identity dialogues oversampled 3x as in the report
+(RECIPES: all families for mellum2-12b; for the CPU presets the ones tiny learns in 10 minutes, see README).
+A mixture file adds JSONL files in the report's schema ({"messages", optional "tools", optional "reasoning"}, see
+data.load_conversations) and sets every source's weight: how many times each of its conversations is seen per
+epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or TOML:
+    {"sources": {"mine": {"paths": ["chats/*.jsonl"]}},
+     "weights": {"arithmetic": 1, "python": 1, "identity": 3, "mine": 2}, "tasks_per_family": 400}
+Samples are best-fit packed into rows of --seq-len tokens (data.pack_best_fit); a sample longer than a row is
+dropped and counted, never truncated. The rows are packed once and visited in a new seeded order every epoch.
+
+Checkpoints, metrics, --resume and --stop-after are pretrain.py's (its shared functions): out/sft/{variant}/,
+metrics.jsonl. At the end the final model is evaluated with eval.py on held-out test seeds of every built-in family
+it trained on, against the base on the same prompts (eval_base.jsonl, measured once before training), and its
+column of the report card (out/report_card.md) is written.
+
+Contents, top to bottom
+  Recipe, RECIPES, recipe_for     the report's settings for a mellum2-12b base, CPU-sized ones otherwise
+  cosine_schedule                 warmup, then cosine to 10% of the peak (the report's 3e-5 -> 3e-6)
+  load_sft_mixture, conversations, build_samples   sources -> weighted conversations -> rendered ChatSamples
+  SFTLoader                       packed rows, a seeded order per epoch, split across ranks, exactly resumable
+  default_source                  the base to start from when --from is not given
+  eval_table                      base vs SFT accuracy with standard errors, as markdown
+  main                            arguments, compute, base, data, model, optimizer, loop, save, evaluation
+
+Footguns
+- The optimizer state of the base is not reused: a fresh Muon + AdamW. The base's state belongs to another loss
+  landscape (pre-training text) and ends a decay to LR 0, and an HF-format base has none; SFT warms up instead.
+- For `tiny` the recipe trains at 512 tokens although the base saw 256: the calculator and function-calling
+  conversations take 220-440 tokens with their tool schemas. The checkpoint's config records 512. Positions
+  beyond 256 are new only to the full-attention layer (RoPE theta 500k); sliding layers see 64 at most.
+- Packed conversations attend to the ones before them in their row (the project-wide choice, data.py), only the
+  masks keep their loss apart.
+- Resuming checks the loader's data fingerprint: changing the mixture, the tokenizer, --seq-len or the seed refuses
+  to resume.
+- Generation of the evaluation runs on rank 0 alone after the other ranks have left (it reads the final checkpoint
+  back with pretrain.load_checkpoint, so it works the same after DDP and FSDP2).
+"""
+import argparse
+import copy
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import eval as E
+import extend
+import model as M
+import muon
+import pretrain
+import sample
+
+# -----------------------------------------------------------------------------
+# Recipes and the schedule
+
+FAMILIES = tuple(f for f in E.FAMILIES if f not in E.EVAL_ONLY)  # the built-in sources: eval.py's task families
+
+
+@dataclass
+class Recipe:
+    lr: float
+    warmup: int
+    epochs: int
+    micro_batch: int
+    global_batch: int       # rows per optimizer step
+    min_seq_len: int        # rows are max(this, the base's context) tokens
+    tasks_per_family: int   # train conversations drawn from each built-in family
+    weights: dict           # the built-in mixture: family -> times each of its conversations is seen per epoch
+    eval_tasks: int         # held-out test tasks per family at the end
+
+
+RECIPES = {
+    # The report: LR 3e-5 -> 3e-6 cosine after 100 warmup iterations, 3 epochs, rows of the extended context
+    # (131,072). Batch size unpublished: 32 rows of 128K (4M tokens) is our choice.
+    "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
+                          tasks_per_family=100_000, weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3},
+                          eval_tasks=200),
+    # CPU-sized, measured on `tiny` (README): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
+    # for a 10-minute run), rows of 512 so tool conversations fit. The families tiny can learn in 10 CPU minutes;
+    # math and calculator measured ~0 after SFT (README) and are left out. A function-calling conversation is
+    # ~310 tokens (the tool schemas), 14x an arithmetic one: a quarter of them keeps the epoch short.
+    "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=8, min_seq_len=512,
+                      tasks_per_family=400, weights={"arithmetic": 1, "function_call": 0.25, "python": 1,
+                                                     "identity": 3},
+                      eval_tasks=50),
+}
+
+
+def recipe_for(config):
+    """The report's recipe for a base with mellum2-12b's architecture (extend.py's test), else the CPU one."""
+    return RECIPES["mellum2-12b" if extend.recipe_for(config) is extend.RECIPES["mellum2-12b"] else "default"]
+
+
+def cosine_schedule(step, total, warmup, floor=0.1):
+    """LR multiplier at `step` of `total`: linear warmup over `warmup` steps, then a cosine from 1 down to `floor`,
+    reached at the last step (step total - 1). The report: 3e-5 -> 3e-6, so floor 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# -----------------------------------------------------------------------------
+# Data: sources -> conversations -> samples
+
+
+
+@dataclass
+class SFTMixture:
+    paths: dict             # user source -> files
+    weights: dict           # source -> conversations seen per epoch per conversation
+    tasks_per_family: int
+
+
+def load_sft_mixture(path, tasks_per_family, weights):
+    """`weights` over the built-in families (the recipe's), or a JSON / TOML file (module docstring); errors name
+    the file and the field."""
+    if path is None:
+        return SFTMixture({}, dict(weights), tasks_per_family)
+    with open(path, "rb") as f:
+        try:
+            spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"SFT mixture {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+    unknown = set(spec) - {"sources", "weights", "tasks_per_family"}
+    if unknown:
+        raise ValueError(f"SFT mixture {path}: unknown keys {sorted(unknown)} (known: sources, weights, "
+                         "tasks_per_family)")
+    base_dir, paths = os.path.dirname(os.path.abspath(path)), {}
+    for name, s in spec.get("sources", {}).items():
+        if name in FAMILIES:
+            raise ValueError(f"SFT mixture {path}: source name '{name}' is a built-in task family; rename it")
+        if not isinstance(s, dict) or set(s) != {"paths"} or not isinstance(s["paths"], list):
+            raise ValueError(f"SFT mixture {path}: source '{name}' must be {{\"paths\": [\"file.jsonl\", ...]}}")
+        files = []
+        for p in s["paths"]:
+            matches = sorted(glob.glob(os.path.join(base_dir, os.path.expanduser(p)), recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"SFT mixture {path}: source '{name}': '{p}' matches no file")
+            files += matches
+        paths[name] = files
+    weights = spec.get("weights")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"SFT mixture {path}: \"weights\" must map sources to numbers, e.g. "
+                         "{\"arithmetic\": 1, \"identity\": 3}")
+    for name, w in weights.items():
+        if name not in FAMILIES and name not in paths:
+            raise ValueError(f"SFT mixture {path}: weights name unknown source '{name}' (built-in: "
+                             f"{', '.join(FAMILIES)}; declared: {', '.join(paths) or 'none'})")
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"SFT mixture {path}: weight of '{name}' is {w!r}; weights are numbers >= 0")
+    n = spec.get("tasks_per_family", tasks_per_family)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"SFT mixture {path}: tasks_per_family must be a positive integer, got {n!r}")
+    return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n)
+
+
+def conversations(mixture, seed):
+    """{source: conversations of one epoch}: each conversation repeated floor(weight) times, plus a seeded share
+    weight - floor(weight) of them once more."""
+    out = {}
+    for name, w in mixture.weights.items():
+        if name in FAMILIES:
+            convs = [E.reference_conversation(E.make_task(name, s))
+                     for s in E.task_seeds(name, "train", mixture.tasks_per_family)]
+        else:
+            convs = [c for p in mixture.paths[name] for c in data.load_conversations(p)]
+        extra = np.random.default_rng([seed, *name.encode()]).permutation(len(convs))[:round((w % 1) * len(convs))]
+        out[name] = convs * int(w) + [convs[i] for i in sorted(extra)]
+    return out
+
+
+def build_samples(tok, convs, variant):
+    """(samples, stats): every source's conversations rendered for `variant`; stats per source counts the
+    conversations, the samples they gave, and (Thinking) the conversations left out for having no reasoning."""
+    samples, stats = [], {}
+    for name, cs in convs.items():
+        rendered = [data.render_chat(tok, c, variant) for c in cs]
+        samples += [s for r in rendered for s in r]
+        stats[name] = dict(conversations=len(cs), samples=sum(map(len, rendered)),
+                           no_reasoning=sum(1 for r in rendered if not r))
+    return samples, stats
+
+
+# -----------------------------------------------------------------------------
+# The loader: packed rows, a new order every epoch
+
+
+class SFTLoader:
+    """(B, T) micro-batches of packed SFT rows. The rows are packed once (best fit, a sample that does not fit a
+    row is dropped: `dropped`); epoch e visits them in a permutation seeded by (seed, e), epochs back to back.
+    Global micro-batch s is rows [s*G, (s+1)*G) of that stream (G = B * world_size) and rank r keeps its B, so N
+    ranks see what one process with batch N*B sees. The state is s (plus the data's fingerprint, checked)."""
+
+    def __init__(self, samples, seq_len, batch_size, *, pad, rank=0, world_size=1, seed=0):
+        x, y, self.dropped = data.pack_best_fit([s.ids for s in samples], seq_len, masks=[s.mask for s in samples],
+                                                split=False, pad=pad)
+        if len(x) == 0:
+            raise ValueError(f"no SFT sample fits a row of {seq_len + 1} tokens ({self.dropped} dropped): raise "
+                             "--seq-len or give shorter conversations")
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        self.batch_size, self.rank, self.world_size, self.seed, self.step = batch_size, rank, world_size, seed, 0
+        self.fingerprint = hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()[:16]
+        self._order = (None, None)
+
+    def __len__(self):
+        return len(self.x)
+
+    def targets(self):
+        return int((self.y != -1).sum())
+
+    def _row(self, i):
+        epoch, j = divmod(i, len(self.x))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.x)))
+        return self._order[1][j]
+
+    def next_batch(self):
+        B, G = self.batch_size, self.batch_size * self.world_size
+        rows = [self._row(self.step * G + self.rank * B + b) for b in range(B)]
+        self.step += 1
+        return self.x[rows], self.y[rows]
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size,
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("seed", "global_batch", "fingerprint"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]} but this run has {mine[key]}: resume with the "
+                                 "data, tokenizer, --seq-len, --seed and batch of the checkpointed run")
+        self.step = int(state["step"])
+
+
+# -----------------------------------------------------------------------------
+# The base, and the evaluation table
+
+SOURCES = ("out/extend", "out/pretrain/phase3", "out/pretrain/phase2", "out/pretrain/phase1")
+
+
+def default_source():
+    """The last pre-training / extension stage that has a checkpoint (the report fine-tunes the extended base)."""
+    for path in SOURCES:
+        if pretrain.latest_step(path) is not None:
+            return path
+    raise SystemExit(f"sft.py: no base checkpoint in {', '.join(SOURCES)}: run `python pretrain.py --phase 1` (and "
+                     "2, 3) first, or pass --from DIR (a training stage's directory or a Hugging Face directory)")
+
+
+def eval_table(base, tuned, variant):
+    """Markdown: greedy accuracy of the base and the SFT model per family, ± standard errors, and the gain in units
+    of the standard error of the difference."""
+    lines = [f"| family | base | {variant}-SFT | gain / SE | {variant}-SFT format |", "|---|---|---|---|---|"]
+    for f, m in tuned.items():
+        b = base[f]
+        diff, se = m["greedy_acc"] - b["greedy_acc"], math.hypot(b["greedy_acc_se"], m["greedy_acc_se"])
+        gain = f"{diff / se:+.1f}" if se else ("0" if diff == 0 else "inf" if diff > 0 else "-inf")
+        lines.append(f"| {f} | {E._cell(b)} | {E._cell(m)} | {gain} | {100 * m['format_rate']:.0f}% |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    # --- run
+    ap.add_argument("--variant", choices=("instruct", "thinking"), required=True)
+    ap.add_argument("--from", dest="base", default=None, help="base checkpoint: a training stage's directory or a "
+                    f"Hugging Face directory (default: the first of {', '.join(SOURCES)} that exists)")
+    ap.add_argument("--out-dir", default=None, help="default: out/sft/{variant}")
+    ap.add_argument("--resume", action="store_true", help="continue from --out-dir's latest checkpoint")
+    # --- data (defaults: the recipe for the base, RECIPES)
+    ap.add_argument("--mixture", default=None, help="JSON/TOML SFT mixture: JSONL sources and per-source weights "
+                    "(default: the built-in task families with the recipe's weights, identity 3x)")
+    ap.add_argument("--tasks-per-family", type=int, default=None, help="train conversations per built-in family")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: the base's context; "
+                    "at least 512 for the CPU presets)")
+    ap.add_argument("--batch-size", type=int, default=None, help="micro-batch: rows per rank per forward")
+    ap.add_argument("--global-batch", type=int, default=None, help="rows per optimizer step")
+    ap.add_argument("--seed", type=int, default=1337)
+    # --- optimisation: warmup, then cosine to 10% of the peak
+    ap.add_argument("--epochs", type=int, default=None, help="passes over the packed rows (the report's 3)")
+    ap.add_argument("--steps", type=int, default=None, help="override the steps the epochs give")
+    ap.add_argument("--lr", type=float, default=None, help="peak LR (3e-5 for mellum2-12b, the report's; 1e-2 on "
+                    "the CPU presets)")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (the report's 100)")
+    ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
+    ap.add_argument("--aux-coef", type=float, default=1e-4, help="balancing-loss coefficient per MoE layer (the "
+                    "report lowers it to 1e-4 for SFT)")
+    # --- evaluation, checkpoints, logging
+    ap.add_argument("--eval-tasks", type=int, default=None, help="held-out test tasks per family at the end (0: no "
+                    "evaluation)")
+    ap.add_argument("--eval-max-new-tokens", type=int, default=128)
+    ap.add_argument("--report-card", default=E.REPORT_CARD)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
+                    "(continue with --resume)")
+    ap.add_argument("--log-every", type=int, default=1)
+    # --- runtime
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
+                    help="auto: FSDP2 above 2B parameters, DDP below")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = pretrain.compute_init(args.device)
+    torch.manual_seed(args.seed + ctx.rank)
+    log = print if ctx.master else (lambda *a, **k: None)
+    out_dir = args.out_dir or os.path.join("out", "sft", args.variant)
+
+    # --- the base, its recipe and the config SFT trains at
+    base_dir = args.base or default_source()
+    try:
+        base, tok, _ = sample.load_model(base_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sft.py: --from {base_dir}: {e}")
+    if not isinstance(tok, data.Tokenizer):
+        raise SystemExit(f"sft.py: --from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint "
+                         f"of this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
+    recipe = recipe_for(base.config)
+    context = base.config.max_position_embeddings
+    T = args.seq_len or max(context, recipe.min_seq_len)
+    config = copy.deepcopy(base.config)
+    config.max_position_embeddings = max(T, context)  # the context SFT trains at, recorded in the checkpoint
+    B = args.batch_size or recipe.micro_batch
+    global_batch = args.global_batch or max(recipe.global_batch, B * ctx.world_size)
+    if global_batch % (B * ctx.world_size):
+        raise SystemExit(f"sft.py: --global-batch {global_batch} is not a multiple of --batch-size {B} x "
+                         f"{ctx.world_size} ranks")
+    n_micro = global_batch // (B * ctx.world_size)
+    lr, epochs = args.lr or recipe.lr, args.epochs or recipe.epochs
+    eval_tasks = recipe.eval_tasks if args.eval_tasks is None else args.eval_tasks
+
+    # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
+    try:
+        mixture = load_sft_mixture(args.mixture, args.tasks_per_family or recipe.tasks_per_family, recipe.weights)
+        samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
+        loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sft.py: {e}")
+    steps = args.steps or max(1, epochs * len(loader) // global_batch)
+    warmup = min(args.warmup if args.warmup is not None else recipe.warmup, steps)
+    for name, s in stats.items():
+        left = f", {s['no_reasoning']:,} left out (no reasoning)" if args.variant == "thinking" else ""
+        log(f"  {name:>14}: weight {mixture.weights[name]:g}, {s['conversations']:,} conversations -> "
+            f"{s['samples']:,} samples{left}")
+    log(f"sft {args.variant}: {len(samples):,} samples -> {len(loader):,} rows of {T} tokens "
+        f"({loader.targets():,} trained tokens, {1 - loader.targets() / loader.x.numel():.1%} of positions without a "
+        f"target); {loader.dropped:,} samples longer than a row dropped")
+
+    # --- model and optimizer: the base's weights, a fresh optimizer (see the module footguns)
+    raw = M.Mellum(config)
+    raw.load_state_dict(base.state_dict())
+    del base
+    raw.to(ctx.device)
+    os.makedirs(out_dir, exist_ok=True)
+    families = [f for f in mixture.weights if f in FAMILIES] if eval_tasks else []
+    base_eval = os.path.join(out_dir, "eval_base.jsonl")
+    if ctx.master and families and not os.path.exists(base_eval):  # the base, at SFT's context, on the same prompts
+        # (before wrapping: rank 0 generates alone; the other ranks wait in the first collective)
+        base_results = E.evaluate(raw.eval(), tok, families, eval_tasks, 0, "instruct",
+                                  max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
+        E._atomic_write(base_eval, "".join(json.dumps({"family": f, **m}) + "\n" for f, m in base_results.items()))
+    raw.train()
+    parallel = args.parallel if args.parallel != "auto" else \
+        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
+    model = pretrain.wrap_model(ctx, raw, parallel)
+    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1))
+    step = 0
+    if args.resume and pretrain.latest_step(out_dir) is not None:
+        step = pretrain.latest_step(out_dir)
+        rank_state = pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)
+        if rank_state is not None:  # None (after the DCP layout): saved by another number of ranks
+            try:
+                loader.load_state_dict(rank_state["loader"])
+            except ValueError as e:
+                raise SystemExit(f"sft.py: {out_dir}: {e}")
+            pretrain.set_rng_state(rank_state["rng"])
+        log(f"resumed {out_dir} at step {step}" + ("" if rank_state is not None else
+            " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
+    meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
+                args=vars(args), data=stats, dropped=loader.dropped)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    log(f"sft {args.variant}: from {base_dir} (context {context}) at {T} tokens per row, {steps} steps of "
+        f"{global_batch} rows ({epochs} epochs of {len(loader)} rows), {n_micro} micro-batches of {B} per rank, "
+        f"lr {lr:g} (warmup {warmup}, cosine to {lr / 10:g}), mtp {args.mtp_weight}, aux {args.aux_coef}, "
+        f"device {ctx.device}, world {ctx.world_size} ({parallel})")
+
+    # --- the loop
+    first = step
+    fpt, peak = M.flops_per_token(config, T), pretrain.peak_flops(ctx.device)
+    for step in tqdm(range(step, steps), desc=f"sft {args.variant}", disable=not ctx.master, dynamic_ncols=True,
+                     initial=step, total=steps):
+        t0 = time.perf_counter()
+        mult = cosine_schedule(step, steps, warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        batches = [loader.next_batch() for _ in range(n_micro)]
+        parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
+                                          mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
+        pretrain.check_finite(parts, step, out_dir)
+        grad_norm = pretrain.optimizer_step(model, opt, 1.0)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        tps = global_batch * T / (time.perf_counter() - t0)
+        ce, mtp, aux, z = parts.tolist()
+        targets = sum(int((y != -1).sum()) for _, y in batches)
+        pretrain.log_metrics(metrics, dict(step=step + 1, ce=ce, mtp=mtp, aux=aux, z=z, lr=lr * mult,
+                                           grad_norm=grad_norm, tok_per_s=tps, targets=targets,
+                                           mfu=fpt * tps / ctx.world_size / peak if peak else None,
+                                           imbalance=pretrain.imbalance(raw)),
+                             ctx, echo=(step + 1) % args.log_every == 0)
+        done = step + 1 == steps
+        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
+        if (step + 1) % args.ckpt_every == 0 or done or stopping:
+            pretrain.save_checkpoint(out_dir, step + 1, raw, opt, meta,
+                                     {"loader": loader.state_dict(), "rng": pretrain.rng_state()}, ctx)
+        if stopping and not done:
+            log(f"sft {args.variant}: stopped at step {step + 1}; continue with --resume")
+            pretrain.compute_cleanup(ctx)
+            return None
+    pretrain.compute_cleanup(ctx)
+
+    # --- evaluation of the final checkpoint on held-out seeds, rank 0 alone
+    if not ctx.master or not families:
+        return None
+    final = pretrain.latest_step(out_dir)
+    tuned, _ = pretrain.load_checkpoint(out_dir, final, device=ctx.device)
+    results = E.evaluate(tuned.eval(), tok, families, eval_tasks, 0, args.variant,
+                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed, out_dir=out_dir)
+    with open(base_eval) as f:
+        base_results = {r.pop("family"): r for r in map(json.loads, f)}
+    card = E.update_report_card(args.report_card, f"{args.variant}-SFT", results)
+    print(f"\n{args.variant}-SFT at step {final}, greedy accuracy on {eval_tasks} held-out test tasks per family "
+          f"(%, ± standard error):\n\n{eval_table(base_results, results, args.variant)}\n\nreport card: {card}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
