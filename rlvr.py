@@ -25,7 +25,7 @@ https://arxiv.org/abs/2503.14476; IcePop: Ling team 2025, https://arxiv.org/abs/
                  generation and the trainer recomputes them with the same weights; tokens with rho outside
                  [0.5, 5] are masked, the others weighted by rho (guards against train/inference mismatch: bf16 /
                  FP8 inference, MoE routing flips)
-  shaping        DAPO's soft overlong penalty in the last quarter of the length cap; for Instruct, a concision
+  shaping        DAPO's soft overlong penalty over the last fifth of the length cap; for Instruct, a concision
                  penalty on correct answers that use reflection words, in three tiers (constants: ours)
   optimizer      AdamW (0.9, 0.999), weight decay 0.01, linear warmup then constant LR, clip 1.0
 
@@ -397,8 +397,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", type=int, default=None, help="P: groups per step over all ranks")
     ap.add_argument("--samples", type=int, default=None, help="G: completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="length cap of a rollout")
-    ap.add_argument("--overlong-buffer", type=float, default=0.25, help="soft overlong penalty over this fraction "
-                    "of the cap (DAPO: 4K of 16K... 20K)")
+    ap.add_argument("--overlong-buffer", type=float, default=0.2, help="the soft overlong penalty covers this "
+                    "fraction of the cap (DAPO: 4,096 of 20,480 tokens)")
     ap.add_argument("--gen-batch", type=int, default=16, help="prompts decoded together (x G rows)")
     ap.add_argument("--workers", type=int, default=4, help="sandboxes running at once")
     # --- optimisation
@@ -478,21 +478,23 @@ def main(argv=None):
         pretrain.set_rng_state(pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)["rng"])
         if ctx.master:
             print(f"resumed {out_dir} at step {step}")
-    os.makedirs(out_dir, exist_ok=True)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    families = sorted(mixture)
-    if step == 0 and args.eval_tasks and ctx.master:  # where RL starts from, for the record
-        start = evaluate(raw, tok, families, args, variant, max_new, None, log)
-        pretrain.log_metrics(metrics, dict(step=0, eval=start), ctx, echo=False)
-
-    # --- the loop: rollouts (generation + rewards), dynamic sampling, advantages, the update
-    bar = tqdm(range(step, steps), desc=f"rl-{variant}", disable=not ctx.master, dynamic_ncols=True, initial=step,
-               total=steps)
     if step >= steps:
         if ctx.master:
             print(f"rlvr: {out_dir} is already complete at step {step}")
         pretrain.compute_cleanup(ctx)
         return
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    families = sorted(mixture)
+    if step == 0 and ctx.master:
+        open(metrics, "w").close()  # a fresh run starts a fresh log
+        if args.eval_tasks:  # where RL starts from, for the record: the same held-out tasks as the final evaluation
+            start = evaluate(raw, tok, families, args, variant, max_new, None, log)
+            pretrain.log_metrics(metrics, dict(step=0, eval=start), ctx, echo=False)
+
+    # --- the loop: rollouts (generation + rewards), dynamic sampling, advantages, the update
+    bar = tqdm(range(step, steps), desc=f"rl-{variant}", disable=not ctx.master, dynamic_ncols=True, initial=step,
+               total=steps)
     first = step
     for step in bar:
         for g in opt.param_groups:

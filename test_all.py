@@ -3,8 +3,8 @@ nanoMellum test suite: CPU-only, every fast path against an independent referenc
     python -m pytest -q test_all.py                 everything (a few minutes on 2 cores)
     python -m pytest -q test_all.py -m "not slow"   skip the end-to-end runs
 Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), muon.py, data.py, pretrain.py,
-sample.py, extend.py, rlvr.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _ and
-live next to the tests that use them.
+sample.py, extend.py, rlvr.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _
+and live next to the tests that use them.
 """
 import base64
 import copy
