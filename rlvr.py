@@ -289,13 +289,16 @@ def reward(rows, tasks, variant, workers, overlong):
 # -----------------------------------------------------------------------------
 # The update
 
-def token_logprobs(model, x, tgt, n_vocab):
+def token_logprobs(model, x, tgt, n_vocab, mask=None):
     """log pi(tgt | x) per position (B, T) over ids < n_vocab at temperature 1 (the sampler's distribution), and
-    the entropy per position (detached)."""
+    the summed entropy of the positions in `mask` (detached; 0 without a mask)."""
     logits, _ = model(x)
     logp_all = logits[..., :n_vocab].float().log_softmax(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = 0.0
+    if mask is not None:
+        with torch.no_grad():
+            lp = logp_all[mask]
+            entropy = -(lp.exp() * lp).sum().item()
     return logp_all.gather(-1, tgt[..., None])[..., 0], entropy
 
 
@@ -343,7 +346,8 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
     of whole groups. Returns the step's statistics (token counts summed over ranks)."""
     groups = sorted({r.group for r in rows})
     parts = [set(groups[i::updates]) for i in range(updates)]
-    minis = [micro_batches([r for r in rows if r.group in part], micro, ctx.device) for part in parts]
+    by_length = sorted(rows, key=lambda r: len(r.prompt) + len(r.tokens))  # micro-batches of similar lengths pad less
+    minis = [micro_batches([r for r in by_length if r.group in part], micro, ctx.device) for part in parts]
     # pi_old: the rollout policy's log-probabilities, computed before any update (mini-batch 0 uses the live
     # policy, detached: the same weights, and then the ratio is exactly 1)
     with torch.no_grad():
@@ -359,14 +363,14 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
         for i in range(n_micro):
             mb = mbs[i] if i < len(mbs) else _empty_micro_batch(ctx.device)
             with pretrain.grad_sync(model, i == n_micro - 1), ctx.autocast():
-                logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab)
                 mask = mb["y"] != -1
+                logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask)
                 logp_old = mb.get("logp_old", logp.detach())
                 loss, s = policy_loss(logp, logp_old, mb["logp_inf"], mb["adv"], mask, norm)
             loss.backward()
             for k in ("icepop_masked", "clipped", "valid"):
                 stats[k] += s[k]
-            stats["entropy"] += entropy[mask].sum().item()
+            stats["entropy"] += entropy
             stats["loss"] += loss.item() / len(minis)
         stats["grad_norm"] += pretrain.optimizer_step(model, opt, grad_clip) / len(minis)
     for k in ("icepop_masked", "clipped", "valid", "entropy", "loss"):
@@ -569,14 +573,20 @@ def main(argv=None):
 
 
 def comparison(start, end, k):
-    """Markdown table: pass@1 and pass@k per family, at the start (SFT) and the end (RL), with standard errors."""
+    """Markdown table: greedy accuracy, pass@1 and pass@k per family at the start (SFT) and the end (RL), with
+    standard errors, and the pass@1 gain in standard errors of the difference (z)."""
     keys = ["greedy_acc", "pass@1"] + ([f"pass@{k}"] if k > 1 else [])
-    lines = ["| task | " + " | ".join(f"{key} {when}" for key in keys for when in ("SFT", "RL")) + " |",
-             "|---" * (2 * len(keys) + 1) + "|"]
+    lines = ["| task | " + " | ".join(f"{key} {when}" for key in keys for when in ("SFT", "RL")) + " | pass@1 z |",
+             "|---" * (2 * len(keys) + 2) + "|"]
     for f, m in end.items():
+        s = (start or {}).get(f)
         cells = [f"{ms[key]:.3f} ± {ms[key + '_se']:.3f}" if ms and key in ms else "–"
-                 for key in keys for ms in ((start or {}).get(f), m)]
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+                 for key in keys for ms in (s, m)]
+        z = "–"
+        if s and "pass@1" in s and "pass@1" in m:
+            se = math.hypot(s["pass@1_se"], m["pass@1_se"])
+            z = f"{(m['pass@1'] - s['pass@1']) / se:+.1f}" if se > 0 else "–"
+        lines.append(f"| {f} | " + " | ".join(cells) + f" | {z} |")
     return "\n".join(lines)
 
 
