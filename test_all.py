@@ -2998,6 +2998,19 @@ def test_rlvr_one_update_is_the_plain_policy_gradient():
     assert any(p.grad.abs().sum() > 0 for p in ref.parameters() if p.grad is not None)
 
 
+def test_rlvr_trainer_recomputes_the_samplers_logprobs():
+    # IcePop's rho compares the two: temperature 1 without truncation on both sides, so on CPU fp32 rho is ~1
+    # (left-padded batched decoding with a KV cache vs one right-padded forward: float rounding only)
+    model = _rl_model()
+    rows = _rl_rows(model, [[3, 4, 5, 6, 7], [8], [9, 10]], G=3, n_vocab=40, seed=5, new_tokens=4)
+    for mb in rlvr.micro_batches(rows, 4, "cpu"):
+        with torch.no_grad():
+            logp, _ = rlvr.token_logprobs(model, mb["x"], mb["tgt"], 40)
+        mask = mb["y"] != -1
+        torch.testing.assert_close(logp[mask], mb["logp_inf"][mask], rtol=0, atol=1e-4)
+        assert mask.sum() == mask.size(0) * 4  # every sampled token is a trained position
+
+
 def test_rlvr_all_equal_rewards_give_exactly_zero_gradient():
     model = _rl_model().train()
     rows = _rl_rows(model, [[3, 4, 5], [6, 7]], G=4, n_vocab=40, seed=2, reward_of=lambda tokens: 0.75)
