@@ -32,11 +32,13 @@ https://arxiv.org/abs/2503.14476; IcePop: Ling team 2025, https://arxiv.org/abs/
 Contents, top to bottom
   RLRecipe, RL_RECIPES   per-preset scale: the report's for mellum2-12b, a CPU-sized one for tiny
   RL_MIXTURE             the report's data-mix shares mapped onto eval.py's families
-  Rewards                overlong_penalty, concision_penalty, shaped rewards
+  Rewards                overlong_penalty, count_reflections, concision_penalty
   GRPO                   leave_one_out, keep_informative (dynamic sampling), policy_loss (clip + IcePop)
-  Rollouts               Rollout, draw_tasks, rollout (generate_batch + score_many)
+  Rollouts               Rollout, parse_mixture / default_mixture, draw_tasks, rollout (generate_batch),
+                         reward (score_many + shaping)
   Update                 token_logprobs, micro_batches, update (several optimizer steps per rollout batch)
-  main                   the stage: arguments, setup, loop, checkpoints, final evaluation + report card
+  main                   the stage: arguments, setup, start evaluation, loop, checkpoints, final evaluation,
+                         report card; comparison (the SFT -> RL table it prints)
 
 Footguns
 - Rollouts sample at temperature 1 with no top-k / top-p, so the sampler's log-probabilities (generate_batch)
@@ -52,7 +54,11 @@ Footguns
   prompts that leave fewer than MIN_NEW_TOKENS are never drawn (on `tiny`, context 256, function_call's tool lists
   do not fit, and calculator leaves ~70 tokens).
 - Rewards come from eval.score: un-scoreable output (unclosed turn, bad tool JSON, Thinking without a think block)
-  gets 0, before shaping.
+  gets 0, before shaping. On a family the model never solves, the overlong penalty is the only signal left, and it
+  shortens answers (measured: Instruct's function_call format rate fell from 0.94 to 0.68): train on families with
+  non-zero pass rates (--tasks).
+- The held-out evaluation runs before (metrics.jsonl, step 0) and after training on the same tasks: two
+  evaluations, a third to a half of a `tiny` run's time; --eval-tasks 0 skips both.
 """
 import argparse
 import json
