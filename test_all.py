@@ -3,8 +3,8 @@ nanoMellum test suite: CPU-only, every fast path against an independent referenc
     python -m pytest -q test_all.py                 everything (a few minutes on 2 cores)
     python -m pytest -q test_all.py -m "not slow"   skip the end-to-end runs
 Sections: model.py, kernels.py (Triton kernels through the interpreter on CPU), muon.py, data.py, pretrain.py,
-sample.py, extend.py, sft.py, eval.py (its sandbox cases run real adversarial programs). Helpers are prefixed with _ and
-live next to the tests that use them.
+sample.py, extend.py, sft.py, rlvr.py, eval.py (its sandbox cases run real adversarial programs). Helpers are
+prefixed with _ and live next to the tests that use them.
 """
 import base64
 import copy
@@ -3288,11 +3288,261 @@ def test_sft_raises_held_out_accuracy_above_the_base(tmp_path):
 
 
 # =============================================================================
+# rlvr.py: GRPO with leave-one-out advantages, clip-higher, IcePop, dynamic sampling
+
+import eval as E  # noqa: E402
+import rlvr  # noqa: E402
+
+
+def test_rlvr_leave_one_out_matches_hand_computation():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 1.0, 0.0, 0.5]], dtype=torch.float64)
+    # A_i = R_i - (sum of the other three) / 3, no division by the std
+    want = [[1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3], [0.5 - 1.5 / 3, 1 - 1 / 3, 0 - 2 / 3, 0.5 - 1.5 / 3]]
+    torch.testing.assert_close(rlvr.leave_one_out(rewards), torch.tensor(want, dtype=torch.float64))
+    assert rlvr.leave_one_out(torch.tensor([0.2, 0.7], dtype=torch.float64)).tolist() == pytest.approx([-0.5, 0.5])
+    # dynamic sampling keeps the first `limit` groups whose rewards differ, and counts the all-equal ones
+    assert rlvr.keep_informative([[1, 1], [0, 1], [0, 0], [0.5, 0], [1, 0]], limit=2) == ([1, 3], 2)
+
+
+def test_rlvr_reward_shaping_hand_values():
+    # DAPO's soft overlong penalty: cap 100, buffer 20: nothing up to 80 tokens, linear to -1 at 100
+    assert [rlvr.overlong_penalty(n, 100, 20) for n in (10, 80, 81, 90, 100, 101)] == \
+        [0.0, 0.0, -0.05, -0.5, -1.0, -1.0]
+    text = "Hmm, wait. Actually the waiter said: wait... #### 4"  # "waiter" is not "wait"
+    assert rlvr.count_reflections(text) == 4
+    assert rlvr.concision_penalty(text, True, "instruct") == -0.1  # tier "at least 3"
+    assert rlvr.concision_penalty("Wait. #### 4", True, "instruct") == -0.05
+    assert rlvr.concision_penalty(" ".join(["hmm"] * 6), True, "instruct") == -0.2
+    assert rlvr.concision_penalty(text, False, "instruct") == 0.0  # only correct answers
+    assert rlvr.concision_penalty(text, True, "thinking") == 0.0  # only Instruct
+
+
+def test_rlvr_clip_and_icepop_act_exactly_at_their_bounds():
+    d = torch.float64
+    # ratios pi_theta / pi_old around the clip bounds 1 - 0.2 and 1 + 0.28, for positive and negative advantages
+    ratio = torch.tensor([0.8 - 1e-9, 0.8, 1.0, 1.28, 1.28 + 1e-9, 0.8 - 1e-9, 1.28 + 1e-9], dtype=d)
+    adv = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0, -1.0], dtype=d)
+    logp = ratio.log().requires_grad_()
+    zero = torch.zeros_like(ratio)
+    mask = torch.ones_like(ratio, dtype=torch.bool)
+    loss, stats = rlvr.policy_loss(logp, zero, zero, adv, mask, norm=7.0)
+    # per token min(r A, clip(r) A); the clip binds only where it removes the incentive (A < 0 below 0.8, A > 0
+    # above 1.28): there the term is constant and its gradient is exactly zero
+    clip = ratio.clamp(0.8, 1.28)
+    want = -torch.minimum(ratio * adv, clip * adv).sum() / 7
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    loss.backward()
+    grad = logp.grad * 7  # d(-r A)/d(log r) = -r A where unclipped
+    assert grad[0] == 0 and grad[4] == 0
+    for i in (1, 2, 3, 5, 6):
+        assert grad[i].item() == pytest.approx(-(ratio[i] * adv[i]).item(), rel=1e-9), i
+    assert stats["clipped"] == 2 and stats["valid"] == 7
+    # IcePop: rho = pi_old / pi_inf outside [0.5, 5] masks the token (zero loss and gradient); inside, it weighs
+    rho = torch.tensor([0.5 - 1e-9, 0.5, 2.0, 5.0 * (1 - 1e-15), 5.0 + 1e-9], dtype=d)
+    logp = torch.zeros(5, dtype=d, requires_grad=True)
+    adv = torch.ones(5, dtype=d)
+    loss, stats = rlvr.policy_loss(logp, torch.zeros(5, dtype=d), -rho.log(), adv, torch.ones(5, dtype=torch.bool),
+                                   norm=5.0)
+    loss.backward()
+    assert stats["icepop_masked"] == 2
+    torch.testing.assert_close(logp.grad, -torch.tensor([0.0, 0.5, 2.0, 5.0, 0.0], dtype=d) / 5, rtol=1e-9, atol=0)
+    # the normaliser is the caller's: masked tokens count in it, padding (mask False) counts nowhere
+    loss, stats = rlvr.policy_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
+                                   torch.tensor([True, False, True]), norm=2.0)
+    assert loss.item() == -1.0 and stats["valid"] == 2
+
+
+def _rl_rows(model, prompts, G, n_vocab, seed, new_tokens=3, reward_of=None):
+    """Rollouts of `prompts` (lists of ids) from generate_batch, rewarded by reward_of(tokens) (default: a fixed
+    pseudo-random reward), with leave-one-out advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    comps = S.generate_batch(model, prompts, new_tokens, n_samples=G, temperature=1.0, generator=gen, n_vocab=n_vocab)
+    rows = [rlvr.Rollout("test", c.prompt_index, prompts[c.prompt_index], c.tokens, c.logprobs, c.trained, new_tokens)
+            for c in comps]
+    for r in rows:
+        r.reward = reward_of(r.tokens) if reward_of else (sum(r.tokens) * 7919 % 13) / 13
+    for g in range(len(prompts)):
+        group = [r for r in rows if r.group == g]
+        for r, a in zip(group, rlvr.leave_one_out(torch.tensor([r.reward for r in group], dtype=torch.float64))):
+            r.advantage = a.item()
+    return rows
+
+
+def _rl_model(seed=0):
+    model = _tiny_model(seed)
+    model.mtp.requires_grad_(False)
+    return model
+
+
+def test_rlvr_one_update_is_the_plain_policy_gradient():
+    model = _rl_model()
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    rows = _rl_rows(model, prompts, G=4, n_vocab=40, seed=1)
+    rows[0].trained[1] = False  # an injected token: never trained
+    rows[1].logprobs[0] += 0.3  # a sampler that disagrees a little: rho = exp(-0.3), kept and weighted
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.train()
+    rlvr.update(_CPU, model, opt, rows, 40, updates=1, micro=5, grad_clip=1e9)
+    # reference: -(1/N) sum over trained tokens of rho * A * log pi(token), rho = pi_theta / pi_inf (detached)
+    ref = _rl_model()
+    ref.train()
+    total, n = 0.0, 0
+    for r in rows:
+        seq = torch.tensor([r.prompt + r.tokens])
+        logp = ref.lm_head(ref.hidden(seq[:, :-1]))[0, :, :40].float().log_softmax(-1)
+        for j, (t, lp_inf, trained) in enumerate(zip(r.tokens, r.logprobs, r.trained)):
+            if trained:
+                lp = logp[len(r.prompt) - 1 + j, t]
+                total = total - (lp.detach() - lp_inf).exp() * r.advantage * lp
+                n += 1
+    (total / n).backward()
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            moved = before[name] - dict(model.named_parameters())[name].detach()
+            torch.testing.assert_close(moved, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(p.grad.abs().sum() > 0 for p in ref.parameters() if p.grad is not None)
+
+
+def test_rlvr_trainer_recomputes_the_samplers_logprobs():
+    # IcePop's rho compares the two: temperature 1 without truncation on both sides, so on CPU fp32 rho is ~1
+    # (left-padded batched decoding with a KV cache vs one right-padded forward: float rounding only)
+    model = _rl_model()
+    rows = _rl_rows(model, [[3, 4, 5, 6, 7], [8], [9, 10]], G=3, n_vocab=40, seed=5, new_tokens=4)
+    for mb in rlvr.micro_batches(rows, 4, "cpu"):
+        with torch.no_grad():
+            logp, _ = rlvr.token_logprobs(model, mb["x"], mb["tgt"], 40)
+        mask = mb["y"] != -1
+        torch.testing.assert_close(logp[mask], mb["logp_inf"][mask], rtol=0, atol=1e-4)
+        assert mask.sum() == mask.size(0) * 4  # every sampled token is a trained position
+
+
+def test_rlvr_all_equal_rewards_give_exactly_zero_gradient():
+    model = _rl_model().train()
+    rows = _rl_rows(model, [[3, 4, 5], [6, 7]], G=4, n_vocab=40, seed=2, reward_of=lambda tokens: 0.75)
+    assert all(r.advantage == 0.0 for r in rows)
+    grads = {}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    opt.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    stats = rlvr.update(_CPU, model, opt, rows, 40, updates=2, micro=3, grad_clip=1e9)
+    assert grads and all(not g.any() for g in grads.values()) and stats["valid"] > 0
+
+
+def test_rlvr_bandit_reward_rises_towards_one():
+    # one token from {0, 1, 2, 3}; 2 is right. A few tiny steps push the expected reward, pi(2 | prompt), to ~1.
+    model = _rl_model(3)
+    opt = muon.MuonAdamW(param_groups(model, 3e-3, 0.01, adamw_only=True), betas=(0.9, 0.999))
+    prompts = [[5, 6, 7], [8, 9], [10]]
+
+    def expected_reward():  # exact: the probability of the right token, averaged over the prompts
+        with torch.no_grad():
+            return np.mean([model(torch.tensor([p]))[0][0, -1, :4].softmax(-1)[2].item() for p in prompts])
+
+    start = expected_reward()
+    for step in range(12):
+        model.eval()
+        rows = _rl_rows(model, prompts, G=8, n_vocab=4, seed=step, new_tokens=1,
+                        reward_of=lambda tokens: float(tokens == [2]))
+        model.train()
+        rlvr.update(_CPU, model, opt, rows, 4, updates=2, micro=8, grad_clip=1.0)
+    assert start < 0.4 and expected_reward() > 0.95, (start, expected_reward())
+
+
+def _rlvr_ddp_worker(rank, world, tmp, rows):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    ctx = pretrain.Compute(torch.device("cpu"), rank, rank, world, ddp=True)
+    raw = _rl_model().train()
+    model = pretrain.wrap_model(ctx, raw, "ddp")
+    opt = torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=1.0)
+    # unequal shares: rank 0 three groups, rank 1 one (fewer micro-batches: it runs empty ones to keep in step)
+    mine = [r for r in rows if (r.group < 3) == (rank == 0)]
+    stats = rlvr.update(ctx, model, opt, mine, 40, updates=1, micro=2, grad_clip=1e9)
+    torch.save({"params": {n: p.detach() for n, p in raw.named_parameters()}, "stats": stats}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rlvr_token_normaliser_same_on_one_and_two_gloo_ranks(tmp_path):
+    rows = _rl_rows(_rl_model(), [[3, 4, 5, 6], [7, 8], [9, 10, 11], [12]], G=3, n_vocab=40, seed=4)
+    for i, r in enumerate(rows):  # advantages that do not sum to zero per group, so the loss is not ~0 either
+        r.advantage = (i % 5 - 1.5) / 2
+        r.trained[i % 3] = i % 2 == 0  # unequal token counts per row and per rank
+    one = _rl_model().train()
+    opt = torch.optim.SGD([p for p in one.parameters() if p.requires_grad], lr=1.0)
+    want = rlvr.update(_CPU, one, opt, rows, 40, updates=1, micro=2, grad_clip=1e9)
+    torch.multiprocessing.spawn(_rlvr_ddp_worker, args=(2, str(tmp_path), rows), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        # the loss is the sum over all ranks' tokens / all ranks' count: the same update as one process
+        assert got["stats"]["valid"] == want["valid"] and got["stats"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        for n, p in one.named_parameters():
+            torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _rl_checkpoint(tmp_path):
+    """A `test`-preset 'SFT' checkpoint with a real chat tokenizer (cl100k_base:384, 399 ids)."""
+    tok = data.get_tokenizer("cl100k_base:384")
+    model = M.Mellum(M.get_config("test", vocab_size=512, max_position_embeddings=96)).init_weights(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    path = str(tmp_path / "sft")
+    pretrain.save_checkpoint(path, 1, model, opt, dict(stage="sft-instruct", variant="instruct", tokenizer=tok.name,
+                                                       preset="test"), {}, _CPU)
+    return path
+
+
+def _fake_score_many(tasks, texts, variant="instruct", workers=4, **kw):
+    """A deterministic reward with spread even for a random model (the loop's bookkeeping is under test here)."""
+    return [E.Score(len(set(t)) % 4 / 3, len(set(t)) % 4 == 3, True) for t in texts]
+
+
+def _rlvr(tmp_path, init, out, *extra):
+    return rlvr.main(["--from", init, "--out-dir", str(tmp_path / out), "--tasks", "arithmetic", "--prompts", "2",
+                      "--samples", "3", "--max-new-tokens", "6", "--steps", "3", "--lr", "1e-2", "--warmup", "1",
+                      "--micro-batch", "4", "--eval-tasks", "0", "--device", "cpu", "--workers", "1", *extra])
+
+
+def _rl_metrics(tmp_path, out):
+    with open(tmp_path / out / "metrics.jsonl") as f:
+        return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in map(json.loads, f)]
+
+
+@pytest.mark.slow
+def test_rlvr_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "score_many", _fake_score_many)
+    init = _rl_checkpoint(tmp_path)
+    _rlvr(tmp_path, init, "full")
+    _rlvr(tmp_path, init, "cut", "--stop-after", "2")
+    assert M.latest_step(str(tmp_path / "cut")) == 2
+    _rlvr(tmp_path, init, "cut", "--resume")
+    full, cut = _rl_metrics(tmp_path, "full"), _rl_metrics(tmp_path, "cut")
+    assert len(full) == 3 and full == cut and sum(r["tokens"] for r in full) > 0
+    a, _ = M.load_checkpoint(str(tmp_path / "full"))
+    b, _ = M.load_checkpoint(str(tmp_path / "cut"))
+    ref, _ = M.load_checkpoint(init)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    changed = {n for n, x in ref.state_dict().items() if not torch.equal(x, a.state_dict()[n])}
+    assert changed and not any(n.startswith("mtp.") for n in changed)  # trained, MTP frozen
+    assert M.latest_step(init) == 1  # the reference checkpoint is untouched
+
+
+def test_rlvr_dry_run_prints_the_reports_recipe(tmp_path, capsys):
+    init = _rl_checkpoint(tmp_path)
+    rlvr.main(["--from", init, "--preset", "mellum2-12b", "--dry-run", "--out-dir", str(tmp_path / "rl")])
+    out = capsys.readouterr().out
+    for fact in ["500 steps x 256 prompts x 16 samples", "oversampled 1.5x", "cap 16384 new tokens", "lr 1e-06",
+                 "warmup 50"]:
+        assert fact in out, fact
+    with pytest.raises(SystemExit, match="not a trainable family"):
+        rlvr.main(["--from", init, "--tasks", "humaneval", "--dry-run"])
+    with pytest.raises(SystemExit, match="reference checkpoint stays untouched"):
+        rlvr.main(["--from", init, "--out-dir", init, "--dry-run"])
+
+
+# =============================================================================
 # eval.py: task families, verifiers, sandbox, metrics, the eval stage
 
 import dataclasses  # noqa: E402
-
-import eval as E  # noqa: E402
 
 _EVAL_FAMILIES = [f for f in E.FAMILIES if f != "humaneval" or E.humaneval_problems() is not None]
 

@@ -1,0 +1,604 @@
+"""
+Reinforcement learning with verifiable rewards (RLVR), as Mellum 2 did it: a GRPO variant trained separately on
+the Instruct and the Thinking SFT checkpoints. Per step: draw prompts from the RL task mixture (eval.py's
+families), sample G completions of each with batched KV-cache decoding (the G samples share the prompt's
+prefill; calculator calls are answered by eval.make_tool_hook), score them with eval.py's verifiers (code runs in
+the sandbox, several programs at once), and update the policy.
+
+CPU, `tiny` (the SFT checkpoints of sft.py; results go to out/rl/{instruct,thinking}):
+    python rlvr.py --from out/sft/instruct
+    python rlvr.py --from out/sft/thinking          # the variant comes from the checkpoint (or --variant)
+    python rlvr.py --from out/sft/instruct --resume # continue out/rl/instruct exactly where it stopped
+One GPU: the same commands. Many GPUs (DDP: each rank draws its own prompts; the loss is normalised over all):
+    torchrun --nproc_per_node=8 rlvr.py --from out/sft/instruct
+Plan only (the report's recipe): python rlvr.py --from DIR --preset mellum2-12b --dry-run
+
+The algorithm (REPORT.md, RLVR; GRPO: Shao et al. 2024, https://arxiv.org/abs/2402.03300; DAPO: Yu et al. 2025,
+https://arxiv.org/abs/2503.14476; IcePop: Ling team 2025, https://arxiv.org/abs/2510.18855):
+  advantage      leave-one-out, A_i = R_i - mean of the other G-1 rewards of its group; no std normalisation
+  loss           token level: the sum over every valid (sampled, not injected) token of the mini-batch on all
+                 ranks, divided by their count; clipped ratio r = pi_theta / pi_old with eps_low 0.2, eps_high 0.28
+                 (DAPO's clip-higher); no KL term and no reference model
+  dynamic        oversample 1.5x, drop groups whose rewards are all equal (their advantages are all zero), train
+  sampling       on at most P of the rest (DAPO); the dropped fraction is logged
+  IcePop         rho = pi_train(old) / pi_inference(old) per token: the sampler's log-probabilities are kept from
+                 generation and the trainer recomputes them with the same weights; tokens with rho outside
+                 [0.5, 5] are masked, the others weighted by rho (guards against train/inference mismatch: bf16 /
+                 FP8 inference, MoE routing flips)
+  shaping        DAPO's soft overlong penalty over the last fifth of the length cap; for Instruct, a concision
+                 penalty on correct answers that use reflection words, in three tiers (constants: ours)
+  optimizer      AdamW (0.9, 0.999), weight decay 0.01, linear warmup then constant LR, clip 1.0
+
+Contents, top to bottom
+  RLRecipe, RL_RECIPES   per-preset scale: the report's for mellum2-12b, a CPU-sized one for tiny
+  RL_MIXTURE             the report's data-mix shares mapped onto eval.py's families
+  Rewards                overlong_penalty, count_reflections, concision_penalty
+  GRPO                   leave_one_out, keep_informative (dynamic sampling), policy_loss (clip + IcePop)
+  Rollouts               Rollout, parse_mixture / default_mixture, draw_tasks, rollout (generate_batch),
+                         reward (score_many + shaping)
+  Update                 token_logprobs, micro_batches, update (several optimizer steps per rollout batch)
+  main                   the stage: arguments, setup, start evaluation, loop, checkpoints, final evaluation,
+                         report card; comparison (the SFT -> RL table it prints)
+
+Footguns
+- Rollouts sample at temperature 1 with no top-k / top-p, so the sampler's log-probabilities (generate_batch)
+  and the trainer's (token_logprobs, ids < n_vocab) describe the same distribution; on CPU fp32 rho is ~1 and the
+  IcePop mask never fires, it matters with bf16 / FP8 inference.
+- With --updates 1, pi_old is the live policy itself (detached): the ratio is exactly 1 and the loss is the plain
+  token-level policy gradient. With k > 1 the rollout batch is split into k mini-batches, each one optimizer step;
+  their pi_old is recomputed before the first step, so mini-batch j trains on data j steps stale (the report's
+  asynchronous rollouts allow staleness <= 2).
+- MTP is not trained (frozen: no loss, no weight decay) and the router losses are off: the objective is the
+  policy gradient alone, as the report lists it (our choice for the router; the LR is small and the run short).
+- The length cap of a completion is min(--max-new-tokens, context - longest prompt of its generation batch);
+  prompts that leave fewer than MIN_NEW_TOKENS are never drawn (on `tiny`, context 256, function_call's tool lists
+  do not fit, and calculator leaves ~70 tokens).
+- Rewards come from eval.score: un-scoreable output (unclosed turn, bad tool JSON, Thinking without a think block)
+  gets 0, before shaping. On a family the model never solves, the overlong penalty is the only signal left, and it
+  shortens answers (measured: Instruct's function_call format rate fell from 0.94 to 0.68): train on families with
+  non-zero pass rates (--tasks).
+- The held-out evaluation runs before (metrics.jsonl, step 0) and after training on the same tasks: two
+  evaluations, a third to a half of a `tiny` run's time; --eval-tasks 0 skips both.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import eval as E
+import model as M
+import muon
+import pretrain
+import sample
+
+# -----------------------------------------------------------------------------
+# Recipes
+
+EPS_LOW, EPS_HIGH = 0.2, 0.28   # clip-higher (the report's, after DAPO)
+ICEPOP = (0.5, 5.0)             # keep tokens whose rho lies in this closed interval (the report's)
+OVERSAMPLE = 1.5                # prompts drawn per kept group (the report's ~1.5x)
+MIN_NEW_TOKENS = 16             # a prompt must leave at least this many new tokens in the context
+
+
+@dataclass
+class RLRecipe:
+    prompts: int        # P: groups trained per step (all ranks), after dynamic sampling
+    samples: int        # G: completions per prompt
+    steps: dict         # per variant
+    max_new_tokens: dict  # per variant: the length cap of a rollout (tool results included)
+    lr: float
+    warmup: int
+    updates: int        # optimizer steps per rollout batch (mini-batches); unpublished, our choice
+    micro_batch: int    # sequences per forward in the update
+    max_tool_turns: int = 10
+
+
+RL_RECIPES = {
+    # The report: 256 prompts x 16 samples, Instruct 500 steps at 16K tokens, Thinking 100 steps at 40,960, LR 1e-6
+    # after 50 warmup iterations, up to 10 tool turns.
+    "mellum2-12b": RLRecipe(prompts=256, samples=16, steps={"instruct": 500, "thinking": 100},
+                            max_new_tokens={"instruct": 16_384, "thinking": 40_960}, lr=1e-6, warmup=50, updates=2,
+                            micro_batch=1),
+    # CPU minutes (our choice): a 4-layer model of 256 positions takes a far larger LR than 12B parameters; the
+    # steps fit the 15-minute budget on 2 cores.
+    "tiny": RLRecipe(prompts=8, samples=8, steps={"instruct": 40, "thinking": 40},
+                     max_new_tokens={"instruct": 64, "thinking": 128}, lr=1e-4, warmup=5, updates=2, micro_batch=16),
+}
+RL_RECIPES["test"] = RL_RECIPES["tiny"]
+
+# The report's RL data mix (code 22%, math 23-28%, agentic tool use 12-14%, instruction following 19-21%,
+# reasoning 13%, knowledge 4-9%) on eval.py's families: code -> python; math -> math + arithmetic; tool use ->
+# calculator (multi-turn, executed) + function_call (BFCL-style); instruction following -> identity (the only
+# instruction family we have). Reasoning and knowledge have no family here and are left out.
+RL_MIXTURE = {"python": 22, "math": 12.5, "arithmetic": 12.5, "calculator": 6.5, "function_call": 6.5, "identity": 20}
+
+# -----------------------------------------------------------------------------
+# Rewards: the verifier's score, plus shaping
+
+# Concision (Instruct, correct answers only): reflection words counted in the answer, the penalty of the highest
+# tier reached. The report names the idea ("wait", "hmm", ... in three tiers); the words and constants are ours.
+REFLECTION_WORDS = ("wait", "hmm", "actually", "let me check", "double-check", "on second thought", "re-check")
+CONCISION_TIERS = ((1, 0.05), (3, 0.1), (6, 0.2))  # (at least this many reflection words, penalty)
+
+
+def overlong_penalty(length, cap, buffer):
+    """DAPO's soft overlong punishment: 0 up to cap - buffer tokens, then linear down to -1 at the cap (and -1
+    beyond it)."""
+    if length <= cap - buffer:
+        return 0.0
+    if length <= cap:
+        return (cap - buffer - length) / buffer
+    return -1.0
+
+
+def count_reflections(text):
+    low = text.lower()
+    return sum(len(_word_spans(low, w)) for w in REFLECTION_WORDS)
+
+
+def _word_spans(text, word):
+    """Start offsets of `word` as a whole word (so "waiter" is not "wait")."""
+    out, i = [], text.find(word)
+    while i >= 0:
+        before = text[i - 1] if i else " "
+        after = text[i + len(word)] if i + len(word) < len(text) else " "
+        if not before.isalnum() and not after.isalnum():
+            out.append(i)
+        i = text.find(word, i + 1)
+    return out
+
+
+def concision_penalty(text, correct, variant):
+    if variant != "instruct" or not correct:
+        return 0.0
+    n = count_reflections(text)
+    return -max((p for at_least, p in CONCISION_TIERS if n >= at_least), default=0.0)
+
+
+# -----------------------------------------------------------------------------
+# GRPO: advantages, dynamic sampling, the clipped token-level loss with IcePop
+
+def leave_one_out(rewards):
+    """(..., G) rewards -> (..., G) advantages R_i - mean_{j != i} R_j, without std normalisation."""
+    G = rewards.size(-1)
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
+
+
+def keep_informative(groups, limit):
+    """Dynamic sampling: the first `limit` groups (lists of rewards) whose rewards are not all equal; returns their
+    indices and the number of groups dropped for zero variance."""
+    informative = [i for i, g in enumerate(groups) if max(g) != min(g)]
+    return informative[:limit], len(groups) - len(informative)
+
+
+def policy_loss(logp, logp_old, logp_inf, adv, mask, norm, eps_low=EPS_LOW, eps_high=EPS_HIGH, icepop=ICEPOP):
+    """The clipped, IcePop-weighted token-level loss of one micro-batch, and its counts.
+
+    All per-token tensors have one shape: logp = log pi_theta (with grad), logp_old = log pi_old (the trainer's,
+    with the rollout weights), logp_inf = the sampler's, adv = the token's advantage, mask = valid tokens.
+    loss = -sum_t [M(rho_t) * rho_t * min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)] / norm, with
+    r = pi_theta / pi_old, rho = pi_old / pi_inf, M(rho) = 1 inside the closed interval `icepop`, else 0.
+    Returns (loss, {"icepop_masked", "clipped", "valid"}) where the counts are over mask."""
+    rho = (logp_old - logp_inf).exp()
+    keep = mask & (rho >= icepop[0]) & (rho <= icepop[1])
+    ratio = (logp - logp_old).exp()
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    per_token = torch.minimum(unclipped, clipped) * torch.where(keep, rho, torch.zeros_like(rho))
+    loss = -per_token.sum() / norm
+    with torch.no_grad():
+        clip_active = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
+        stats = {"icepop_masked": (mask & ~keep).sum().item(), "clipped": (keep & clip_active).sum().item(),
+                 "valid": mask.sum().item()}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Rollouts
+
+@dataclass
+class Rollout:
+    family: str
+    group: int              # index of its prompt in the step's draw on this rank
+    prompt: list            # ids
+    tokens: list            # everything after the prompt (sampled + injected tool results)
+    logprobs: list          # the sampler's, per token (0.0 for injected ones)
+    trained: list           # False for injected tokens: never trained
+    cap: int                # the length cap it was generated under
+    score: float = 0.0      # the verifier's reward
+    correct: bool = False
+    reward: float = 0.0     # score + shaping
+    advantage: float = 0.0
+    text: str = field(default="", repr=False)
+
+
+def parse_mixture(specs):
+    """["python:22", "math"] -> {family: weight} (a bare family weighs 1)."""
+    out = {}
+    for s in specs:
+        name, _, w = s.partition(":")
+        if name not in E.FAMILIES or name in E.EVAL_ONLY:
+            trainable = [f for f in E.FAMILIES if f not in E.EVAL_ONLY]
+            raise SystemExit(f"rlvr.py --tasks: {name!r} is not a trainable family; choose from "
+                             f"{', '.join(trainable)} (as family or family:weight)")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise SystemExit(f"rlvr.py --tasks {s}: the weight after ':' must be a number") from None
+    return out
+
+
+def default_mixture(tok, ctx_len):
+    """RL_MIXTURE without the families whose prompts mostly do not fit the context (on `tiny`: function_call)."""
+    def fits(family):
+        tasks = [E.make_task(family, s) for s in E.task_seeds(family, "train", 20)]
+        n = sum(len(data.render_prompt(tok, t.messages, tools=t.tools)) + MIN_NEW_TOKENS <= ctx_len for t in tasks)
+        return n >= len(tasks) // 2
+    return {f: w for f, w in RL_MIXTURE.items() if fits(f)}
+
+
+def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
+    """n training tasks drawn from the {family: weight} mixture with rng; tasks whose prompt leaves fewer than
+    MIN_NEW_TOKENS (or than the cap, whichever is smaller) in the context are skipped."""
+    families, weights = zip(*mixture.items())
+    out, tries = [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise SystemExit(f"rlvr.py: the prompts of {sorted(mixture)} do not fit the model's context of {ctx_len} "
+                             f"tokens with {MIN_NEW_TOKENS} new ones; choose other --tasks")
+        task = E.make_task(rng.choices(families, weights)[0], rng.randrange(E.TEST_SEED0))
+        prompt = data.render_prompt(tok, task.messages, tools=task.tools)
+        if len(prompt) + min(MIN_NEW_TOKENS, max_new) <= ctx_len:
+            out.append((task, prompt))
+    return out
+
+
+def rollout(model, tok, drawn, n_samples, max_new, gen, gen_batch, max_tool_turns):
+    """G completions of each drawn (task, prompt), ordered by group. Prompts are decoded gen_batch at a time,
+    sorted by length (less left padding); a batch's cap is what its longest prompt leaves of the context."""
+    ctx_len = model.config.max_position_embeddings
+    order = sorted(range(len(drawn)), key=lambda i: len(drawn[i][1]))
+    out = []
+    for b in range(0, len(order), gen_batch):
+        idx = order[b:b + gen_batch]
+        tasks = [drawn[i][0] for i in idx]
+        cap = min(max_new, ctx_len - len(drawn[idx[-1]][1]))
+        comps = sample.generate_batch(model, [drawn[i][1] for i in idx], cap, n_samples=n_samples, temperature=1.0,
+                                      generator=gen, stop_tokens=(tok.special[E.IM_END],), n_vocab=tok.n_vocab,
+                                      tool_hook=E.make_tool_hook(tok, tasks, max_tool_turns))
+        for c in comps:
+            i = idx[c.prompt_index]
+            out.append(Rollout(drawn[i][0].family, i, drawn[i][1], c.tokens, c.logprobs, c.trained, cap,
+                               text=tok.decode(c.tokens)))
+    return sorted(out, key=lambda r: r.group)  # stable: samples keep their order within a group
+
+
+def reward(rows, tasks, variant, workers, overlong):
+    """Score every rollout with eval.py's verifiers (code: `workers` sandboxes at once), then shape: reward =
+    score + overlong penalty (the last `overlong` fraction of its cap) + concision penalty."""
+    scores = E.score_many([tasks[r.group] for r in rows], [r.text for r in rows], variant, workers)
+    for r, s in zip(rows, scores):
+        r.score, r.correct = s.reward, s.correct
+        r.reward = (s.reward + overlong_penalty(len(r.tokens), r.cap, max(1, round(overlong * r.cap)))
+                    + concision_penalty(r.text, s.correct, variant))
+
+
+# -----------------------------------------------------------------------------
+# The update
+
+def token_logprobs(model, x, tgt, n_vocab, mask=None):
+    """log pi(tgt | x) per position (B, T) over ids < n_vocab at temperature 1 (the sampler's distribution), and
+    the summed entropy of the positions in `mask` (detached; 0 without a mask)."""
+    logits, _ = model(x)
+    logp_all = logits[..., :n_vocab].float().log_softmax(-1)
+    entropy = 0.0
+    if mask is not None:
+        with torch.no_grad():
+            lp = logp_all[mask]
+            entropy = -(lp.exp() * lp).sum().item()
+    return logp_all.gather(-1, tgt[..., None])[..., 0], entropy
+
+
+def micro_batches(rows, size, device):
+    """Right-padded tensors for rollouts `rows`, `size` sequences at a time: x (inputs), tgt (the completion's ids
+    at the positions that predict them), y (tgt where the token is trained, else -1: pretrain.token_normaliser
+    counts it), logp_inf and adv per position."""
+    out = []
+    for b in range(0, len(rows), size):
+        chunk = rows[b:b + size]
+        T = max(len(r.prompt) + len(r.tokens) for r in chunk) - 1
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        tgt, y = torch.zeros_like(x), torch.full_like(x, -1)
+        logp_inf, adv = torch.zeros(len(chunk), T), torch.zeros(len(chunk), T)
+        for i, r in enumerate(chunk):
+            seq = torch.tensor(r.prompt + r.tokens)
+            n, p = len(seq) - 1, len(r.prompt) - 1  # completion token j is predicted at position p + j
+            x[i, :n], tgt[i, p:n] = seq[:-1], seq[p + 1:]  # prompt positions: id 0, never read
+            trained = torch.tensor(r.trained, dtype=torch.bool)
+            y[i, p:n] = torch.where(trained, tgt[i, p:n], -1)
+            logp_inf[i, p:n] = torch.tensor(r.logprobs)
+            adv[i, p:n] = r.advantage
+        out.append({k: v.to(device) for k, v in dict(x=x, tgt=tgt, y=y, logp_inf=logp_inf, adv=adv).items()})
+    return out
+
+
+def _empty_micro_batch(device):
+    """One token, nothing trained: a rank short of micro-batches runs it so that DDP's gradient sync still meets
+    every rank (its loss, and so its gradient, is zero)."""
+    z = torch.zeros(1, 1, device=device)
+    return dict(x=z.long(), tgt=z.long(), y=z.long() - 1, logp_inf=z, adv=z)
+
+
+def _agree(n, ctx, op):
+    """n combined over ranks (DDP ranks must run the same number of forwards and backwards)."""
+    if not ctx.ddp:
+        return n
+    t = torch.tensor([n], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
+    """`updates` optimizer steps over the rollout batch `rows` (this rank's share), split into as many mini-batches
+    of whole groups. Returns the step's statistics (token counts summed over ranks)."""
+    groups = sorted({r.group for r in rows})
+    parts = [set(groups[i::updates]) for i in range(updates)]
+    by_length = sorted(rows, key=lambda r: len(r.prompt) + len(r.tokens))  # micro-batches of similar lengths pad less
+    minis = [micro_batches([r for r in by_length if r.group in part], micro, ctx.device) for part in parts]
+    # pi_old: the rollout policy's log-probabilities, computed before any update (mini-batch 0 uses the live
+    # policy, detached: the same weights, and then the ratio is exactly 1)
+    with torch.no_grad():
+        for mbs in minis[1:]:
+            for mb in mbs:
+                mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab)[0]
+    stats = dict(icepop_masked=0.0, clipped=0.0, valid=0.0, entropy=0.0, loss=0.0, grad_norm=0.0)
+    for mbs in minis:
+        n_micro = int(_agree(len(mbs), ctx, dist.ReduceOp.MAX))
+        if n_micro == 0:
+            continue
+        norm = pretrain.token_normaliser([(None, mb["y"]) for mb in mbs], ctx)[0]
+        for i in range(n_micro):
+            mb = mbs[i] if i < len(mbs) else _empty_micro_batch(ctx.device)
+            with pretrain.grad_sync(model, i == n_micro - 1), ctx.autocast():
+                mask = mb["y"] != -1
+                logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask)
+                logp_old = mb.get("logp_old", logp.detach())
+                loss, s = policy_loss(logp, logp_old, mb["logp_inf"], mb["adv"], mask, norm)
+            loss.backward()
+            for k in ("icepop_masked", "clipped", "valid"):
+                stats[k] += s[k]
+            stats["entropy"] += entropy
+            stats["loss"] += loss.item() / len(minis)
+        stats["grad_norm"] += pretrain.optimizer_step(model, opt, grad_clip) / len(minis)
+    for k in ("icepop_masked", "clipped", "valid", "entropy", "loss"):
+        stats[k] = _agree(stats[k], ctx, dist.ReduceOp.SUM)
+    stats["loss"] /= ctx.world_size
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    # --- run
+    ap.add_argument("--from", dest="init", required=True, help="the SFT checkpoint directory (out/sft/instruct)")
+    ap.add_argument("--variant", choices=("instruct", "thinking"), default=None,
+                    help="default: the checkpoint's (sft.py records it), else instruct")
+    ap.add_argument("--out-dir", default=None, help="default: out/rl/{variant}")
+    ap.add_argument("--preset", default=None, choices=list(RL_RECIPES),
+                    help="the RL recipe (default: the checkpoint's preset, else tiny)")
+    ap.add_argument("--resume", action="store_true", help="continue --out-dir from its latest checkpoint")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--seed", type=int, default=1337)
+    # --- rollouts
+    ap.add_argument("--tasks", nargs="+", default=None, help="family[:weight] ... (default: the report's mix, "
+                    "RL_MIXTURE, over the families whose prompts fit the context)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--prompts", type=int, default=None, help="P: groups per step over all ranks")
+    ap.add_argument("--samples", type=int, default=None, help="G: completions per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="length cap of a rollout")
+    ap.add_argument("--overlong-buffer", type=float, default=0.2, help="the soft overlong penalty covers this "
+                    "fraction of the cap (DAPO: 4,096 of 20,480 tokens)")
+    ap.add_argument("--gen-batch", type=int, default=16, help="prompts decoded together (x G rows)")
+    ap.add_argument("--workers", type=int, default=4, help="sandboxes running at once")
+    # --- optimisation
+    ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (mellum2-12b 1e-6, the report's)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--updates", type=int, default=None, help="optimizer steps per rollout batch (1: plain PG)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward in the update")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    # --- checkpoints, evaluation
+    ap.add_argument("--ckpt-every", type=int, default=10)
+    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit")
+    ap.add_argument("--eval-tasks", type=int, default=100, help="held-out tasks per family at start and end "
+                    "(0: no evaluation)")
+    ap.add_argument("--eval-samples", type=int, default=8, help="samples per task: pass@1 and pass@k")
+    ap.add_argument("--report-card", default=E.REPORT_CARD)
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    return ap.parse_args(argv)
+
+
+def evaluate(model, tok, families, args, variant, cap, out_dir, log):
+    """eval.py's held-out evaluation of the trained families (greedy, pass@1, pass@k)."""
+    model.eval()
+    res = E.evaluate(model, tok, families, args.eval_tasks, args.eval_samples, variant, max_new_tokens=cap,
+                     seed=args.seed, workers=args.workers, out_dir=out_dir, log=log)
+    model.train()
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = pretrain.compute_init(args.device)
+    log = tqdm.write if ctx.master else None
+
+    # --- the starting checkpoint (never written to), its tokenizer, variant and recipe
+    raw, meta0 = pretrain.load_checkpoint(args.init, device=ctx.device)
+    meta0 = meta0 or {}
+    tok = data.get_tokenizer(meta0.get("tokenizer"))
+    variant = args.variant or meta0.get("variant", "instruct")
+    preset = args.preset or meta0.get("preset") or next(
+        (p for p in RL_RECIPES if (M.get_config(p).hidden_size, M.get_config(p).num_hidden_layers)
+         == (raw.config.hidden_size, raw.config.num_hidden_layers)), "tiny")
+    recipe = RL_RECIPES.get(preset, RL_RECIPES["tiny"])
+    steps = args.steps or recipe.steps[variant]
+    P, G = args.prompts or recipe.prompts, args.samples or recipe.samples
+    max_new = args.max_new_tokens or recipe.max_new_tokens[variant]
+    lr, warmup = args.lr or recipe.lr, recipe.warmup if args.warmup is None else args.warmup
+    updates, micro = args.updates or recipe.updates, args.micro_batch or recipe.micro_batch
+    ctx_len = raw.config.max_position_embeddings
+    mixture = parse_mixture(args.tasks) if args.tasks else default_mixture(tok, ctx_len)
+    if P % ctx.world_size or G < 2:
+        raise SystemExit(f"rlvr.py: --prompts {P} must be a multiple of the {ctx.world_size} ranks and --samples "
+                         f"{G} at least 2 (leave-one-out needs a second sample)")
+    out_dir = args.out_dir or os.path.join("out", "rl", variant)
+    if os.path.abspath(out_dir) == os.path.abspath(args.init):
+        raise SystemExit(f"rlvr.py: --out-dir {out_dir} is the starting checkpoint's directory; the reference "
+                         "checkpoint stays untouched: choose another --out-dir")
+    if ctx.master:
+        print(f"rlvr {variant} from {args.init} ({preset} recipe): {steps} steps x {P} prompts x {G} samples "
+              f"(oversampled {OVERSAMPLE}x), cap {max_new} new tokens, {updates} update(s) per batch, AdamW lr {lr} "
+              f"(warmup {warmup}), tasks {mixture}, world {ctx.world_size}, device {ctx.device}")
+    if args.dry_run:
+        pretrain.compute_cleanup(ctx)
+        return
+
+    # --- model and optimizer: MTP frozen (not trained here), AdamW (0.9, 0.999) over everything else
+    if raw.mtp is not None:
+        raw.mtp.requires_grad_(False)
+    raw.train()
+    model = pretrain.wrap_model(ctx, raw, "ddp")
+    opt = muon.MuonAdamW(muon.param_groups(raw, lr, args.weight_decay, adamw_only=True), betas=(0.9, 0.999))
+    meta = dict(stage=f"rl-{variant}", variant=variant, tokenizer=tok.name, preset=preset, init=args.init,
+                args=vars(args))
+    step = 0
+    if args.resume and pretrain.latest_step(out_dir) is not None:
+        step = pretrain.latest_step(out_dir)
+        pretrain.set_rng_state(pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)["rng"])
+        if ctx.master:
+            print(f"resumed {out_dir} at step {step}")
+    if step >= steps:
+        if ctx.master:
+            print(f"rlvr: {out_dir} is already complete at step {step}")
+        pretrain.compute_cleanup(ctx)
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    families = sorted(mixture)
+    if step == 0 and ctx.master:
+        open(metrics, "w").close()  # a fresh run starts a fresh log
+        if args.eval_tasks:  # where RL starts from, for the record: the same held-out tasks as the final evaluation
+            start = evaluate(raw, tok, families, args, variant, max_new, None, log)
+            pretrain.log_metrics(metrics, dict(step=0, eval=start), ctx, echo=False)
+
+    # --- the loop: rollouts (generation + rewards), dynamic sampling, advantages, the update
+    bar = tqdm(range(step, steps), desc=f"rl-{variant}", disable=not ctx.master, dynamic_ncols=True, initial=step,
+               total=steps)
+    first = step
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * pretrain.whd_schedule(step, steps, warmup, 0)
+        # every rank draws its own prompts; draws and samples are functions of (seed, step, rank): exact resume
+        rng = random.Random(f"{args.seed}:{step}:{ctx.rank}")
+        gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + step * 1009 + ctx.rank)
+        t0 = time.perf_counter()
+        raw.eval()
+        drawn = draw_tasks(mixture, math.ceil(P // ctx.world_size * OVERSAMPLE), rng, tok, ctx_len, max_new)
+        rows = rollout(raw, tok, drawn, G, max_new, gen, args.gen_batch, recipe.max_tool_turns)
+        raw.train()
+        t1 = time.perf_counter()
+        reward(rows, [t for t, _ in drawn], variant, args.workers, args.overlong_buffer)
+        t2 = time.perf_counter()
+
+        # dynamic sampling, then leave-one-out advantages within each kept group
+        groups = [rows[i * G:(i + 1) * G] for i in range(len(drawn))]
+        kept, dropped = keep_informative([[r.reward for r in g] for g in groups], P // ctx.world_size)
+        for i in kept:
+            adv = leave_one_out(torch.tensor([r.reward for r in groups[i]], dtype=torch.float64))
+            for r, a in zip(groups[i], adv.tolist()):
+                r.advantage = a
+        train_rows = [r for i in kept for r in groups[i]]
+        stats = update(ctx, model, opt, train_rows, tok.n_vocab, updates, micro, args.grad_clip)
+        t3 = time.perf_counter()
+
+        # the log line: rewards over every rollout of all ranks, token statistics over the trained ones
+        pooled = [dict(family=r.family, reward=r.reward, correct=r.correct, length=len(r.tokens)) for r in rows]
+        if ctx.ddp:
+            everyone = [None] * ctx.world_size
+            dist.all_gather_object(everyone, pooled)
+            pooled = [x for part in everyone for x in part]
+        n_groups, n_dropped = _agree(len(groups), ctx, dist.ReduceOp.SUM), _agree(dropped, ctx, dist.ReduceOp.SUM)
+        rewards = torch.tensor([x["reward"] for x in pooled], dtype=torch.float64)
+        valid = max(stats["valid"], 1)
+        record = dict(step=step + 1, reward=rewards.mean().item(), reward_std=rewards.std().item(),
+                      pass_rate={f: sum(x["correct"] for x in pooled if x["family"] == f)
+                                 / max(1, sum(x["family"] == f for x in pooled)) for f in families},
+                      zero_var=n_dropped / n_groups, kept_groups=int(_agree(len(kept), ctx, dist.ReduceOp.SUM)),
+                      icepop_masked=stats["icepop_masked"] / valid, clip_frac=stats["clipped"] / valid,
+                      entropy=stats["entropy"] / valid, length=sum(x["length"] for x in pooled) / len(pooled),
+                      tokens=int(stats["valid"]), loss=stats["loss"], grad_norm=stats["grad_norm"],
+                      lr=lr * pretrain.whd_schedule(step, steps, warmup, 0), t_gen=t1 - t0, t_reward=t2 - t1,
+                      t_update=t3 - t2)
+        pretrain.log_metrics(metrics, record, ctx, echo=False)
+        if ctx.master:
+            tqdm.write(f"step {step + 1:4d} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | pass "
+                       + " ".join(f"{f[:5]} {v:.2f}" for f, v in record["pass_rate"].items())
+                       + f" | zero-var {record['zero_var']:.2f} | icepop {record['icepop_masked']:.3f} | clip "
+                       f"{record['clip_frac']:.3f} | len {record['length']:.0f} | H {record['entropy']:.2f} | gnorm "
+                       f"{record['grad_norm']:.2f} | gen {t1 - t0:.1f}s reward {t2 - t1:.1f}s update {t3 - t2:.1f}s")
+        bar.set_postfix(reward=f"{record['reward']:.3f}")
+        done = step + 1 == steps
+        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
+        if (step + 1) % args.ckpt_every == 0 or done or stopping:
+            pretrain.save_checkpoint(out_dir, step + 1, raw, opt, meta, {"rng": pretrain.rng_state()}, ctx)
+        if stopping and not done:
+            if ctx.master:
+                tqdm.write(f"rlvr: stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
+            break
+    bar.close()
+
+    # --- held-out evaluation of the trained families, and this stage's column of the report card
+    if step + 1 == steps and args.eval_tasks and ctx.master:
+        end = evaluate(raw, tok, families, args, variant, max_new, out_dir, log)
+        pretrain.log_metrics(metrics, dict(step=steps, eval=end), ctx, echo=False)
+        card = E.update_report_card(args.report_card, f"{variant}-RL", end)
+        start = next((r["eval"] for r in map(json.loads, open(metrics)) if r.get("step") == 0 and "eval" in r), None)
+        print(comparison(start, end, args.eval_samples) + f"\nreport card: {card}")
+    pretrain.compute_cleanup(ctx)
+
+
+def comparison(start, end, k):
+    """Markdown table: greedy accuracy, pass@1 and pass@k per family at the start (SFT) and the end (RL), with
+    standard errors, and the pass@1 gain in standard errors of the difference (z)."""
+    keys = ["greedy_acc", "pass@1"] + ([f"pass@{k}"] if k > 1 else [])
+    lines = ["| task | " + " | ".join(f"{key} {when}" for key in keys for when in ("SFT", "RL")) + " | pass@1 z |",
+             "|---" * (2 * len(keys) + 2) + "|"]
+    for f, m in end.items():
+        s = (start or {}).get(f)
+        cells = [f"{ms[key]:.3f} ± {ms[key + '_se']:.3f}" if ms and key in ms else "–"
+                 for key in keys for ms in (s, m)]
+        z = "–"
+        if s and "pass@1" in s and "pass@1" in m:
+            se = math.hypot(s["pass@1_se"], m["pass@1_se"])
+            z = f"{(m['pass@1'] - s['pass@1']) / se:+.1f}" if se > 0 else "–"
+        lines.append(f"| {f} | " + " | ".join(cells) + f" | {z} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
