@@ -3459,6 +3459,8 @@ def _rlvr_ddp_worker(rank, world, tmp, rows):
     mine = [r for r in rows if (r.group < 3) == (rank == 0)]
     stats = rlvr.update(ctx, model, opt, mine, 40, updates=1, micro=2, grad_clip=1e9)
     torch.save({"params": {n: p.detach() for n, p in raw.named_parameters()}, "stats": stats}, f"{tmp}/rank{rank}.pt")
+    del model  # release DDP's reducer, then leave together: a rank that exits while its peer still shuts gloo down
+    dist.barrier()  # left that peer waiting forever under load (seen once in a full CI run)
     dist.destroy_process_group()
 
 
