@@ -3515,17 +3515,17 @@ def test_rlvr_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch
     init = _rl_checkpoint(tmp_path)
     _rlvr(tmp_path, init, "full")
     _rlvr(tmp_path, init, "cut", "--stop-after", "2")
-    assert M.latest_step(str(tmp_path / "cut")) == 2
+    assert pretrain.latest_step(str(tmp_path / "cut")) == 2
     _rlvr(tmp_path, init, "cut", "--resume")
     full, cut = _rl_metrics(tmp_path, "full"), _rl_metrics(tmp_path, "cut")
     assert len(full) == 3 and full == cut and sum(r["tokens"] for r in full) > 0
-    a, _ = M.load_checkpoint(str(tmp_path / "full"))
-    b, _ = M.load_checkpoint(str(tmp_path / "cut"))
-    ref, _ = M.load_checkpoint(init)
+    a, _ = pretrain.load_checkpoint(str(tmp_path / "full"))
+    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut"))
+    ref, _ = pretrain.load_checkpoint(init)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     changed = {n for n, x in ref.state_dict().items() if not torch.equal(x, a.state_dict()[n])}
     assert changed and not any(n.startswith("mtp.") for n in changed)  # trained, MTP frozen
-    assert M.latest_step(init) == 1  # the reference checkpoint is untouched
+    assert pretrain.latest_step(init) == 1  # the reference checkpoint is untouched
 
 
 def test_rlvr_dry_run_prints_the_reports_recipe(tmp_path, capsys):
