@@ -718,7 +718,7 @@ def family_metrics(rows, ks=(1,)):
 # The evaluation stage
 
 
-def _atomic_write(path, text):
+def atomic_write(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -784,8 +784,8 @@ def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, ma
                 f"format {m['format_rate']:.3f}  mean len {m['mean_len']:.0f}")
     if out_dir:
         lines = [json.dumps({"family": f, "variant": variant, **m}) for f, m in results.items()]
-        _atomic_write(os.path.join(out_dir, f"eval_{variant}.jsonl"), "\n".join(lines) + "\n")
-        _atomic_write(os.path.join(out_dir, f"eval_{variant}_samples.jsonl"),
+        atomic_write(os.path.join(out_dir, f"eval_{variant}.jsonl"), "\n".join(lines) + "\n")
+        atomic_write(os.path.join(out_dir, f"eval_{variant}_samples.jsonl"),
                       "".join(json.dumps(r) + "\n" for r in samples))
     return results
 
@@ -799,7 +799,7 @@ _CARD_HEAD = ("# nanoMellum report card\n\nGreedy accuracy (%) on each family's 
               "(`python eval.py`, one column per stage; the base model answers the same chat prompts).\n\n")
 
 
-def _cell(m):
+def card_cell(m):
     return f"{100 * m['greedy_acc']:.1f} ± {100 * m['greedy_acc_se']:.1f} (n={m['n_tasks']})"
 
 
@@ -816,11 +816,11 @@ def update_report_card(path, column, results):
                 cells = [c.strip() for c in ln.strip("|").split("|")]
                 table[cells[0]] = dict(zip(head[1:], cells[1:]))
     for family, m in results.items():
-        table.setdefault(family, {})[column] = _cell(m)
+        table.setdefault(family, {})[column] = card_cell(m)
     order = [f for f in FAMILIES if f in table] + sorted(f for f in table if f not in FAMILIES)
     lines = ["| task | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {f} | " + " | ".join(table[f].get(c, "") or "–" for c in COLUMNS) + " |" for f in order]
-    _atomic_write(path, _CARD_HEAD + "\n".join(lines) + "\n")
+    atomic_write(path, _CARD_HEAD + "\n".join(lines) + "\n")
     return path
 
 

@@ -372,10 +372,7 @@ RECIPES = {
 
 def recipe_for(config):
     """The report's recipe when the base has mellum2-12b's architecture (vocabulary and context aside)."""
-    ref = M.get_config("mellum2-12b")
-    arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "layer_types", "sliding_window", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
-    return RECIPES["mellum2-12b" if all(getattr(config, a) == getattr(ref, a) for a in arch) else "default"]
+    return RECIPES["mellum2-12b" if M.preset_of(config) == "mellum2-12b" else "default"]
 
 
 def parse_args(argv=None):

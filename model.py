@@ -160,6 +160,17 @@ def get_config(preset="tiny", **overrides):
     return Config(**{**PRESETS[preset], **overrides})
 
 
+_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "layer_types", "sliding_window", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def preset_of(config):
+    """The preset whose architecture `config` has, or None. Vocabulary, context and RoPE are aside: a checkpoint keeps
+    its preset through a cut tokenizer, an extension or SFT at a longer context. Later stages pick their recipe by it."""
+    return next((name for name in PRESETS if all(getattr(config, a) == getattr(get_config(name), a)
+                                                 for a in _ARCHITECTURE)), None)
+
+
 # -----------------------------------------------------------------------------
 # RoPE with per-layer-type parameters, and YaRN (Peng et al. 2023, https://arxiv.org/abs/2309.00071)
 

@@ -448,9 +448,7 @@ def main(argv=None):
     meta0 = meta0 or {}
     tok = data.get_tokenizer(meta0.get("tokenizer"))
     variant = args.variant or meta0.get("variant", "instruct")
-    preset = args.preset or meta0.get("preset") or next(
-        (p for p in RL_RECIPES if (M.get_config(p).hidden_size, M.get_config(p).num_hidden_layers)
-         == (raw.config.hidden_size, raw.config.num_hidden_layers)), "tiny")
+    preset = args.preset or meta0.get("preset") or M.preset_of(raw.config) or "tiny"
     recipe = RL_RECIPES.get(preset, RL_RECIPES["tiny"])
     steps = args.steps or recipe.steps[variant]
     P, G = args.prompts or recipe.prompts, args.samples or recipe.samples

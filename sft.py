@@ -70,7 +70,6 @@ from tqdm import tqdm
 
 import data
 import eval as E
-import extend
 import model as M
 import muon
 import pretrain
@@ -113,8 +112,8 @@ RECIPES = {
 
 
 def recipe_for(config):
-    """The report's recipe for a base with mellum2-12b's architecture (extend.py's test), else the CPU one."""
-    return RECIPES["mellum2-12b" if extend.recipe_for(config) is extend.RECIPES["mellum2-12b"] else "default"]
+    """The report's recipe for a base with mellum2-12b's architecture (model.preset_of), else the CPU one."""
+    return RECIPES["mellum2-12b" if M.preset_of(config) == "mellum2-12b" else "default"]
 
 
 def cosine_schedule(step, total, warmup, floor=0.1):
@@ -283,7 +282,7 @@ def eval_table(base, tuned, variant):
         b = base[f]
         diff, se = m["greedy_acc"] - b["greedy_acc"], math.hypot(b["greedy_acc_se"], m["greedy_acc_se"])
         gain = f"{diff / se:+.1f}" if se else ("0" if diff == 0 else "inf" if diff > 0 else "-inf")
-        lines.append(f"| {f} | {E._cell(b)} | {E._cell(m)} | {gain} | {100 * m['format_rate']:.0f}% |")
+        lines.append(f"| {f} | {E.card_cell(b)} | {E.card_cell(m)} | {gain} | {100 * m['format_rate']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -391,7 +390,7 @@ def main(argv=None):
         # (before wrapping: rank 0 generates alone; the other ranks wait in the first collective)
         base_results = E.evaluate(raw.eval(), tok, families, eval_tasks, 0, "instruct",
                                   max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
-        E._atomic_write(base_eval, "".join(json.dumps({"family": f, **m}) + "\n" for f, m in base_results.items()))
+        E.atomic_write(base_eval, "".join(json.dumps({"family": f, **m}) + "\n" for f, m in base_results.items()))
     raw.train()
     parallel = args.parallel if args.parallel != "auto" else \
         ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
