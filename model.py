@@ -632,32 +632,33 @@ class Mellum(nn.Module):
             mcache.advance(h.size(1))
         return out
 
-    def forward(self, idx, targets=None, cache=None, norm=None):
-        """idx (B, T) -> logits (B, T, V) and the unweighted loss parts {ce, mtp, aux, z} when targets are given.
-        targets (B, T) are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1].
-        ce and mtp are sums over their targets divided by norm = (ce targets, mtp targets): by default this batch's
-        own counts (a mean; 0, not NaN, when nothing is a target); a training step passes its global counts."""
+    def forward(self, idx, targets=None, cache=None, norm=None, at=None):
+        """idx (B, T) -> logits (B, T, V), or (N, V) at the N True positions of the bool mask `at` (B, T), or with
+        targets (B, T): (None, the unweighted loss parts {ce, mtp, aux, z}). targets are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1]. The LM head
+        runs only where there is a target: in SFT and RL most positions are prompt, and the 16K-wide head is most of
+        a small model's FLOPs. ce and mtp are sums over their targets divided by norm = (ce targets, mtp targets):
+        by default this batch's own counts (a mean; 0, not NaN, when nothing is a target); a training step passes
+        its global counts."""
         moes = self.moe_layers()
         for m in moes:  # the router losses count only the MoE layers this forward runs (the MTP's may not)
             m.count_E = None
         h = self.hidden(idx, cache)
-        logits = self.lm_head(h)
         if targets is None:
-            return logits, None
-        V = logits.size(-1)
+            return self.lm_head(h if at is None else h[at]), None
         if norm is None:
             norm = ((targets != -1).sum().clamp(min=1), (targets[:, 1:] != -1).sum().clamp(min=1))
-        losses = {"ce": F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-1,
-                                        reduction="sum") / norm[0]}
+        losses = {"ce": self._target_ce(h, targets) / norm[0]}
         if self.mtp is not None and idx.size(1) > 1:
-            h_mtp = self.mtp_hidden(h[:, :-1], idx[:, 1:])
-            mtp_logits = self.lm_head(h_mtp).float()
-            losses["mtp"] = F.cross_entropy(mtp_logits.view(-1, V), targets[:, 1:].reshape(-1), ignore_index=-1,
-                                            reduction="sum") / norm[1]
+            losses["mtp"] = self._target_ce(self.mtp_hidden(h[:, :-1], idx[:, 1:]), targets[:, 1:]) / norm[1]
         else:
-            losses["mtp"] = logits.new_zeros(())
-        losses["aux"], losses["z"] = self.router_losses([m for m in moes if m.count_E is not None], logits)
-        return logits, losses
+            losses["mtp"] = h.new_zeros((), dtype=torch.float32)
+        losses["aux"], losses["z"] = self.router_losses([m for m in moes if m.count_E is not None], h)
+        return None, losses
+
+    def _target_ce(self, h, targets):
+        """Sum of the cross-entropies of the head's logits at the positions with a target (-1 = none)."""
+        keep = targets != -1
+        return F.cross_entropy(self.lm_head(h[keep]).float(), targets[keep], reduction="sum")
 
     def reset_router_counts(self):
         """Start an optimizer step: the training forwards that follow take the balancing loss's expert shares from

@@ -55,8 +55,8 @@ Footguns
   do not fit, and calculator leaves ~70 tokens).
 - Rewards come from eval.score: un-scoreable output (unclosed turn, bad tool JSON, Thinking without a think block)
   gets 0, before shaping. On a family the model never solves, the overlong penalty is the only signal left, and it
-  shortens answers (measured: Instruct's function_call format rate fell from 0.94 to 0.68): train on families with
-  non-zero pass rates (--tasks).
+  shortens answers (measured: Instruct's function_call format rate fell from 0.94 to 0.68): the default mixture
+  keeps the families the SFT stage trained on; with --tasks, choose families with non-zero pass rates.
 - The held-out evaluation runs before (metrics.jsonl, step 0) and after training on the same tasks: two
   evaluations, a third to a half of a `tiny` run's time; --eval-tasks 0 skips both.
 """
@@ -116,10 +116,11 @@ RL_RECIPES = {
 RL_RECIPES["test"] = RL_RECIPES["tiny"]
 
 # The report's RL data mix (code 22%, math 23-28%, agentic tool use 12-14%, instruction following 19-21%,
-# reasoning 13%, knowledge 4-9%) on eval.py's families: code -> python; math -> math + arithmetic; tool use ->
-# calculator (multi-turn, executed) + function_call (BFCL-style); instruction following -> identity (the only
+# reasoning 13%, knowledge 4-9%) on eval.py's families: code -> python; math -> math + arithmetic + chain; tool use
+# -> calculator (multi-turn, executed) + function_call (BFCL-style); instruction following -> identity (the only
 # instruction family we have). Reasoning and knowledge have no family here and are left out.
-RL_MIXTURE = {"python": 22, "math": 12.5, "arithmetic": 12.5, "calculator": 6.5, "function_call": 6.5, "identity": 20}
+RL_MIXTURE = {"python": 22, "math": 8.5, "arithmetic": 8.5, "chain": 8, "calculator": 6.5, "function_call": 6.5,
+              "identity": 20}
 
 # -----------------------------------------------------------------------------
 # Rewards: the verifier's score, plus shaping
@@ -236,13 +237,15 @@ def parse_mixture(specs):
     return out
 
 
-def default_mixture(tok, ctx_len):
-    """RL_MIXTURE without the families whose prompts mostly do not fit the context (on `tiny`: function_call)."""
+def default_mixture(tok, ctx_len, trained=None):
+    """RL_MIXTURE over the families SFT trained on (`trained`, from the SFT checkpoint's meta; None: all), without
+    those whose prompts mostly do not fit the context. RL sharpens what SFT taught: on a family the model never
+    solves every group has equal rewards and is dropped, or worse, see the module footguns."""
     def fits(family):
         tasks = [E.make_task(family, s) for s in E.task_seeds(family, "train", 20)]
         n = sum(len(data.render_prompt(tok, t.messages, tools=t.tools)) + MIN_NEW_TOKENS <= ctx_len for t in tasks)
         return n >= len(tasks) // 2
-    return {f: w for f, w in RL_MIXTURE.items() if fits(f)}
+    return {f: w for f, w in RL_MIXTURE.items() if (trained is None or f in trained) and fits(f)}
 
 
 def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
@@ -295,17 +298,16 @@ def reward(rows, tasks, variant, workers, overlong):
 # -----------------------------------------------------------------------------
 # The update
 
-def token_logprobs(model, x, tgt, n_vocab, mask=None):
-    """log pi(tgt | x) per position (B, T) over ids < n_vocab at temperature 1 (the sampler's distribution), and
-    the summed entropy of the positions in `mask` (detached; 0 without a mask)."""
-    logits, _ = model(x)
-    logp_all = logits[..., :n_vocab].float().log_softmax(-1)
-    entropy = 0.0
-    if mask is not None:
-        with torch.no_grad():
-            lp = logp_all[mask]
-            entropy = -(lp.exp() * lp).sum().item()
-    return logp_all.gather(-1, tgt[..., None])[..., 0], entropy
+def token_logprobs(model, x, tgt, n_vocab, mask):
+    """log pi(tgt | x) at the positions in `mask` (B, T) over ids < n_vocab at temperature 1 (the sampler's
+    distribution), 0 elsewhere; and their summed entropy (detached). The head runs at the masked positions only."""
+    logits, _ = model(x, at=mask)
+    logp_all = logits[:, :n_vocab].float().log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum().item()
+    logp = torch.zeros(x.shape, dtype=logp_all.dtype, device=x.device)
+    logp[mask] = logp_all.gather(-1, tgt[mask][:, None])[:, 0]
+    return logp, entropy
 
 
 def micro_batches(rows, size, device):
@@ -359,7 +361,7 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
     with torch.no_grad():
         for mbs in minis[1:]:
             for mb in mbs:
-                mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab)[0]
+                mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mb["y"] != -1)[0]
     stats = dict(icepop_masked=0.0, clipped=0.0, valid=0.0, entropy=0.0, loss=0.0, grad_norm=0.0)
     for mbs in minis:
         n_micro = int(_agree(len(mbs), ctx, dist.ReduceOp.MAX))
@@ -402,7 +404,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     # --- rollouts
     ap.add_argument("--tasks", nargs="+", default=None, help="family[:weight] ... (default: the report's mix, "
-                    "RL_MIXTURE, over the families whose prompts fit the context)")
+                    "RL_MIXTURE, over the families the SFT stage trained on whose prompts fit the context)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--prompts", type=int, default=None, help="P: groups per step over all ranks")
     ap.add_argument("--samples", type=int, default=None, help="G: completions per prompt")
@@ -456,7 +458,10 @@ def main(argv=None):
     lr, warmup = args.lr or recipe.lr, recipe.warmup if args.warmup is None else args.warmup
     updates, micro = args.updates or recipe.updates, args.micro_batch or recipe.micro_batch
     ctx_len = raw.config.max_position_embeddings
-    mixture = parse_mixture(args.tasks) if args.tasks else default_mixture(tok, ctx_len)
+    mixture = parse_mixture(args.tasks) if args.tasks else default_mixture(tok, ctx_len, meta0.get("data"))
+    if not mixture:
+        raise SystemExit(f"rlvr.py: none of the SFT stage's families ({', '.join(meta0.get('data', {}))}) is in the "
+                         f"RL mixture and fits the context of {ctx_len}: choose --tasks")
     if P % ctx.world_size or G < 2:
         raise SystemExit(f"rlvr.py: --prompts {P} must be a multiple of the {ctx.world_size} ranks and --samples "
                          f"{G} at least 2 (leave-one-out needs a second sample)")
@@ -578,19 +583,23 @@ def main(argv=None):
 
 def comparison(start, end, k):
     """Markdown table: greedy accuracy, pass@1 and pass@k per family at the start (SFT) and the end (RL), with
-    standard errors, and the pass@1 gain in standard errors of the difference (z)."""
+    standard errors, and the pass@1 gain in standard errors: paired over the same test tasks (eval.paired_gain),
+    and unpaired (the two errors in quadrature), which ignores that both runs answer the same tasks."""
     keys = ["greedy_acc", "pass@1"] + ([f"pass@{k}"] if k > 1 else [])
-    lines = ["| task | " + " | ".join(f"{key} {when}" for key in keys for when in ("SFT", "RL")) + " | pass@1 z |",
-             "|---" * (2 * len(keys) + 2) + "|"]
+    lines = ["| task | " + " | ".join(f"{key} {when}" for key in keys for when in ("SFT", "RL"))
+             + " | pass@1 gain | z paired | z unpaired |", "|---" * (2 * len(keys) + 4) + "|"]
     for f, m in end.items():
         s = (start or {}).get(f)
         cells = [f"{ms[key]:.3f} ± {ms[key + '_se']:.3f}" if ms and key in ms else "–"
                  for key in keys for ms in (s, m)]
-        z = "–"
+        gain = paired = unpaired = "–"
         if s and "pass@1" in s and "pass@1" in m:
-            se = math.hypot(s["pass@1_se"], m["pass@1_se"])
-            z = f"{(m['pass@1'] - s['pass@1']) / se:+.1f}" if se > 0 else "–"
-        lines.append(f"| {f} | " + " | ".join(cells) + f" | {z} |")
+            g, se, z = E.paired_gain(s, m)
+            unpaired_se = math.hypot(s["pass@1_se"], m["pass@1_se"])
+            gain = f"{g:+.3f} ± {se:.3f}"
+            paired = "–" if z is None else f"{z:+.1f}"
+            unpaired = f"{g / unpaired_se:+.1f}" if unpaired_se > 0 else "–"
+        lines.append(f"| {f} | " + " | ".join(cells) + f" | {gain} | {paired} | {unpaired} |")
     return "\n".join(lines)
 
 

@@ -89,7 +89,7 @@ class Recipe:
     micro_batch: int
     global_batch: int       # rows per optimizer step
     min_seq_len: int        # rows are max(this, the base's context) tokens
-    tasks_per_family: int   # train conversations drawn from each built-in family
+    tasks_per_family: dict  # train conversations drawn from each built-in family of the mixture
     weights: dict           # the built-in mixture: family -> times each of its conversations is seen per epoch
     eval_tasks: int         # held-out test tasks per family at the end
 
@@ -98,16 +98,16 @@ RECIPES = {
     # The report: LR 3e-5 -> 3e-6 cosine after 100 warmup iterations, 3 epochs, rows of the extended context
     # (131,072). Batch size unpublished: 32 rows of 128K (4M tokens) is our choice.
     "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
-                          tasks_per_family=100_000, weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3},
-                          eval_tasks=200),
+                          tasks_per_family=dict.fromkeys(FAMILIES, 100_000),
+                          weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200),
     # CPU-sized, measured on `tiny` (README): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
-    # for a 10-minute run), rows of 512 so tool conversations fit. The families tiny can learn in 10 CPU minutes;
-    # math and calculator measured ~0 after SFT (README) and are left out. A function-calling conversation is
-    # ~310 tokens (the tool schemas), 14x an arithmetic one: a quarter of them keeps the epoch short.
-    "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=8, min_seq_len=512,
-                      tasks_per_family=400, weights={"arithmetic": 1, "function_call": 0.25, "python": 1,
-                                                     "identity": 3},
-                      eval_tasks=50),
+    # for a 10-minute run), rows of 512 so tool conversations fit. Batches of 4 rows: at equal tokens, 258 steps of
+    # 4 rows took the Thinking trace of `chain` to 76% where 129 steps of 8 rows reached 14%. The families tiny can
+    # learn in 10 CPU minutes, with as many conversations as fit: arithmetic (3-digit numbers are single tokens),
+    # math and calculator measured ~0 after SFT (README) and are left out.
+    "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=4, min_seq_len=512,
+                      tasks_per_family=dict.fromkeys(FAMILIES, 400) | {"chain": 3000, "python": 800, "identity": 100},
+                      weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100),
 }
 
 
@@ -134,12 +134,13 @@ def cosine_schedule(step, total, warmup, floor=0.1):
 class SFTMixture:
     paths: dict             # user source -> files
     weights: dict           # source -> conversations seen per epoch per conversation
-    tasks_per_family: int
+    tasks_per_family: dict  # built-in family -> train conversations drawn from it
 
 
 def load_sft_mixture(path, tasks_per_family, weights):
-    """`weights` over the built-in families (the recipe's), or a JSON / TOML file (module docstring); errors name
-    the file and the field."""
+    """`weights` and `tasks_per_family` (built-in family -> conversations) of the recipe, or a JSON / TOML file
+    (module docstring) whose tasks_per_family is one number for every family or a map over the recipe's; errors
+    name the file and the field."""
     if path is None:
         return SFTMixture({}, dict(weights), tasks_per_family)
     with open(path, "rb") as f:
@@ -175,8 +176,10 @@ def load_sft_mixture(path, tasks_per_family, weights):
         if not isinstance(w, (int, float)) or w < 0:
             raise ValueError(f"SFT mixture {path}: weight of '{name}' is {w!r}; weights are numbers >= 0")
     n = spec.get("tasks_per_family", tasks_per_family)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"SFT mixture {path}: tasks_per_family must be a positive integer, got {n!r}")
+    n = dict.fromkeys(FAMILIES, n) if isinstance(n, int) else {**tasks_per_family, **n} if isinstance(n, dict) else n
+    if not isinstance(n, dict) or not all(f in FAMILIES and isinstance(k, int) and k >= 1 for f, k in n.items()):
+        raise ValueError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in families "
+                         f"to positive integers, got {spec['tasks_per_family']!r}")
     return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n)
 
 
@@ -187,7 +190,7 @@ def conversations(mixture, seed):
     for name, w in mixture.weights.items():
         if name in FAMILIES:
             convs = [E.reference_conversation(E.make_task(name, s))
-                     for s in E.task_seeds(name, "train", mixture.tasks_per_family)]
+                     for s in E.task_seeds(name, "train", mixture.tasks_per_family[name])]
         else:
             convs = [c for p in mixture.paths[name] for c in data.load_conversations(p)]
         extra = np.random.default_rng([seed, *name.encode()]).permutation(len(convs))[:round((w % 1) * len(convs))]
@@ -363,7 +366,8 @@ def main(argv=None):
 
     # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
     try:
-        mixture = load_sft_mixture(args.mixture, args.tasks_per_family or recipe.tasks_per_family, recipe.weights)
+        tasks = dict.fromkeys(FAMILIES, args.tasks_per_family) if args.tasks_per_family else recipe.tasks_per_family
+        mixture = load_sft_mixture(args.mixture, tasks, recipe.weights)
         samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
         loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:

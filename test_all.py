@@ -214,6 +214,26 @@ def test_global_batch_aux_loss_over_two_ranks(tmp_path):
             assert got[i] == pytest.approx(want, rel=1e-5), (r, i)
 
 
+def test_losses_with_masked_targets_equal_full_logits_reference():
+    # the head runs only where there is a target: the losses must be those of the full (B, T, V) logits
+    m = _tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, m.config.vocab_size, (2, 10), generator=gen)
+    targets = torch.randint(0, m.config.vocab_size, (2, 10), generator=gen)
+    targets[torch.rand(2, 10, generator=gen) < 0.6] = -1
+    with torch.no_grad():
+        _, losses = m(idx, targets)
+        logits, _ = m(idx)
+        h = m.hidden(idx)
+        mtp_logits = m.lm_head(m.mtp_hidden(h[:, :-1], idx[:, 1:]))
+    want_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    want_mtp = F.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1)
+    torch.testing.assert_close(losses["ce"], want_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses["mtp"], want_mtp, rtol=1e-5, atol=1e-5)
+    _, none = m(idx, torch.full_like(targets, -1))  # nothing to train: zero, not NaN
+    assert none["ce"].item() == 0 and none["mtp"].item() == 0
+
+
 @pytest.mark.parametrize("chunks", [[11] + [1] * 19, [5, 12, 13], [30]])
 def test_kv_cache_decoding_equals_full_forward(chunks):
     m = _tiny_model()  # sliding window 8 < 30 positions: the ring buffer wraps several times
@@ -3410,9 +3430,9 @@ def test_rlvr_trainer_recomputes_the_samplers_logprobs():
     model = _rl_model()
     rows = _rl_rows(model, [[3, 4, 5, 6, 7], [8], [9, 10]], G=3, n_vocab=40, seed=5, new_tokens=4)
     for mb in rlvr.micro_batches(rows, 4, "cpu"):
-        with torch.no_grad():
-            logp, _ = rlvr.token_logprobs(model, mb["x"], mb["tgt"], 40)
         mask = mb["y"] != -1
+        with torch.no_grad():
+            logp, _ = rlvr.token_logprobs(model, mb["x"], mb["tgt"], 40, mask)
         torch.testing.assert_close(logp[mask], mb["logp_inf"][mask], rtol=0, atol=1e-4)
         assert mask.sum() == mask.size(0) * 4  # every sampled token is a trained position
 
@@ -3528,6 +3548,16 @@ def test_rlvr_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch
     assert pretrain.latest_step(init) == 1  # the reference checkpoint is untouched
 
 
+def test_rlvr_default_mixture_keeps_the_families_sft_trained():
+    tok = data.get_tokenizer("cl100k_base:16000")
+    # python 22 and chain 8 are the report's shares (code 22%; math 25% over math, arithmetic and chain); the user
+    # source "mine" and the family SFT never saw are not drawn; function_call's prompts do not fit 128 positions
+    trained = {"chain": {}, "python": {}, "function_call": {}, "mine": {}}
+    assert rlvr.default_mixture(tok, 512, trained) == {"python": 22, "chain": 8, "function_call": 6.5}
+    assert rlvr.default_mixture(tok, 128, trained) == {"python": 22, "chain": 8}
+    assert set(rlvr.default_mixture(tok, 512)) == {f for f in E.FAMILIES if f not in E.EVAL_ONLY}
+
+
 def test_rlvr_dry_run_prints_the_reports_recipe(tmp_path, capsys):
     init = _rl_checkpoint(tmp_path)
     rlvr.main(["--from", init, "--preset", "mellum2-12b", "--dry-run", "--out-dir", str(tmp_path / "rl")])
@@ -3638,6 +3668,30 @@ def test_eval_arithmetic_answers_match_python():
                 assert task.reasoning.splitlines()[-1].endswith(f"= {task.target['answer']}.")
 
 
+def test_eval_chain_trace_is_a_running_sum_of_the_prompts_digits():
+    levels = set()
+    for s in list(range(40)) + E.task_seeds("chain", "test", 20):
+        task = E.make_task("chain", s)
+        digits = [int(d) for d in re.fullmatch(r"Compute (\d(?: \+ \d)+)\.", task.messages[-1]["content"])
+                  .group(1).split(" + ")]
+        assert task.level == len(digits) and 3 <= len(digits) <= 5
+        assert task.target["answer"] == str(sum(digits))
+        lines = task.reasoning.removesuffix(".").split("\n")
+        assert len(lines) == len(digits) - 1
+        for i, line in enumerate(lines):  # line i adds digit i+1 to the total of the digits before it
+            assert line == f"{sum(digits[:i + 1])} + {digits[i + 1]} = {sum(digits[:i + 2])}", (s, line)
+        levels.add(task.level)
+    assert levels == {3, 4, 5}
+
+
+def test_eval_python_test_prompts_share_their_spec_with_train_prompts():
+    # a held-out (spec, k, argument) prompt, never a held-out spec: every test task's function is trained on
+    names = lambda split, n: {E.make_task("python", s).target["entry"] for s in E.task_seeds("python", split, n)}
+    assert names("test", 200) <= names("train", 400)
+    prompts = [E.make_task("python", s).messages[-1]["content"] for s in E.task_seeds("python", "test", 200)]
+    assert max(map(prompts.count, prompts)) < 0.1 * len(prompts)  # no prompt dominates the test set
+
+
 def test_eval_verifiers_accept_their_references():
     for family in _EVAL_FAMILIES:
         seeds = E.task_seeds(family, "test", 3) + ([] if family == "humaneval" else E.task_seeds(family, "train", 3))
@@ -3745,6 +3799,19 @@ def test_eval_pass_at_k_matches_brute_force():
                 assert E.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
     with pytest.raises(ValueError):
         E.pass_at_k(3, 1, 4)
+
+
+def test_eval_paired_gain_hand_computed():
+    # per-task differences 0.5, 0, 0: mean 1/6, sample sd sqrt(1/12), standard error sqrt(1/12 / 3) = 1/6, z = 1
+    before = {"pass@1": 0.5, "pass@1_se": 0.29, "pass@1_by_task": {"0": 0.0, "1": 0.5, "2": 1.0}}
+    after = {"pass@1": 2 / 3, "pass@1_se": 0.17, "pass@1_by_task": {"0": 0.5, "1": 0.5, "2": 1.0}}
+    gain, se, z = E.paired_gain(before, after)
+    assert gain == pytest.approx(1 / 6) and se == pytest.approx(1 / 6) and z == pytest.approx(1.0)
+    del after["pass@1_by_task"]  # no per-task values: the unpaired error
+    assert E.paired_gain(before, after)[1] == pytest.approx(math.hypot(0.29, 0.17))
+    rows = [{"seed": s, "greedy": False, "correct": c, "reward": float(c), "well_formed": True, "length": 3}
+            for s, cs in ((7, (1, 0, 0, 1)), (9, (1, 1, 1, 1))) for c in cs]
+    assert E.family_metrics(rows)["pass@1_by_task"] == {"7": 0.5, "9": 1.0}
 
 
 def test_eval_family_metrics_on_hand_made_rows():
