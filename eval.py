@@ -166,8 +166,8 @@ def _chain_task(rng):
         steps.append(f"{total} + {x} = {total + x}")
         total += x
     return dict(messages=_user(f"Compute {' + '.join(map(str, nums))}."), tools=None,
-                reference=[_assistant(f"#### {total}")], reasoning="\n".join(steps) + ".", target={"answer": str(total)},
-                level=len(nums))
+                reference=[_assistant(f"#### {total}")], reasoning="\n".join(steps) + ".",
+                target={"answer": str(total)}, level=len(nums))
 
 
 def _math_task(rng):

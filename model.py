@@ -633,12 +633,12 @@ class Mellum(nn.Module):
         return out
 
     def forward(self, idx, targets=None, cache=None, norm=None, at=None):
-        """idx (B, T) -> logits (B, T, V), or (N, V) at the N True positions of the bool mask `at` (B, T), or with
-        targets (B, T): (None, the unweighted loss parts {ce, mtp, aux, z}). targets are the next tokens (-1 = ignore); the MTP head at t is trained on targets[t+1]. The LM head
-        runs only where there is a target: in SFT and RL most positions are prompt, and the 16K-wide head is most of
-        a small model's FLOPs. ce and mtp are sums over their targets divided by norm = (ce targets, mtp targets):
-        by default this batch's own counts (a mean; 0, not NaN, when nothing is a target); a training step passes
-        its global counts."""
+        """idx (B, T) -> logits (B, T, V), or (N, V) at the N True positions of the bool mask `at` (B, T); with
+        targets (B, T): (None, the unweighted loss parts {ce, mtp, aux, z}). targets are the next tokens (-1 =
+        ignore); the MTP head at t is trained on targets[t+1]. The LM head runs only where there is a target: in SFT
+        and RL most positions are prompt, and the 16K-wide head is most of a small model's FLOPs. ce and mtp are
+        sums over their targets divided by norm = (ce targets, mtp targets): by default this batch's own counts (a
+        mean; 0, not NaN, when nothing is a target); a training step passes its global counts."""
         moes = self.moe_layers()
         for m in moes:  # the router losses count only the MoE layers this forward runs (the MTP's may not)
             m.count_E = None

@@ -112,7 +112,7 @@ RL_RECIPES = {
     # but AdamW normalises every step to ~LR whatever the signal: at 1e-3 the rollouts' noise wrecked the SFT skills
     # within 15-80 steps, at 1e-4 nothing moved in 40. 32 prompts per step halve the noise of 16; the steps fit the
     # 15-minute budget on 2 cores.
-    "tiny": RLRecipe(prompts=32, samples=8, steps={"instruct": 150, "thinking": 100},
+    "tiny": RLRecipe(prompts=32, samples=8, steps={"instruct": 150, "thinking": 70},
                      max_new_tokens={"instruct": 64, "thinking": 128}, lr=3e-4, warmup=5, updates=2, micro_batch=16),
 }
 RL_RECIPES["test"] = RL_RECIPES["tiny"]
