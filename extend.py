@@ -359,14 +359,17 @@ class Recipe:
     decay: int  # the last `decay` steps fall linearly to zero (Warmup-Hold-Decay)
     micro_batch: int
     global_batch: int  # sequences per optimizer step
+    aux_coef: float    # balancing-loss coefficient per MoE layer: the base's pre-training one
 
 
 RECIPES = {
     # The Mellum 2 report: factor 16 from 8,192 (-> 131,072), 3,500 iterations (~117B tokens, so ~256 sequences of
     # 131,072 tokens per step), WHD with peak LR 3e-5 and 500 decay iterations. Warmup unpublished: 100 is our choice.
-    "mellum2-12b": Recipe(factor=16, steps=3500, lr=3e-5, warmup=100, decay=500, micro_batch=1, global_batch=256),
-    # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (the README's measured run).
-    "default": Recipe(factor=4, steps=60, lr=1e-3, warmup=6, decay=54, micro_batch=2, global_batch=2),
+    "mellum2-12b": Recipe(factor=16, steps=3500, lr=3e-5, warmup=100, decay=500, micro_batch=1, global_batch=256,
+                          aux_coef=1e-3),
+    # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (the README's measured run). The
+    # balancing coefficient is tiny's pre-training 0.1: at 1e-3 a small router collapses (pretrain.RECIPES).
+    "default": Recipe(factor=4, steps=60, lr=1e-3, warmup=6, decay=54, micro_batch=2, global_batch=2, aux_coef=0.1),
 }
 
 
@@ -402,7 +405,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps")
     ap.add_argument("--decay", type=int, default=None, help="steps of the final linear decay to zero")
     ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
-    ap.add_argument("--aux-coef", type=float, default=1e-3, help="balancing-loss coefficient per MoE layer")
+    ap.add_argument("--aux-coef", type=float, default=None, help="balancing-loss coefficient per MoE layer (default: "
+                    "the base's pre-training one, 1e-3 for mellum2-12b, 0.1 on the CPU presets)")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--passkey-trials", type=int, default=4, help="keys per (length, depth)")
     ap.add_argument("--eval-rows", type=int, default=8, help="validation rows at the extended length")
@@ -433,6 +437,7 @@ def main(argv=None):
         raise SystemExit(f"extend.py: --global-batch {global_batch} is not a multiple of --batch-size {B} x "
                          f"{ctx.world_size} ranks")
     steps, lr = args.steps or recipe.steps, args.lr or recipe.lr
+    aux_coef = recipe.aux_coef if args.aux_coef is None else args.aux_coef
     warmup = args.warmup if args.warmup is not None else min(recipe.warmup, steps)
     decay = args.decay if args.decay is not None else min(recipe.decay, steps - warmup)
     try:
@@ -517,8 +522,8 @@ def main(argv=None):
     log(f"extend: context {context:,} -> {T:,} (YaRN x{yarn['factor']:g} on the full-attention layers: "
         f"{config.layer_types.count(M.FULL)}; sliding layers unchanged: {config.layer_types.count(M.SLIDING)}), "
         f"{steps} steps of {global_batch} x {T:,} tokens, {args.optimizer} lr {lr} (warmup {warmup}, decay to 0 over "
-        f"the last {decay}), passkey share {args.passkey_share}, device {ctx.device}, world {ctx.world_size} "
-        f"({parallel})")
+        f"the last {decay}), aux {aux_coef}, passkey share {args.passkey_share}, device {ctx.device}, world "
+        f"{ctx.world_size} ({parallel})")
 
     # --- the loop
     first = step
@@ -534,7 +539,7 @@ def main(argv=None):
         lr_now = lr * mult
         batches = [loader.next_batch() for _ in range(n_micro)]
         parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
-                                          mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
+                                          mtp_weight=args.mtp_weight, aux_coef=aux_coef)
         pretrain.check_finite(parts, step, args.out_dir)
         grad_norm = pretrain.optimizer_step(model, opt, 1.0)
         if ctx.device.type == "cuda":

@@ -2895,6 +2895,7 @@ def test_extension_recipe_for_mellum2_12b_is_the_reports():
     assert ext.rope_parameters[M.SLIDING] == {"rope_type": "default", "rope_theta": 500_000.0}
     assert r.global_batch * 131_072 * r.steps == pytest.approx(117e9, rel=0.01)  # the report's ~117B tokens
     assert extend.recipe_for(M.get_config("tiny")) is extend.RECIPES["default"]
+    assert r.aux_coef == 1e-3 and extend.RECIPES["default"].aux_coef == 0.1  # the report's; tiny's ablation (README)
     assert extend.recipe_for(M.get_config("mellum2-12b", vocab_size=100_352)) is r  # vocabulary aside
 
 
