@@ -45,7 +45,6 @@ Footguns:
 import argparse
 import copy
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -411,13 +410,7 @@ def parse_args(argv=None):
     ap.add_argument("--passkey-trials", type=int, default=4, help="keys per (length, depth)")
     ap.add_argument("--eval-rows", type=int, default=8, help="validation rows at the extended length")
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--ckpt-every", type=int, default=50)
-    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit")
-    ap.add_argument("--log-every", type=int, default=1)
-    # --- runtime
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
-                    help="auto: FSDP2 above 2B parameters, DDP below")
+    pretrain.add_loop_args(ap, 50)
     ap.add_argument("--skip-memory-check", action="store_true")
     return ap.parse_args(argv)
 
@@ -575,8 +568,4 @@ def _title(args, config, context, T, ctx):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (MemoryError, FloatingPointError) as e:
-        print(f"extend.py: {e}", file=sys.stderr)
-        sys.exit(1)
+    pretrain.run(main, (MemoryError, FloatingPointError), "extend.py")

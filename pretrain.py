@@ -557,6 +557,27 @@ def log_metrics(path, record, ctx, echo=True):
 # -----------------------------------------------------------------------------
 # The script
 
+def add_loop_args(ap, ckpt_every, parallel_help="auto: FSDP2 above 2B parameters, DDP below"):
+    """The flags every training stage shares: checkpoints, stopping early, logging, device and data parallelism."""
+    ap.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
+                    "(for time-limited job slots; continue with --resume)")
+    ap.add_argument("--log-every", type=int, default=1)
+    # --- runtime
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto", help=parallel_help)
+
+
+def run(main, errors=(FloatingPointError,), name=None):
+    """A stage's entry point: `errors` (a non-finite loss, ...) end the process with their message, not a
+    traceback."""
+    try:
+        main()
+    except errors as e:
+        print(f"{name}: {e}" if name else e, file=sys.stderr)
+        sys.exit(1)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     # --- run
@@ -596,14 +617,7 @@ def parse_args(argv=None):
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=4, help="per source")
-    ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
-                    "(for time-limited job slots; continue with --resume)")
-    ap.add_argument("--log-every", type=int, default=1)
-    # --- runtime
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
-                    help="auto: FSDP2 above 2B parameters or with --ep > 1, DDP below")
+    add_loop_args(ap, 100, parallel_help="auto: FSDP2 above 2B parameters or with --ep > 1, DDP below")
     ap.add_argument("--ep", type=int, default=1, help="expert parallelism: each layer's experts split over groups "
                     "of this many consecutive ranks (the report trains with 8), FSDP2 over the rest")
     ap.add_argument("--fp8", action="store_true", help="FP8 GEMMs (E4M3 fwd / E5M2 grads) on Hopper/Ada GPUs")
@@ -804,8 +818,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FloatingPointError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    run(main)

@@ -65,7 +65,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -606,8 +605,4 @@ def comparison(start, end, k):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FloatingPointError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    pretrain.run(main)

@@ -59,7 +59,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -323,14 +322,7 @@ def parse_args(argv=None):
                     "evaluation)")
     ap.add_argument("--eval-max-new-tokens", type=int, default=128)
     ap.add_argument("--report-card", default=E.REPORT_CARD)
-    ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
-                    "(continue with --resume)")
-    ap.add_argument("--log-every", type=int, default=1)
-    # --- runtime
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
-                    help="auto: FSDP2 above 2B parameters, DDP below")
+    pretrain.add_loop_args(ap, 100)
     return ap.parse_args(argv)
 
 
@@ -471,8 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FloatingPointError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    pretrain.run(main)
