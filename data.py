@@ -78,6 +78,14 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(REPO_DIR, "data")
 
 # -----------------------------------------------------------------------------
+# Bad input
+
+class InputError(ValueError):
+    """Input a user can fix (a file, a field of it, a flag): every stage's entry point (train.run) prints the message,
+    which names the file, the field and the fix, as one line and exits with code 2."""
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer
 
 # Appended after the BPE ranks, in this order (ids n_bpe, n_bpe+1, ...). Every tag the model must emit or stop on
@@ -141,7 +149,7 @@ def get_tokenizer(path=None):
     if path.startswith("cl100k_base:"):
         n = int(path.split(":", 1)[1])
         if not 256 <= n <= len(cl100k._mergeable_ranks):
-            raise ValueError(f"tokenizer {path!r}: N must be in 256..{len(cl100k._mergeable_ranks)}")
+            raise InputError(f"tokenizer {path!r}: N must be in 256..{len(cl100k._mergeable_ranks)}")
         ranks = {b: r for b, r in cl100k._mergeable_ranks.items() if r < n}
         return Tokenizer(path, ranks, cl100k._pat_str, CL100K_SHA256)
     path = os.path.abspath(os.path.expanduser(path))
@@ -579,42 +587,42 @@ def load_mixture(path=None):
         try:
             spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"mixture file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+            raise InputError(f"mixture file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
     unknown = set(spec) - {"sources", "phases", "corpus", "seed"}
     if unknown:
-        raise ValueError(f"mixture file {path}: unknown keys {sorted(unknown)} (known: sources, phases, corpus, seed; "
+        raise InputError(f"mixture file {path}: unknown keys {sorted(unknown)} (known: sources, phases, corpus, seed; "
                          "FIM rates are per phase)")
     base_dir = os.path.dirname(os.path.abspath(path))
     sources = _builtin_sources()
     for name, s in spec.get("sources", {}).items():
         if name in BUILTIN_SOURCES:
-            raise ValueError(f"mixture file {path}: source name '{name}' is taken by the default corpus; rename it")
+            raise InputError(f"mixture file {path}: source name '{name}' is taken by the default corpus; rename it")
         if not isinstance(s, dict) or set(s) - {"paths", "code"} or not isinstance(s.get("paths"), list):
-            raise ValueError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"code\": bool}}")
+            raise InputError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"code\": bool}}")
         sources[name] = Source(name, [os.path.join(base_dir, os.path.expanduser(p)) for p in s["paths"]],
                                bool(s.get("code", False)))
     phases = {}
     if not spec.get("phases"):
-        raise ValueError(f"mixture file {path}: no \"phases\"; give at least phase 1 with weights and tokens")
+        raise InputError(f"mixture file {path}: no \"phases\"; give at least phase 1 with weights and tokens")
     for key, ph in spec["phases"].items():
         where = f"mixture file {path}, phase {key}"
         if (not str(key).isdigit() or not isinstance(ph, dict) or not {"weights", "tokens"} <= set(ph)
                 or set(ph) - {"weights", "tokens", "fim_rate", "fim_code_only"}):
-            raise ValueError(f"{where}: phases are numbered \"1\", \"2\", ..., each {{\"weights\": {{...}}, "
+            raise InputError(f"{where}: phases are numbered \"1\", \"2\", ..., each {{\"weights\": {{...}}, "
                              "\"tokens\": N}, optionally with \"fim_rate\" and \"fim_code_only\"")
         for name, w in ph["weights"].items():
             if name not in sources:
-                raise ValueError(f"{where}: unknown source '{name}' (known: {sorted(sources)})")
+                raise InputError(f"{where}: unknown source '{name}' (known: {sorted(sources)})")
             if not isinstance(w, (int, float)) or w < 0:
-                raise ValueError(f"{where}: weight of '{name}' is {w!r}; weights must be numbers >= 0")
+                raise InputError(f"{where}: weight of '{name}' is {w!r}; weights must be numbers >= 0")
         if sum(ph["weights"].values()) <= 0:
-            raise ValueError(f"{where}: weights sum to 0; give some source a positive weight")
+            raise InputError(f"{where}: weights sum to 0; give some source a positive weight")
         if not isinstance(ph["tokens"], int) or ph["tokens"] <= 0:
-            raise ValueError(f"{where}: tokens must be a positive integer, got {ph['tokens']!r}")
+            raise InputError(f"{where}: tokens must be a positive integer, got {ph['tokens']!r}")
         rate, code_only = REPORT_FIM.get(int(key), (0.0, False))
         rate, code_only = ph.get("fim_rate", rate), ph.get("fim_code_only", code_only)
         if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-            raise ValueError(f"{where}: fim_rate must be a number in [0, 1], got {rate!r}")
+            raise InputError(f"{where}: fim_rate must be a number in [0, 1], got {rate!r}")
         phases[int(key)] = Phase(dict(ph["weights"]), ph["tokens"], float(rate), bool(code_only))
     for s in sources.values():
         if s.paths:
@@ -622,7 +630,7 @@ def load_mixture(path=None):
     caps = spec.get("corpus", {})
     bad = set(caps) - set(CorpusCaps.__dataclass_fields__)
     if bad:
-        raise ValueError(f"mixture file {path}: unknown corpus caps {sorted(bad)} "
+        raise InputError(f"mixture file {path}: unknown corpus caps {sorted(bad)} "
                          f"(known: {sorted(CorpusCaps.__dataclass_fields__)})")
     return Mixture(sources, phases, CorpusCaps(**caps), int(spec.get("seed", 0)))
 
@@ -637,7 +645,7 @@ def _user_documents(source):
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{i}: each line must be a JSON object with a \"text\" field ({e})")
+                        raise InputError(f"{path}:{i}: each line must be a JSON object with a \"text\" field ({e})")
                     yield str(text)
         else:
             text = _read_text(path, max_bytes=1 << 40)
@@ -684,18 +692,18 @@ def shard_info(path):
     with open(path, "rb") as f:
         head = f.read(_HEADER.size)
     if len(head) < _HEADER.size:
-        raise ValueError(f"token shard {path} is truncated ({size} bytes, no complete header): delete it to rebuild")
+        raise InputError(f"token shard {path} is truncated ({size} bytes, no complete header): delete it to rebuild")
     magic, version, code, n, n_docs = _HEADER.unpack(head)
     if magic != SHARD_MAGIC:
-        raise ValueError(f"{path} is not a nanoMellum token shard (magic {magic!r}, expected {SHARD_MAGIC!r})")
+        raise InputError(f"{path} is not a nanoMellum token shard (magic {magic!r}, expected {SHARD_MAGIC!r})")
     if version != SHARD_VERSION:
-        raise ValueError(f"token shard {path} has format version {version}, this data.py reads version "
+        raise InputError(f"token shard {path} has format version {version}, this data.py reads version "
                          f"{SHARD_VERSION}: delete it to rebuild")
     if code not in _DTYPES:
-        raise ValueError(f"token shard {path} has unknown dtype code {code}: delete it to rebuild")
+        raise InputError(f"token shard {path} has unknown dtype code {code}: delete it to rebuild")
     expected = _HEADER.size + n * _DTYPES[code].itemsize
     if size != expected:
-        raise ValueError(f"token shard {path} is truncated or corrupt: header says {n} tokens ({expected} bytes), "
+        raise InputError(f"token shard {path} is truncated or corrupt: header says {n} tokens ({expected} bytes), "
                          f"file has {size} bytes: delete it to rebuild")
     return n, n_docs, _DTYPES[code]
 
@@ -807,7 +815,7 @@ def _cached(out_dir):
         return None
     for path, n in ((shards.train, shards.train_tokens), (shards.val, shards.val_tokens)):
         if shard_info(path)[0] != n:
-            raise ValueError(f"token shard {path} does not match {out_dir}/manifest.json: delete {out_dir} to rebuild")
+            raise InputError(f"token shard {path} does not match {out_dir}/manifest.json: delete {out_dir} to rebuild")
     return shards
 
 
@@ -841,7 +849,7 @@ def prepare_data(mixture, tokenizer, data_dir=DATA_DIR, phases=(1, 2, 3), log=pr
     sources named in `extra`), and each phase's FIM-rewritten train shards."""
     missing = [p for p in phases if p not in mixture.phases]
     if missing:
-        raise ValueError(f"the mixture has no phase {missing} (it has {sorted(mixture.phases)})")
+        raise InputError(f"the mixture has no phase {missing} (it has {sorted(mixture.phases)})")
     names = sorted({s for p in phases for s, w in mixture.phases[p].weights.items() if w > 0} | set(extra))
     out, corpus, t0 = {}, None, time.time()
     for name in names:
@@ -943,7 +951,7 @@ def _documents(tokens, eot, path):
     """(start, end) arrays of the documents of a shard, each opened by <|endoftext|>."""
     starts = doc_starts(tokens, eot)
     if len(tokens) and (len(starts) == 0 or starts[0] != 0):
-        raise ValueError(f"token shard {path} does not start with <|endoftext|> (id {eot}): was it built with "
+        raise InputError(f"token shard {path} does not start with <|endoftext|> (id {eot}): was it built with "
                          "another tokenizer? Delete it to rebuild")
     return starts, np.append(starts[1:], len(tokens)).astype(np.int64)
 
@@ -1018,7 +1026,7 @@ class TokenLoader:
                 break
             epoch, w, i = (epoch, w + 1, 0) if w + 1 < n_windows else (epoch + 1, 0, 0)
         else:
-            raise ValueError(f"source '{name}' ({self.paths[name]}) has no document with at least "
+            raise InputError(f"source '{name}' ({self.paths[name]}) has no document with at least "
                              f"{math.ceil(MIN_UNIQUE_FRACTION * self.seq_len)} distinct tokens (1% of seq_len "
                              f"{self.seq_len}): nothing to train on; lower --seq-len, give it longer documents or "
                              "leave it out of the mixture")
@@ -1074,7 +1082,7 @@ def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=
     starts, ends = _documents(tokens, eot, path)
     x, y, _ = pack_best_fit(_diverse([tokens[a:b] for a, b in zip(starts, ends)], seq_len), seq_len, pad=eot)
     if len(x) == 0:
-        raise ValueError(f"val shard {path} has no document with at least "
+        raise InputError(f"val shard {path} has no document with at least "
                          f"{math.ceil(MIN_UNIQUE_FRACTION * seq_len)} distinct tokens (1% of seq_len {seq_len}): "
                          "lower --seq-len, give the source longer documents or leave it out of the mixture")
     G = batch_size * world_size
@@ -1126,7 +1134,7 @@ def _json(x):  # exactly transformers' `tojson` filter in chat templates (no HTM
 def _check_conversation(conv, where):
     """Raise ValueError naming `where` (file:line) and the field when `conv` breaks the JSONL schema."""
     def bad(field, msg):
-        raise ValueError(f"{where}: {field} {msg}")
+        raise InputError(f"{where}: {field} {msg}")
     if not isinstance(conv, dict):
         bad("the line", f"is a {type(conv).__name__}, expected an object with 'messages'")
     unknown = set(conv) - {"messages", "tools", "reasoning"}
@@ -1177,7 +1185,7 @@ def load_conversations(path):
             try:
                 conv = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             _check_conversation(conv, f"{path}:{n}")
             out.append(conv)
     return out
@@ -1438,7 +1446,7 @@ def save_hf_tokenizer(tok, out_dir):
 
 def tokenizer_from_hf(path):
     """A data.Tokenizer from a tokenizer.json that save_hf_tokenizer wrote (no `tokenizers` package needed).
-    Raises ValueError for any other tokenizer.json (sample.HFTokenizer reads those)."""
+    Raises InputError for any other tokenizer.json (HFTokenizer reads those)."""
     with open(path, "rb") as f:
         raw = f.read()
     spec = json.loads(raw)
@@ -1453,8 +1461,45 @@ def tokenizer_from_hf(path):
             pass
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     if ranks is None or special != {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}:
-        raise ValueError(f"{path} was not written by data.save_hf_tokenizer (byte-level BPE + nanoMellum's specials)")
+        raise InputError(f"{path} was not written by data.save_hf_tokenizer (byte-level BPE + nanoMellum's specials)")
     return Tokenizer(path, ranks, pat, hashlib.sha256(raw).hexdigest())
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (needs the optional `tokenizers` package), with data.Tokenizer's interface."""
+
+    def __init__(self, model_dir):
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model_dir}: a Hugging Face-format directory needs a tokenizer.json next to "
+                                    "config.json to encode prompts")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise InputError(f"{path} needs the optional package `tokenizers`: pip install tokenizers") from e
+        self._tok = Tokenizer.from_file(path)
+        self.name = path
+        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+        self.eot = eos[0] if isinstance(eos, list) else eos
+        if self.eot is None:
+            self.eot = self._tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def hf_dir_tokenizer(model_dir):
+    """The tokenizer of a Hugging Face-format directory: our own export reads back into tiktoken (no `tokenizers`
+    package needed); any other tokenizer.json goes through HFTokenizer."""
+    try:
+        return tokenizer_from_hf(os.path.join(model_dir, "tokenizer.json"))
+    except (FileNotFoundError, InputError):
+        return HFTokenizer(model_dir)
 
 
 # -----------------------------------------------------------------------------

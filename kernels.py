@@ -10,7 +10,8 @@ Sections, top to bottom:
                  pass, fp32 accumulation promoted every 128-wide K tile. Quantisation kernels (1x128 row tiles,
                  128x128 weight blocks, 128x1 column tiles per expert for the weight gradient), grouped GEMMs,
                  `fp8_grouped_linear` / `fp8_linear` (autograd; Triton or the PyTorch emulation) and `*_ref`s
-  bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch
+  bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
+                 `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
 
 Shape legend in the FP8 section: R routed rows (tokens sorted by expert), E experts, I in features, O out
 features, C columns of a tensor being quantised.
@@ -747,10 +748,65 @@ def bench():
               f"({flops / ms_fp8 / 1e9:5.0f} TFLOP/s)  speed-up {ms_bf16 / ms_fp8:.2f}x (target >= 1.3)")
 
 
+def bench_moe(tokens=4096, D=128, E=64, K=8, F_=64, repeats=5):
+    """MoE expert dispatch, forward + backward on this device's default (CPU) path: the per-expert Python loop over
+    one-hot masks of transformers' reference implementation against model.MoE's dispatch (sort the T*K (token,
+    expert) pairs by expert, two torch._grouped_mm calls). Same router, same weights. `python kernels.py --bench-moe`
+    (the defaults are tiny's shapes)."""
+    import time
+    torch.manual_seed(0)
+    x_TD = torch.randn(tokens, D, requires_grad=True)
+    gate_ED = (0.02 * torch.randn(E, D)).requires_grad_()
+    gate_up_EOD = (0.02 * torch.randn(E, 2 * F_, D)).requires_grad_()
+    down_EDF = (0.02 * torch.randn(E, D, F_)).requires_grad_()
+
+    def route(x_TD):
+        w_TK, i_TK = F.linear(x_TD, gate_ED).float().softmax(-1).topk(K, dim=-1)
+        return w_TK / w_TK.sum(-1, keepdim=True), i_TK
+
+    def loop(x_TD):
+        w_TK, i_TK = route(x_TD)
+        out_TD = torch.zeros_like(x_TD)
+        mask_EKT = F.one_hot(i_TK, E).permute(2, 1, 0)
+        for e in range(E):
+            k_pos, tok = torch.where(mask_EKT[e])
+            gate, up = F.linear(x_TD[tok], gate_up_EOD[e]).chunk(2, -1)
+            out_TD = out_TD.index_add(0, tok, F.linear(F.silu(gate) * up, down_EDF[e]) * w_TK[tok, k_pos, None])
+        return out_TD
+
+    def grouped(x_TD):
+        w_TK, i_TK = route(x_TD)
+        order_R = i_TK.reshape(-1).argsort(stable=True)
+        token_R = order_R // K
+        offs_E = torch.bincount(i_TK.reshape(-1), minlength=E).cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x_TD[token_R], gate_up_EOD.transpose(-2, -1), offs=offs_E).chunk(2, -1)
+        y_RD = torch._grouped_mm(F.silu(gate) * up, down_EDF.transpose(-2, -1), offs=offs_E)
+        return torch.zeros_like(x_TD).index_add(0, token_R, y_RD * w_TK.reshape(-1)[order_R, None])
+
+    torch.testing.assert_close(grouped(x_TD), loop(x_TD), rtol=1e-4, atol=1e-6)  # the same function
+
+    def timeit(fn):
+        fn(x_TD).sum().backward()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn(x_TD).sum().backward()
+        return (time.perf_counter() - t0) / repeats
+
+    t_loop, t_grouped = timeit(loop), timeit(grouped)
+    print(f"MoE layer fwd+bwd, {tokens} tokens, D={D}, E={E} top-{K}, F={F_}, {torch.get_num_threads()} threads: "
+          f"per-expert loop {t_loop * 1e3:.1f} ms, grouped {t_grouped * 1e3:.1f} ms, speed-up {t_loop / t_grouped:.2f}x")
+    return t_loop, t_grouped
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="nanoMellum Triton kernels")
     parser.add_argument("--bench", action="store_true", help="time the kernels on a GPU against PyTorch")
-    if parser.parse_args().bench:
+    parser.add_argument("--bench-moe", action="store_true", help="time the grouped MoE dispatch against a "
+                        "per-expert loop (CPU or GPU)")
+    cli = parser.parse_args()
+    if cli.bench:
         bench()
+    elif cli.bench_moe:
+        bench_moe()
     else:
         parser.print_help()

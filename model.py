@@ -10,10 +10,16 @@ Contents, top to bottom:
                           expert parallelism (all_to_all dispatch) when shard_experts() gave it a process group
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
-  KVCache                 full layers grow, sliding layers keep a ring of `window + slack` positions; rows may be
-                          left-padded (pad) and selected or repeated (select) for batched generation
-  Mellum                  forward (logits + loss parts), decoding helpers, HF-format load/save
-  summary / bench         `python model.py --preset NAME` and `python model.py --bench`
+  Mellum                  forward (logits + loss parts), decoding helpers
+  counting                count_params, flops_per_token (on the meta device: mellum2-12b fits on a laptop)
+
+Not here: the KV cache (sample.py), the Hugging Face format and checkpoints (train.py), the model summary
+(`python pretrain.py --preset NAME --phase 1 --dry-run`), the MoE dispatch benchmark (kernels.py).
+
+The cache interface (sample.KVCache implements it; every forward takes cache=None): `cache.pos`, the position of
+the first new token; `cache.update(k, v)`, called by each attention layer in order, stores the new keys/values and
+returns (k, v, k_pos) to attend over (k_pos < 0: an empty slot); `cache.pad`, None or (B,) left-padding per row;
+`cache.advance(T)` after the layers ran; `cache.mtp`, the MTP block's own cache or None.
 
 Parameter names are those of Hugging Face's `MellumForCausalLM`, so released checkpoints load with no mapping
 table; the MTP module lives under `mtp.*` (which transformers ignores).
@@ -22,28 +28,22 @@ Footguns:
 - Sliding window W means query i sees keys i-W < j <= i: W keys including itself (transformers' convention).
 - forward returns the loss parts unweighted: ce and mtp are target sums divided by `norm` (default: this batch's
   own target counts, i.e. a mean), aux and z are sums over the MoE layers. The caller weights them
-  (pretrain.forward_backward: mtp 0.1, aux 1e-3, z 1e-3 as in the report).
+  (train.forward_backward: mtp 0.1, aux 1e-3, z 1e-3 as in the report).
 - After `reset_router_counts()`, the balancing loss of each training forward takes its expert shares from the
   counts of all training forwards since (all-reduced over ranks when torch.distributed is initialised): a loop
-  that calls it must call it at the start of *every* optimizer step (pretrain.forward_backward does), and every
+  that calls it must call it at the start of *every* optimizer step (train.forward_backward does), and every
   rank must run the same forwards. Without it, each forward uses its own local counts.
 - The MTP head sees the *normalised* final hidden state at t and the embedding of token t+1, and predicts t+2.
 - `torch._grouped_mm` wants int32 cumulative *end* offsets, one per expert; empty experts are fine.
 - Under expert parallelism a layer's `experts` holds only this rank's slice (`experts.first` onward): its
-  state_dict() is not the whole layer. pretrain.py's checkpoints put the slices back together.
+  state_dict() is not the whole layer. train.py's checkpoints put the slices back together.
 - init_weights() draws every matrix (every expert) from its own seeded generator: same seed, same weights,
   whatever the sharding, but not the values of a single global stream.
 """
-import argparse
 import functools
 import hashlib
-import json
 import math
-import os
-import re
-import shutil
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -111,30 +111,6 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"Config: {msg}")
-
-    # Hugging Face config.json <-> Config. Field names already match, except MTP's.
-    def to_hf(self):
-        d = asdict(self)
-        d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
-        if self.num_mtp_layers:
-            d["mtp_layer_types"], d["mtp_mlp_layer_types"] = [SLIDING], ["sparse"]
-        return dict(model_type="mellum", architectures=["MellumForCausalLM"], hidden_act="silu",
-                    tie_word_embeddings=False, attention_bias=False, norm_topk_prob=True, **d)
-
-    @classmethod
-    def from_hf(cls, d, source="config.json"):
-        if d.get("model_type") != "mellum":
-            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'mellum' "
-                             "(this is not a Mellum checkpoint)")
-        for key, want in [("hidden_act", "silu"), ("tie_word_embeddings", False), ("attention_bias", False),
-                          ("norm_topk_prob", True)]:
-            if d.get(key, want) != want:
-                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (nanoMellum implements {want!r})")
-        d = dict(d)
-        d["num_mtp_layers"] = d.get("num_nextn_predict_layers") or d.get("num_mtp_layers") or 0
-        d.setdefault("num_experts", d.get("num_local_experts"))
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
 PRESETS = {
@@ -470,88 +446,6 @@ class MTP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# KV cache
-
-class LayerCache:
-    """K/V of one attention layer. Full layers: a buffer of `capacity` positions. Sliding layers: a ring of
-    `window + slack` slots; position p lives in slot p % size. The slack lets speculative decoding rewind a few
-    rejected positions without losing keys still inside the window."""
-
-    def __init__(self, B, K, hd, size, ring, device, dtype):
-        self.k = torch.zeros(B, K, size, hd, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.size, self.ring = size, ring
-
-    def update(self, pos, k_new, v_new):
-        """Store positions pos..pos+T-1; return the keys/values/positions attention should see."""
-        T, dev = k_new.size(2), k_new.device
-        if not self.ring:
-            if pos + T > self.size:
-                raise ValueError(f"KV cache full: {pos + T} positions > capacity {self.size}")
-            self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k_new, v_new
-            return self.k[:, :, :pos + T], self.v[:, :, :pos + T], torch.arange(pos + T, device=dev)
-        # ring: attend over (cached slots) + (new keys), then keep the newest `size` positions
-        slot = torch.arange(self.size, device=dev)
-        old_pos = pos - 1 - (pos - 1 - slot) % self.size  # newest position < pos stored in each slot
-        old_pos = torch.where(old_pos >= 0, old_pos, -1)
-        k_all, v_all = torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
-        k_pos = torch.cat([old_pos, torch.arange(pos, pos + T, device=dev)])
-        keep = min(T, self.size)
-        idx = torch.arange(pos + T - keep, pos + T, device=dev) % self.size
-        self.k[:, :, idx], self.v[:, :, idx] = k_new[:, :, T - keep:], v_new[:, :, T - keep:]
-        return k_all, v_all, k_pos
-
-
-class KVCache:
-    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block.
-    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots, which attention masks out.
-    Row b's tokens then sit pad[b] positions later than alone; RoPE needs no per-row positions because attention
-    scores depend only on the distance between query and key (RoFormer, https://arxiv.org/abs/2104.09864), and
-    the sliding window is a distance too."""
-
-    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
-                 pad=None):
-        K, hd = config.num_key_value_heads, config.head_dim
-        ring_size = config.sliding_window + slack
-
-        def make(lt):
-            ring = lt == SLIDING and ring_size < capacity
-            return LayerCache(batch_size, K, hd, ring_size if ring else capacity, ring, device, dtype)
-
-        self.layers = [make(lt) for lt in (layer_types or config.layer_types)]
-        self.pos, self.layer = 0, 0
-        self.pad = pad
-        self.mtp = None
-        if layer_types is None and config.num_mtp_layers:
-            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[SLIDING], pad=pad)
-
-    def select(self, rows):
-        """Keep (or repeat) batch rows: rows (R,) indexes the current rows. Shares a prefill among samples of one
-        prompt (rows = arange(P).repeat_interleave(G)) and drops finished rows."""
-        for c in self.layers:
-            c.k, c.v = c.k[rows], c.v[rows]
-        if self.pad is not None:
-            self.pad = self.pad[rows]
-        if self.mtp is not None:
-            self.mtp.select(rows)
-
-    def update(self, k, v):  # called by each attention layer in order during one forward
-        out = self.layers[self.layer].update(self.pos, k, v)
-        self.layer += 1
-        return out
-
-    def advance(self, T):
-        self.pos, self.layer = self.pos + T, 0
-
-    def rewind(self, n):
-        """Forget the last n positions (rejected speculative tokens). Ring slots keep `slack` spare positions."""
-        self.pos -= n
-
-    def nbytes(self):
-        return sum(c.k.nbytes + c.v.nbytes for c in self.layers) + (self.mtp.nbytes() if self.mtp else 0)
-
-
-# -----------------------------------------------------------------------------
 # The model
 
 def _generator(*key):
@@ -573,7 +467,7 @@ class Mellum(nn.Module):
         """Normal(0, initializer_range) for every matrix, ones for norms (as the reference implementation).
         Our choice of random streams: every matrix, and every expert of a 3-D stack, draws from its own generator
         seeded by (seed, name[, global expert index]). So a rank that holds an FSDP2 shard or an EP slice of
-        experts (pretrain.build_model materialises it from the meta device) computes exactly the values the
+        experts (train.build_model materialises it from the meta device) computes exactly the values the
         one-process model has there, generating at most one matrix (one rank's experts) at a time.
         seed=None draws the seed from torch's global generator."""
         if seed is None:
@@ -702,131 +596,6 @@ class Mellum(nn.Module):
         training, the last forward's otherwise; the training loop logs max/mean imbalance."""
         return torch.stack([m.load for m in self.moe_layers() if m.load is not None])
 
-    # --- Hugging Face format -------------------------------------------------------------------------------
-
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, dtype=None, tokenizer=None):
-        """config.json + model(-0000i-of-0000n).safetensors (+ index), written to a temp dir then renamed.
-        Experts are written one 2-D tensor each (`experts.{e}.gate_proj.weight`, ...), the on-disk layout of
-        the released checkpoints and of transformers. tokenizer (a data.Tokenizer): also write its Hugging Face
-        files and the chat stop token as eos_token_id, so transformers and sample.py can use the directory alone."""
-        from safetensors.torch import save_file
-        tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state = {k: (v.to(dtype) if dtype else v).detach().cpu() for k, v in self.state_dict().items()}
-        state = {k: v.contiguous() for k, v in split_experts(state).items()}
-        shards, cur, size = [], {}, 0
-        for k, v in state.items():
-            if cur and size + v.nbytes > max_shard_bytes:
-                shards, cur, size = shards + [cur], {}, 0
-            cur[k], size = v, size + v.nbytes
-        shards.append(cur)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
-        hf = self.config.to_hf()
-        if tokenizer is not None:
-            import data  # lazily: model.py stays importable without the tokenizer packages
-            data.save_hf_tokenizer(tokenizer, tmp)
-            hf.update(eos_token_id=tokenizer.special[data.CHAT_STOP], pad_token_id=tokenizer.eot, bos_token_id=None)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a Hugging Face-format directory (released Mellum 2 checkpoints, or save_pretrained output).
-        Per-expert tensors are stacked into the 3-D expert parameters; fused 3-D tensors load as they are."""
-        from safetensors import safe_open
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face-format model directory")
-        with open(cfg_path) as f:
-            config = Config.from_hf(json.load(f), source=cfg_path)
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        with torch.device("meta"):
-            model = cls(config)
-        state = {}
-        for name in files:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                state.update({k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()})
-        state = fuse_experts(state, source=path)
-        if config.num_mtp_layers and not any(k.startswith("mtp.") for k in state):
-            # transformers does not save mtp.* (it has no MTP module): load the main model without one
-            print(f"{path}: no mtp.* tensors, loading without the MTP module (no speculative decoding)")
-            config.num_mtp_layers = 0
-            with torch.device("meta"):
-                model = cls(config)
-        expected = model.state_dict()
-        for k, t in state.items():
-            if k not in expected:
-                raise ValueError(f"{path}: unexpected tensor {k!r} for this config (is config.json from another "
-                                 "model, or were the weights saved with a different num_nextn_predict_layers?)")
-            if t.shape != expected[k].shape:
-                raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(expected[k].shape)}")
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
-        model.load_state_dict(state, assign=True)
-        return model
-
-
-_EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-
-
-def split_experts(state):
-    """3-D expert tensors -> one 2-D tensor per expert and projection (the on-disk layout)."""
-    out = {}
-    for k, v in state.items():
-        if k.endswith(".experts.gate_up_proj"):
-            gate, up = v.chunk(2, dim=1)
-            for e in range(v.size(0)):
-                out[f"{k[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = gate[e].clone()
-                out[f"{k[:-len('gate_up_proj')]}{e}.up_proj.weight"] = up[e].clone()
-        elif k.endswith(".experts.down_proj"):
-            for e in range(v.size(0)):
-                out[f"{k[:-len('down_proj')]}{e}.down_proj.weight"] = v[e].clone()
-        else:
-            out[k] = v
-    return out
-
-
-def fuse_experts(state, source):
-    """Inverse of split_experts: stack per-expert tensors into gate_up [E, 2F, D] and down [E, D, F]."""
-    out, per_expert = {}, {}
-    for k, v in state.items():
-        m = _EXPERT_KEY.fullmatch(k)
-        if m:
-            per_expert.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = v
-        else:
-            out[k] = v
-    for prefix, kinds in per_expert.items():
-        E = 1 + max(max(d) for d in kinds.values())
-        for kind in ("gate_proj", "up_proj", "down_proj"):
-            lacking = sorted(set(range(E)) - set(kinds.get(kind, {})))
-            if lacking:
-                raise ValueError(f"{source}: {prefix}.{{e}}.{kind}.weight missing for experts {lacking[:5]}")
-        stack = {kind: torch.stack([kinds[kind][e] for e in range(E)]) for kind in kinds}
-        out[f"{prefix}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
-        out[f"{prefix}.down_proj"] = stack["down_proj"]
-    return out
-
 
 # -----------------------------------------------------------------------------
 # Counting: parameters, FLOPs, memory (on the meta device, so mellum2-12b fits on a laptop)
@@ -858,82 +627,3 @@ def flops_per_token(config, seq_len):
         span = min(config.sliding_window, seq_len) if lt == SLIDING else seq_len
         attn += 2 * 2 * config.num_attention_heads * config.head_dim * span / 2  # causal: half the span on average
     return 6 * matmul + 3 * attn
-
-
-def summary(config, seq_len=None, n_gpus=1, weight_bytes=4):
-    seq_len = seq_len or config.max_position_embeddings
-    c = count_params(config)
-    fpt = flops_per_token(config, seq_len)
-    # memory: fp32 master weights + grads; Muon keeps one momentum buffer per matrix, AdamW two moments for
-    # embeddings / head / norms; FSDP shards all of it across GPUs.
-    adam = c["embed"]
-    opt = 4 * (c["total"] + c["mtp_total"] - adam) + 8 * adam
-    n = c["total"] + c["mtp_total"]
-
-    def num(x):
-        return f"{x / 1e9:.3f}B" if x >= 1e9 else f"{x / 1e6:.2f}M"
-
-    gib = 2**30 * n_gpus
-    lines = [
-        f"parameters: total {num(c['total'])}, active/token {num(c['active'])} (without embeddings: "
-        f"{num(c['total'] - c['embed'])} total, {num(c['active'] - c['embed'])} active); MTP module extra: "
-        f"{num(c['mtp_total'])} total, {num(c['mtp_active'])} active",
-        f"layers: {config.num_hidden_layers} ({config.layer_types.count(SLIDING)} sliding W={config.sliding_window}, "
-        f"{config.layer_types.count(FULL)} full), experts {config.num_experts} top-{config.num_experts_per_tok}",
-        f"training FLOPs/token at seq_len {seq_len}: {fpt / 1e9:.3f} GFLOP",
-        f"memory per GPU ({n_gpus} GPU{'s' if n_gpus > 1 else ''}, FSDP-sharded): weights "
-        f"{n * weight_bytes / gib:.2f} GiB, grads {n * weight_bytes / gib:.2f} GiB, "
-        f"optimizer {opt / gib:.2f} GiB (plus activations)",
-    ]
-    return "\n".join(lines)
-
-
-def bench_moe(config, tokens=4096, repeats=5):
-    """Grouped-GEMM dispatch vs the per-expert masked loop of the reference implementation, fwd+bwd."""
-    torch.manual_seed(0)
-    moe = MoE(config)
-    for p in moe.parameters():
-        nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
-
-    def loop_forward(x):  # the transformers way: one-hot masks, a Python loop over experts
-        x_TD = x.view(-1, x.size(-1))
-        probs = F.linear(x_TD, moe.gate.weight).float().softmax(-1)
-        w, i = probs.topk(moe.top_k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
-        out = torch.zeros_like(x_TD)
-        mask = F.one_hot(i, moe.num_experts).permute(2, 1, 0)  # (E, K, T)
-        for e in range(moe.num_experts):
-            kpos, tok = torch.where(mask[e])
-            gate, up = F.linear(x_TD[tok], moe.experts.gate_up_proj[e]).chunk(2, -1)
-            y = F.linear(F.silu(gate) * up, moe.experts.down_proj[e]) * w[tok, kpos, None]
-            out = out.index_add(0, tok, y)
-        return out
-
-    def timeit(fn):
-        fn(x).sum().backward()  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn(x).sum().backward()
-        return (time.perf_counter() - t0) / repeats
-
-    t_loop, t_grouped = timeit(loop_forward), timeit(moe)
-    print(f"MoE layer fwd+bwd, {tokens} tokens, D={config.hidden_size}, E={config.num_experts} "
-          f"top-{config.num_experts_per_tok}, F={config.moe_intermediate_size}, {torch.get_num_threads()} threads: "
-          f"per-expert loop {t_loop * 1e3:.1f} ms, grouped {t_grouped * 1e3:.1f} ms, "
-          f"speed-up {t_loop / t_grouped:.2f}x")
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Model summary (meta device) or the MoE dispatch benchmark")
-    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--bench", action="store_true", help="time the grouped MoE dispatch vs a per-expert loop")
-    args = ap.parse_args()
-    cfg = get_config(args.preset)
-    if args.bench:
-        bench_moe(cfg)
-    else:
-        print(f"preset {args.preset}")
-        print(summary(cfg, args.seq_len, args.gpus))

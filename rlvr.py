@@ -76,8 +76,8 @@ import data
 import eval as E
 import model as M
 import muon
-import pretrain
 import sample
+import train
 
 # -----------------------------------------------------------------------------
 # Recipes
@@ -229,12 +229,12 @@ def parse_mixture(specs):
         name, _, w = s.partition(":")
         if name not in E.FAMILIES or name in E.EVAL_ONLY:
             trainable = [f for f in E.FAMILIES if f not in E.EVAL_ONLY]
-            raise SystemExit(f"rlvr.py --tasks: {name!r} is not a trainable family; choose from "
+            raise data.InputError(f"--tasks: {name!r} is not a trainable family; choose from "
                              f"{', '.join(trainable)} (as family or family:weight)")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:
-            raise SystemExit(f"rlvr.py --tasks {s}: the weight after ':' must be a number") from None
+            raise data.InputError(f"--tasks {s}: the weight after ':' must be a number") from None
     return out
 
 
@@ -257,7 +257,7 @@ def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
     while len(out) < n:
         tries += 1
         if tries > 100 * n:
-            raise SystemExit(f"rlvr.py: the prompts of {sorted(mixture)} do not fit the model's context of {ctx_len} "
+            raise data.InputError(f"the prompts of {sorted(mixture)} do not fit the model's context of {ctx_len} "
                              f"tokens with {MIN_NEW_TOKENS} new ones; choose other --tasks")
         task = E.make_task(rng.choices(families, weights)[0], rng.randrange(E.TEST_SEED0))
         prompt = data.render_prompt(tok, task.messages, tools=task.tools)
@@ -313,7 +313,7 @@ def token_logprobs(model, x, tgt, n_vocab, mask):
 
 def micro_batches(rows, size, device):
     """Right-padded tensors for rollouts `rows`, `size` sequences at a time: x (inputs), tgt (the completion's ids
-    at the positions that predict them), y (tgt where the token is trained, else -1: pretrain.token_normaliser
+    at the positions that predict them), y (tgt where the token is trained, else -1: train.token_normaliser
     counts it), logp_inf and adv per position."""
     out = []
     for b in range(0, len(rows), size):
@@ -368,10 +368,10 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
         n_micro = int(_agree(len(mbs), ctx, dist.ReduceOp.MAX))
         if n_micro == 0:
             continue
-        norm = pretrain.token_normaliser([(None, mb["y"]) for mb in mbs], ctx)[0]
+        norm = train.token_normaliser([(None, mb["y"]) for mb in mbs], ctx)[0]
         for i in range(n_micro):
             mb = mbs[i] if i < len(mbs) else _empty_micro_batch(ctx.device)
-            with pretrain.grad_sync(model, i == n_micro - 1), ctx.autocast():
+            with train.grad_sync(model, i == n_micro - 1), ctx.autocast():
                 mask = mb["y"] != -1
                 logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask)
                 logp_old = mb.get("logp_old", logp.detach())
@@ -381,7 +381,7 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
                 stats[k] += s[k]
             stats["entropy"] += entropy
             stats["loss"] += loss.item() / len(minis)
-        stats["grad_norm"] += pretrain.optimizer_step(model, opt, grad_clip) / len(minis)
+        stats["grad_norm"] += train.optimizer_step(model, opt, grad_clip) / len(minis)
     for k in ("icepop_masked", "clipped", "valid", "entropy", "loss"):
         stats[k] = _agree(stats[k], ctx, dist.ReduceOp.SUM)
     stats["loss"] /= ctx.world_size
@@ -422,13 +422,11 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     # --- checkpoints, evaluation
-    ap.add_argument("--ckpt-every", type=int, default=10)
-    ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit")
     ap.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks per family at start and end "
                     "(0: no evaluation)")
     ap.add_argument("--eval-samples", type=int, default=8, help="samples per task: pass@1 and pass@k")
     ap.add_argument("--report-card", default=E.REPORT_CARD)
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    train.add_stage_args(ap, 10, parallel_help="auto: DDP (the rollouts need whole weights on every rank)")
     return ap.parse_args(argv)
 
 
@@ -443,13 +441,13 @@ def evaluate(model, tok, families, args, variant, cap, out_dir, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = pretrain.compute_init(args.device)
+    if args.parallel == "fsdp":
+        raise data.InputError("--parallel fsdp: rlvr.py generates rollouts with whole weights on every rank; use ddp")
+    ctx = train.compute_init(args.device)
     log = tqdm.write if ctx.master else None
 
     # --- the starting checkpoint (never written to), its tokenizer, variant and recipe
-    raw, meta0 = pretrain.load_checkpoint(args.init, device=ctx.device)
-    meta0 = meta0 or {}
-    tok = data.get_tokenizer(meta0.get("tokenizer"))
+    raw, tok, meta0 = train.load_model(args.init, device=ctx.device)
     variant = args.variant or meta0.get("variant", "instruct")
     preset = args.preset or meta0.get("preset") or M.preset_of(raw.config) or "tiny"
     recipe = RL_RECIPES.get(preset, RL_RECIPES["tiny"])
@@ -461,42 +459,35 @@ def main(argv=None):
     ctx_len = raw.config.max_position_embeddings
     mixture = parse_mixture(args.tasks) if args.tasks else default_mixture(tok, ctx_len, meta0.get("data"))
     if not mixture:
-        raise SystemExit(f"rlvr.py: none of the SFT stage's families ({', '.join(meta0.get('data', {}))}) is in the "
-                         f"RL mixture and fits the context of {ctx_len}: choose --tasks")
+        raise data.InputError(f"none of the SFT stage's families ({', '.join(meta0.get('data', {}))}) is in the RL "
+                              f"mixture and fits the context of {ctx_len}: choose --tasks")
     if P % ctx.world_size or G < 2:
-        raise SystemExit(f"rlvr.py: --prompts {P} must be a multiple of the {ctx.world_size} ranks and --samples "
-                         f"{G} at least 2 (leave-one-out needs a second sample)")
+        raise data.InputError(f"--prompts {P} must be a multiple of the {ctx.world_size} ranks and --samples {G} at "
+                              "least 2 (leave-one-out needs a second sample)")
     out_dir = args.out_dir or os.path.join("out", "rl", variant)
     if os.path.abspath(out_dir) == os.path.abspath(args.init):
-        raise SystemExit(f"rlvr.py: --out-dir {out_dir} is the starting checkpoint's directory; the reference "
-                         "checkpoint stays untouched: choose another --out-dir")
+        raise data.InputError(f"--out-dir {out_dir} is the starting checkpoint's directory; the reference checkpoint "
+                              "stays untouched: choose another --out-dir")
     if ctx.master:
         print(f"rlvr {variant} from {args.init} ({preset} recipe): {steps} steps x {P} prompts x {G} samples "
               f"(oversampled {OVERSAMPLE}x), cap {max_new} new tokens, {updates} update(s) per batch, AdamW lr {lr} "
               f"(warmup {warmup}), tasks {mixture}, world {ctx.world_size}, device {ctx.device}")
     if args.dry_run:
-        pretrain.compute_cleanup(ctx)
-        return
+        return train.compute_cleanup(ctx)
 
     # --- model and optimizer: MTP frozen (not trained here), AdamW (0.9, 0.999) over everything else
     if raw.mtp is not None:
         raw.mtp.requires_grad_(False)
     raw.train()
-    model = pretrain.wrap_model(ctx, raw, "ddp")
+    model = train.wrap_model(ctx, raw, "ddp")
     opt = muon.MuonAdamW(muon.param_groups(raw, lr, args.weight_decay, adamw_only=True), betas=(0.9, 0.999))
     meta = dict(stage=f"rl-{variant}", variant=variant, tokenizer=tok.name, preset=preset, init=args.init,
                 args=vars(args))
-    step = 0
-    if args.resume and pretrain.latest_step(out_dir) is not None:
-        step = pretrain.latest_step(out_dir)
-        pretrain.set_rng_state(pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)["rng"])
-        if ctx.master:
-            print(f"resumed {out_dir} at step {step}")
+    step = train.resume(out_dir, raw, opt, None, ctx, print) if args.resume else 0
     if step >= steps:
         if ctx.master:
             print(f"rlvr: {out_dir} is already complete at step {step}")
-        pretrain.compute_cleanup(ctx)
-        return
+        return train.compute_cleanup(ctx)
     os.makedirs(out_dir, exist_ok=True)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     families = sorted(mixture)
@@ -504,15 +495,16 @@ def main(argv=None):
         open(metrics, "w").close()  # a fresh run starts a fresh log
         if args.eval_tasks:  # where RL starts from, for the record: the same held-out tasks as the final evaluation
             start = evaluate(raw, tok, families, args, variant, max_new, None, log)
-            pretrain.log_metrics(metrics, dict(step=0, eval=start), ctx, echo=False)
+            train.log_metrics(metrics, dict(step=0, eval=start), ctx, echo=False)
 
     # --- the loop: rollouts (generation + rewards), dynamic sampling, advantages, the update
     bar = tqdm(range(step, steps), desc=f"rl-{variant}", disable=not ctx.master, dynamic_ncols=True, initial=step,
                total=steps)
     first = step
     for step in bar:
+        lr_mult = train.whd_schedule(step, steps, warmup, 0)
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * pretrain.whd_schedule(step, steps, warmup, 0)
+            g["lr"] = g["base_lr"] * lr_mult
         # every rank draws its own prompts; draws and samples are functions of (seed, step, rank): exact resume
         rng = random.Random(f"{args.seed}:{step}:{ctx.rank}")
         gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + step * 1009 + ctx.rank)
@@ -532,41 +524,18 @@ def main(argv=None):
             adv = leave_one_out(torch.tensor([r.reward for r in groups[i]], dtype=torch.float64))
             for r, a in zip(groups[i], adv.tolist()):
                 r.advantage = a
-        train_rows = [r for i in kept for r in groups[i]]
-        stats = update(ctx, model, opt, train_rows, tok.n_vocab, updates, micro, args.grad_clip)
+        stats = update(ctx, model, opt, [r for i in kept for r in groups[i]], tok.n_vocab, updates, micro,
+                       args.grad_clip)
         t3 = time.perf_counter()
-
-        # the log line: rewards over every rollout of all ranks, token statistics over the trained ones
-        pooled = [dict(family=r.family, reward=r.reward, correct=r.correct, length=len(r.tokens)) for r in rows]
-        if ctx.ddp:
-            everyone = [None] * ctx.world_size
-            dist.all_gather_object(everyone, pooled)
-            pooled = [x for part in everyone for x in part]
-        n_groups, n_dropped = _agree(len(groups), ctx, dist.ReduceOp.SUM), _agree(dropped, ctx, dist.ReduceOp.SUM)
-        rewards = torch.tensor([x["reward"] for x in pooled], dtype=torch.float64)
-        valid = max(stats["valid"], 1)
-        record = dict(step=step + 1, reward=rewards.mean().item(), reward_std=rewards.std().item(),
-                      pass_rate={f: sum(x["correct"] for x in pooled if x["family"] == f)
-                                 / max(1, sum(x["family"] == f for x in pooled)) for f in families},
-                      zero_var=n_dropped / n_groups, kept_groups=int(_agree(len(kept), ctx, dist.ReduceOp.SUM)),
-                      icepop_masked=stats["icepop_masked"] / valid, clip_frac=stats["clipped"] / valid,
-                      entropy=stats["entropy"] / valid, length=sum(x["length"] for x in pooled) / len(pooled),
-                      tokens=int(stats["valid"]), loss=stats["loss"], grad_norm=stats["grad_norm"],
-                      lr=lr * pretrain.whd_schedule(step, steps, warmup, 0), t_gen=t1 - t0, t_reward=t2 - t1,
-                      t_update=t3 - t2)
-        pretrain.log_metrics(metrics, record, ctx, echo=False)
-        if ctx.master:
-            tqdm.write(f"step {step + 1:4d} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | pass "
-                       + " ".join(f"{f[:5]} {v:.2f}" for f, v in record["pass_rate"].items())
-                       + f" | zero-var {record['zero_var']:.2f} | icepop {record['icepop_masked']:.3f} | clip "
-                       f"{record['clip_frac']:.3f} | len {record['length']:.0f} | H {record['entropy']:.2f} | gnorm "
-                       f"{record['grad_norm']:.2f} | gen {t1 - t0:.1f}s reward {t2 - t1:.1f}s update {t3 - t2:.1f}s")
+        record = step_record(ctx, step, rows, groups, kept, dropped, stats, families, lr * lr_mult, (t0, t1, t2, t3))
+        train.log_metrics(metrics, record, ctx, echo=False)
+        if ctx.master and (step + 1) % args.log_every == 0:
+            tqdm.write(log_line(record))
         bar.set_postfix(reward=f"{record['reward']:.3f}")
-        done = step + 1 == steps
-        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
-        if (step + 1) % args.ckpt_every == 0 or done or stopping:
-            pretrain.save_checkpoint(out_dir, step + 1, raw, opt, meta, {"rng": pretrain.rng_state()}, ctx)
-        if stopping and not done:
+        save, stop = train.should_save(step + 1, steps, first, args)
+        if save:
+            train.save_checkpoint(out_dir, step + 1, raw, opt, meta, {"rng": train.rng_state()}, ctx)
+        if stop:
             if ctx.master:
                 tqdm.write(f"rlvr: stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
             break
@@ -575,11 +544,40 @@ def main(argv=None):
     # --- held-out evaluation of the trained families, and this stage's column of the report card
     if step + 1 == steps and args.eval_tasks and ctx.master:
         end = evaluate(raw, tok, families, args, variant, max_new, out_dir, log)
-        pretrain.log_metrics(metrics, dict(step=steps, eval=end), ctx, echo=False)
+        train.log_metrics(metrics, dict(step=steps, eval=end), ctx, echo=False)
         card = E.update_report_card(args.report_card, f"{variant}-RL", end)
         start = next((r["eval"] for r in map(json.loads, open(metrics)) if r.get("step") == 0 and "eval" in r), None)
         print(comparison(start, end, args.eval_samples) + f"\nreport card: {card}")
-    pretrain.compute_cleanup(ctx)
+    train.compute_cleanup(ctx)
+
+
+def step_record(ctx, step, rows, groups, kept, dropped, stats, families, lr, times):
+    """The step's log record: rewards over every rollout of all ranks, token statistics over the trained ones."""
+    pooled = [dict(family=r.family, reward=r.reward, correct=r.correct, length=len(r.tokens)) for r in rows]
+    if ctx.ddp:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, pooled)
+        pooled = [x for part in everyone for x in part]
+    n_groups, n_dropped = _agree(len(groups), ctx, dist.ReduceOp.SUM), _agree(dropped, ctx, dist.ReduceOp.SUM)
+    rewards = torch.tensor([x["reward"] for x in pooled], dtype=torch.float64)
+    valid = max(stats["valid"], 1)
+    t0, t1, t2, t3 = times
+    return dict(step=step + 1, reward=rewards.mean().item(), reward_std=rewards.std().item(),
+                pass_rate={f: sum(x["correct"] for x in pooled if x["family"] == f)
+                           / max(1, sum(x["family"] == f for x in pooled)) for f in families},
+                zero_var=n_dropped / n_groups, kept_groups=int(_agree(len(kept), ctx, dist.ReduceOp.SUM)),
+                icepop_masked=stats["icepop_masked"] / valid, clip_frac=stats["clipped"] / valid,
+                entropy=stats["entropy"] / valid, length=sum(x["length"] for x in pooled) / len(pooled),
+                tokens=int(stats["valid"]), loss=stats["loss"], grad_norm=stats["grad_norm"], lr=lr,
+                t_gen=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
+
+
+def log_line(r):
+    return (f"step {r['step']:4d} | reward {r['reward']:.3f} ± {r['reward_std']:.3f} | pass "
+            + " ".join(f"{f[:5]} {v:.2f}" for f, v in r["pass_rate"].items())
+            + f" | zero-var {r['zero_var']:.2f} | icepop {r['icepop_masked']:.3f} | clip {r['clip_frac']:.3f} | len "
+            f"{r['length']:.0f} | H {r['entropy']:.2f} | gnorm {r['grad_norm']:.2f} | gen {r['t_gen']:.1f}s reward "
+            f"{r['t_reward']:.1f}s update {r['t_update']:.1f}s")
 
 
 def comparison(start, end, k):
@@ -605,4 +603,4 @@ def comparison(start, end, k):
 
 
 if __name__ == "__main__":
-    pretrain.run(main)
+    train.run(main, "rlvr.py")

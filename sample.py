@@ -13,6 +13,8 @@ CPU or one GPU (a training stage's output directory, latest step, or a Hugging F
     python sample.py --ckpt out/pretrain/phase1 --bench-batch --temperature 0.6   # tokens/s at batch 1, 8, 32
 
 Contents, top to bottom
+  LayerCache, KVCache    the KV cache (model.py's cache interface): full layers grow, sliding layers keep a ring of
+                         `window + slack` positions; rows may be left-padded (pad) and selected or repeated (select)
   probabilities          logits -> sampling distribution (temperature, top-k, top-p); greedy = argmax of logits
   accept_or_resample     the speculative-sampling rule (Leviathan et al. 2023, https://arxiv.org/abs/2211.17192;
                          Chen et al. 2023, https://arxiv.org/abs/2302.01318): keeps the output distribution exact
@@ -21,10 +23,9 @@ Contents, top to bottom
   Completion,            many completions at once for evaluation and RL: prompts of any lengths (left padding,
   generate_batch         KVCache.pad), n_samples per prompt sharing one prefill, per-row stop, tool-result
                          injection through tool_hook, per-token log-probabilities
-  load_model             checkpoint + its tokenizer (our own tokenizer.json reads back into tiktoken), vocabulary
-                         checked
   bench, bench_batch     the benchmarks
-  CHAT_TOOLS,            --chat's tools: the calculator and Python, run in eval.py's sandbox
+  calculate              the calculator tool: exact arithmetic over a parsed AST (never eval)
+  CHAT_TOOLS,            --chat's tools: the calculator and Python, run in sandbox.py (never in this process)
   run_chat_tool
   main                   the command line
 
@@ -44,7 +45,7 @@ Footguns
 - The returned tokens include the stop token when one was produced. Ids >= n_vocab (the vocabulary padding of
   data.Tokenizer) are never sampled.
 - --chat renders the history with data.render_prompt and stops on <|im_end|>; earlier turns' reasoning is
-  dropped (as in training). Tool calls are run (run_chat_tool: the calculator, or Python in eval.py's sandbox) and
+  dropped (as in training). Tool calls are run (run_chat_tool: the calculator, or Python in sandbox.py) and
   their results go back in a user turn, up to MAX_TOOL_TURNS rounds per message. A think block is printed dimmed
   on a terminal (the raw <think> tags otherwise), apart from the answer.
 - generate_batch's batched greedy rows equal single-row decoding up to float rounding of batched matmuls (exact
@@ -57,15 +58,101 @@ Footguns
   4-layer model. The deeper the model, the smaller that share (1/28 for mellum2-12b).
 """
 import argparse
-import json
-import os
+import ast
+import operator
 import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
+import data
 import model as M
+import sandbox
+import train
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+class LayerCache:
+    """K/V of one attention layer. Full layers: a buffer of `capacity` positions. Sliding layers: a ring of
+    `window + slack` slots; position p lives in slot p % size. The slack lets speculative decoding rewind a few
+    rejected positions without losing keys still inside the window."""
+
+    def __init__(self, B, K, hd, size, ring, device, dtype):
+        self.k = torch.zeros(B, K, size, hd, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.size, self.ring = size, ring
+
+    def update(self, pos, k_new, v_new):
+        """Store positions pos..pos+T-1; return the keys/values/positions attention should see."""
+        T, dev = k_new.size(2), k_new.device
+        if not self.ring:
+            if pos + T > self.size:
+                raise ValueError(f"KV cache full: {pos + T} positions > capacity {self.size}")
+            self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k_new, v_new
+            return self.k[:, :, :pos + T], self.v[:, :, :pos + T], torch.arange(pos + T, device=dev)
+        # ring: attend over (cached slots) + (new keys), then keep the newest `size` positions
+        slot = torch.arange(self.size, device=dev)
+        old_pos = pos - 1 - (pos - 1 - slot) % self.size  # newest position < pos stored in each slot
+        old_pos = torch.where(old_pos >= 0, old_pos, -1)
+        k_all, v_all = torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
+        k_pos = torch.cat([old_pos, torch.arange(pos, pos + T, device=dev)])
+        keep = min(T, self.size)
+        idx = torch.arange(pos + T - keep, pos + T, device=dev) % self.size
+        self.k[:, :, idx], self.v[:, :, idx] = k_new[:, :, T - keep:], v_new[:, :, T - keep:]
+        return k_all, v_all, k_pos
+
+
+class KVCache:
+    """Per-layer caches plus the shared position counter. `mtp` is a separate cache for the MTP block.
+    pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots, which attention masks out.
+    Row b's tokens then sit pad[b] positions later than alone; RoPE needs no per-row positions because attention
+    scores depend only on the distance between query and key (RoFormer, https://arxiv.org/abs/2104.09864), and
+    the sliding window is a distance too."""
+
+    def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
+                 pad=None):
+        K, hd = config.num_key_value_heads, config.head_dim
+        ring_size = config.sliding_window + slack
+
+        def make(lt):
+            ring = lt == M.SLIDING and ring_size < capacity
+            return LayerCache(batch_size, K, hd, ring_size if ring else capacity, ring, device, dtype)
+
+        self.layers = [make(lt) for lt in (layer_types or config.layer_types)]
+        self.pos, self.layer = 0, 0
+        self.pad = pad
+        self.mtp = None
+        if layer_types is None and config.num_mtp_layers:
+            self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[M.SLIDING], pad=pad)
+
+    def select(self, rows):
+        """Keep (or repeat) batch rows: rows (R,) indexes the current rows. Shares a prefill among samples of one
+        prompt (rows = arange(P).repeat_interleave(G)) and drops finished rows."""
+        for c in self.layers:
+            c.k, c.v = c.k[rows], c.v[rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        if self.mtp is not None:
+            self.mtp.select(rows)
+
+    def update(self, k, v):  # called by each attention layer in order during one forward
+        out = self.layers[self.layer].update(self.pos, k, v)
+        self.layer += 1
+        return out
+
+    def advance(self, T):
+        self.pos, self.layer = self.pos + T, 0
+
+    def rewind(self, n):
+        """Forget the last n positions (rejected speculative tokens). Ring slots keep `slack` spare positions."""
+        self.pos -= n
+
+    def nbytes(self):
+        return sum(c.k.nbytes + c.v.nbytes for c in self.layers) + (self.mtp.nbytes() if self.mtp else 0)
+
 
 # -----------------------------------------------------------------------------
 # Sampling distributions and the speculative acceptance rule
@@ -175,7 +262,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             stats["forwards"] += 1
     else:
         dtype = next(model.parameters()).dtype
-        cache = M.KVCache(config, B, T + max_new_tokens, device=idx.device, dtype=dtype)
+        cache = KVCache(config, B, T + max_new_tokens, device=idx.device, dtype=dtype)
         h = model.hidden(idx, cache)
         x = _pick(dist(h[:, -1]), greedy, generator)
         if speculative:
@@ -226,7 +313,7 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
     n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)
-    cache = M.KVCache(config, P, T + max_new_tokens, device=device, dtype=next(model.parameters()).dtype, pad=pad)
+    cache = KVCache(config, P, T + max_new_tokens, device=device, dtype=next(model.parameters()).dtype, pad=pad)
     h = model.hidden(idx, cache)[:, -1]
     rows = torch.arange(P, device=device).repeat_interleave(n_samples)
     cache.select(rows)
@@ -300,60 +387,6 @@ def _speculate(model, idx, h, x, cache, dist, greedy, gen, emit, stats, draft_vo
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint + tokenizer
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer.json (needs the optional `tokenizers` package), with data.Tokenizer's interface."""
-
-    def __init__(self, model_dir):
-        path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{model_dir}: a Hugging Face-format directory needs a tokenizer.json next to "
-                                    "config.json to encode prompts")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise RuntimeError(f"{path} needs the optional package `tokenizers` (pip install tokenizers)") from e
-        self._tok = Tokenizer.from_file(path)
-        self.name = path
-        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
-        with open(os.path.join(model_dir, "config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
-        self.eot = eos[0] if isinstance(eos, list) else eos
-        if self.eot is None:
-            self.eot = self._tok.token_to_id("<|endoftext|>")
-
-    def encode(self, text):
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-
-def load_model(ckpt, step=None, device="cpu"):
-    """(model in eval mode, tokenizer, meta) from a training stage's checkpoint directory or a Hugging Face-format
-    directory. Raises on a missing checkpoint and on a tokenizer with more ids than the model's embedding."""
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such directory (give a training stage's output directory such "
-                                "as out/pretrain/phase1, or a Hugging Face-format directory with config.json)")
-    import pretrain  # training checkpoints are read by the training code's loader (DCP, any world size)
-    model, meta = pretrain.load_checkpoint(ckpt, step, device)
-    import data
-    if meta:  # the tokenizer recorded by the stage that wrote the checkpoint
-        tok = data.get_tokenizer(meta.get("tokenizer"))
-    else:
-        try:  # our own export reads back into tiktoken, without the `tokenizers` package
-            tok = data.tokenizer_from_hf(os.path.join(ckpt, "tokenizer.json"))
-        except (FileNotFoundError, ValueError):
-            tok = HFTokenizer(ckpt)
-    if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"{ckpt}: tokenizer {tok.name} has {tok.n_vocab} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}: this tokenizer does not belong to this checkpoint")
-    return model.eval(), tok, meta
-
-
-# -----------------------------------------------------------------------------
 # Benchmark: no cache vs cache vs cache + speculative, and the sliding-window KV-cache saving
 
 
@@ -393,8 +426,8 @@ def bench(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, n_
     print("speed-up: vs plain KV-cache decoding at the same temperature; tok/fwd: tokens per main-model forward")
     full_types = [M.FULL] * (config.num_hidden_layers + config.num_mtp_layers)
     for ctx in sorted({config.max_position_embeddings, 131_072}):
-        windowed = M.KVCache(config, 1, ctx, device="meta").nbytes()
-        every = M.KVCache(config, 1, ctx, device="meta", layer_types=full_types).nbytes()
+        windowed = KVCache(config, 1, ctx, device="meta").nbytes()
+        every = KVCache(config, 1, ctx, device="meta", layer_types=full_types).nbytes()
         print(f"KV cache at {ctx} tokens (fp32, batch 1, MTP included): {windowed / 2**20:.1f} MiB with "
               f"sliding-window rings vs {every / 2**20:.1f} MiB keeping every position on every layer "
               f"({every / windowed:.2f}x)")
@@ -428,7 +461,40 @@ def bench_batch(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
 
 
 # -----------------------------------------------------------------------------
-# Tools for --chat: the calculator the SFT data teaches, and Python in eval.py's sandbox (never in this process)
+# Generation-time tools: the calculator (the SFT data teaches it; eval.py's calculator family runs it), and for
+# --chat also Python in sandbox.py (never in this process)
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+MAX_CALC_CHARS, MAX_CALC_MAGNITUDE = 200, 10 ** 30
+
+
+def calculate(expression):
+    """Exact value of + - * / ( ) over integers and decimals, as "12" or "7/12" (data.py's answer format). The text is
+    parsed with ast (never evaluated); anything else, or a result beyond 1e30, gives "error: ..."."""
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            v = _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+            if abs(v) > MAX_CALC_MAGNITUDE:
+                raise ValueError("result too large")
+            return v
+        raise ValueError("only numbers, + - * / and parentheses are allowed")
+
+    if not isinstance(expression, str) or len(expression) > MAX_CALC_CHARS:
+        return f"error: the expression must be a string of at most {MAX_CALC_CHARS} characters"
+    try:
+        v = ev(ast.parse(expression.strip(), mode="eval").body)
+    except ZeroDivisionError:
+        return "error: division by zero"
+    except (SyntaxError, ValueError, RecursionError) as e:
+        return f"error: {e.msg if isinstance(e, SyntaxError) else e}"
+    return str(v.numerator) if v.denominator == 1 else str(v)
+
+
 
 MAX_TOOL_TURNS = 4  # tool rounds per user message, as eval.make_tool_hook allows
 CHAT_TOOLS = {
@@ -442,16 +508,15 @@ MAX_TOOL_OUTPUT = 2000  # characters of a program's output sent back (the contex
 
 
 def run_chat_tool(call):
-    """The result text of a tool call the model made: eval.calculate for the calculator, eval.run_python (the
-    sandbox: no network, rlimits, a fresh interpreter) for python, an error message otherwise."""
-    import eval as E
+    """The result text of a tool call the model made: calculate for the calculator, sandbox.run_python (no network,
+    rlimits, a fresh interpreter) for python, an error message otherwise."""
     args = call["arguments"]
     if call["name"] == "calculator":
-        return E.calculate(args.get("expression"))
+        return calculate(args.get("expression"))
     if call["name"] == "python":
         if not isinstance(args.get("code"), str):
             return "error: python needs {\"code\": \"...\"}"
-        r = E.run_python(args["code"])
+        r = sandbox.run_python(args["code"])
         out = r.stdout + (r.stderr if r.returncode else "") + ("\n[timed out]" if r.timed_out else "")
         return out[:MAX_TOOL_OUTPUT] or "(no output)"
     return f"error: unknown tool {call['name']!r} (this chat runs {', '.join(CHAT_TOOLS)})"
@@ -515,8 +580,8 @@ def main(argv=None):
     # --- model and tokenizer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, tok, meta = load_model(args.ckpt, args.step, device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        model, tok, meta = train.load_model(args.ckpt, args.step, device)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"sample.py: {e}")
     config = model.config
     context = config.max_position_embeddings
@@ -538,7 +603,6 @@ def main(argv=None):
     if args.bench:
         idx = encode(args.prompt)
         if args.chat:  # --prompt as a user turn through the chat template: what a fine-tuned model is asked
-            import data
             idx = torch.tensor([data.render_prompt(tok, [{"role": "user", "content": args.prompt}])], device=device)
         bench(model, idx, args.max_new_tokens, seed=args.seed, n_vocab=tok.n_vocab,
               draft_vocab=min(args.draft_vocab or tok.n_vocab, tok.n_vocab), **sampling)
@@ -569,7 +633,6 @@ def main(argv=None):
         return tokens[0]
 
     if args.chat:
-        import data
         if not isinstance(tok, data.Tokenizer):
             sys.exit(f"sample.py: --chat needs nanoMellum's tokenizer (this checkpoint has {tok.name}): the chat "
                      "template's tags must be single tokens")

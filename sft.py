@@ -25,8 +25,7 @@ epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or 
 Samples are best-fit packed into rows of --seq-len tokens (data.pack_best_fit); a sample longer than a row is
 dropped and counted, never truncated. The rows are packed once and visited in a new seeded order every epoch.
 
-Checkpoints, metrics, --resume and --stop-after are pretrain.py's (its shared functions): out/sft/{variant}/,
-metrics.jsonl. At the end the final model is evaluated with eval.py on held-out test seeds of every built-in family
+Checkpoints, metrics, --resume and --stop-after are train.py's: out/sft/{variant}/, metrics.jsonl. At the end the final model is evaluated with eval.py on held-out test seeds of every built-in family
 it trained on, against the base on the same prompts (eval_base.jsonl, measured once before training), and its
 column of the report card (out/report_card.md) is written.
 
@@ -36,7 +35,7 @@ Contents, top to bottom
   load_sft_mixture, conversations, build_samples   sources -> weighted conversations -> rendered ChatSamples
   SFTLoader                       packed rows, a seeded order per epoch, split across ranks, exactly resumable
   default_source                  the base to start from when --from is not given
-  eval_table                      base vs SFT accuracy with standard errors, as markdown
+  eval_table                      base vs SFT greedy accuracy, the gain in paired standard errors, as markdown
   main                            arguments, compute, base, data, model, optimizer, loop, save, evaluation
 
 Footguns
@@ -50,7 +49,7 @@ Footguns
 - Resuming checks the loader's data fingerprint: changing the mixture, the tokenizer, --seq-len or the seed refuses
   to resume.
 - Generation of the evaluation runs on rank 0 alone after the other ranks have left (it reads the final checkpoint
-  back with pretrain.load_checkpoint, so it works the same after DDP and FSDP2).
+  back with train.load_model, so it works the same after DDP and FSDP2).
 """
 import argparse
 import copy
@@ -59,7 +58,6 @@ import hashlib
 import json
 import math
 import os
-import time
 import tomllib
 from dataclasses import dataclass
 
@@ -71,8 +69,7 @@ import data
 import eval as E
 import model as M
 import muon
-import pretrain
-import sample
+import train
 
 # -----------------------------------------------------------------------------
 # Recipes and the schedule
@@ -146,17 +143,17 @@ def load_sft_mixture(path, tasks_per_family, weights):
         try:
             spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"SFT mixture {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+            raise data.InputError(f"SFT mixture {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
     unknown = set(spec) - {"sources", "weights", "tasks_per_family"}
     if unknown:
-        raise ValueError(f"SFT mixture {path}: unknown keys {sorted(unknown)} (known: sources, weights, "
+        raise data.InputError(f"SFT mixture {path}: unknown keys {sorted(unknown)} (known: sources, weights, "
                          "tasks_per_family)")
     base_dir, paths = os.path.dirname(os.path.abspath(path)), {}
     for name, s in spec.get("sources", {}).items():
         if name in FAMILIES:
-            raise ValueError(f"SFT mixture {path}: source name '{name}' is a built-in task family; rename it")
+            raise data.InputError(f"SFT mixture {path}: source name '{name}' is a built-in task family; rename it")
         if not isinstance(s, dict) or set(s) != {"paths"} or not isinstance(s["paths"], list):
-            raise ValueError(f"SFT mixture {path}: source '{name}' must be {{\"paths\": [\"file.jsonl\", ...]}}")
+            raise data.InputError(f"SFT mixture {path}: source '{name}' must be {{\"paths\": [\"file.jsonl\", ...]}}")
         files = []
         for p in s["paths"]:
             matches = sorted(glob.glob(os.path.join(base_dir, os.path.expanduser(p)), recursive=True))
@@ -166,18 +163,18 @@ def load_sft_mixture(path, tasks_per_family, weights):
         paths[name] = files
     weights = spec.get("weights")
     if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"SFT mixture {path}: \"weights\" must map sources to numbers, e.g. "
+        raise data.InputError(f"SFT mixture {path}: \"weights\" must map sources to numbers, e.g. "
                          "{\"arithmetic\": 1, \"identity\": 3}")
     for name, w in weights.items():
         if name not in FAMILIES and name not in paths:
-            raise ValueError(f"SFT mixture {path}: weights name unknown source '{name}' (built-in: "
+            raise data.InputError(f"SFT mixture {path}: weights name unknown source '{name}' (built-in: "
                              f"{', '.join(FAMILIES)}; declared: {', '.join(paths) or 'none'})")
         if not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"SFT mixture {path}: weight of '{name}' is {w!r}; weights are numbers >= 0")
+            raise data.InputError(f"SFT mixture {path}: weight of '{name}' is {w!r}; weights are numbers >= 0")
     n = spec.get("tasks_per_family", tasks_per_family)
     n = dict.fromkeys(FAMILIES, n) if isinstance(n, int) else {**tasks_per_family, **n} if isinstance(n, dict) else n
     if not isinstance(n, dict) or not all(f in FAMILIES and isinstance(k, int) and k >= 1 for f, k in n.items()):
-        raise ValueError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in families "
+        raise data.InputError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in families "
                          f"to positive integers, got {spec['tasks_per_family']!r}")
     return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n)
 
@@ -223,7 +220,7 @@ class SFTLoader:
         x, y, self.dropped = data.pack_best_fit([s.ids for s in samples], seq_len, masks=[s.mask for s in samples],
                                                 split=False, pad=pad)
         if len(x) == 0:
-            raise ValueError(f"no SFT sample fits a row of {seq_len + 1} tokens ({self.dropped} dropped): raise "
+            raise data.InputError(f"no SFT sample fits a row of {seq_len + 1} tokens ({self.dropped} dropped): raise "
                              "--seq-len or give shorter conversations")
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
         self.batch_size, self.rank, self.world_size, self.seed, self.step = batch_size, rank, world_size, seed, 0
@@ -270,21 +267,20 @@ SOURCES = ("out/extend", "out/pretrain/phase3", "out/pretrain/phase2", "out/pret
 def default_source():
     """The last pre-training / extension stage that has a checkpoint (the report fine-tunes the extended base)."""
     for path in SOURCES:
-        if pretrain.latest_step(path) is not None:
+        if train.latest_step(path) is not None:
             return path
-    raise SystemExit(f"sft.py: no base checkpoint in {', '.join(SOURCES)}: run `python pretrain.py --phase 1` (and "
+    raise data.InputError(f"no base checkpoint in {', '.join(SOURCES)}: run `python pretrain.py --phase 1` (and "
                      "2, 3) first, or pass --from DIR (a training stage's directory or a Hugging Face directory)")
 
 
 def eval_table(base, tuned, variant):
     """Markdown: greedy accuracy of the base and the SFT model per family, ± standard errors, and the gain in units
-    of the standard error of the difference."""
+    of its paired standard error (eval.paired_gain: both models answer the same test tasks)."""
     lines = [f"| family | base | {variant}-SFT | gain / SE | {variant}-SFT format |", "|---|---|---|---|---|"]
     for f, m in tuned.items():
-        b = base[f]
-        diff, se = m["greedy_acc"] - b["greedy_acc"], math.hypot(b["greedy_acc_se"], m["greedy_acc_se"])
-        gain = f"{diff / se:+.1f}" if se else ("0" if diff == 0 else "inf" if diff > 0 else "-inf")
-        lines.append(f"| {f} | {E.card_cell(b)} | {E.card_cell(m)} | {gain} | {100 * m['format_rate']:.0f}% |")
+        diff, _, z = E.paired_gain(base[f], m, "greedy_acc")
+        gain = f"{z:+.1f}" if z is not None else ("0" if diff == 0 else "inf" if diff > 0 else "-inf")
+        lines.append(f"| {f} | {E.card_cell(base[f])} | {E.card_cell(m)} | {gain} | {100 * m['format_rate']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -322,26 +318,23 @@ def parse_args(argv=None):
                     "evaluation)")
     ap.add_argument("--eval-max-new-tokens", type=int, default=128)
     ap.add_argument("--report-card", default=E.REPORT_CARD)
-    pretrain.add_loop_args(ap, 100)
+    train.add_stage_args(ap, 100)
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = pretrain.compute_init(args.device)
+    ctx = train.compute_init(args.device)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
     out_dir = args.out_dir or os.path.join("out", "sft", args.variant)
 
     # --- the base, its recipe and the config SFT trains at
     base_dir = args.base or default_source()
-    try:
-        base, tok, _ = sample.load_model(base_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"sft.py: --from {base_dir}: {e}")
+    base, tok, _ = train.load_model(base_dir)
     if not isinstance(tok, data.Tokenizer):
-        raise SystemExit(f"sft.py: --from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint "
-                         f"of this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
+        raise data.InputError(f"--from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint of "
+                              f"this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
     recipe = recipe_for(base.config)
     context = base.config.max_position_embeddings
     T = args.seq_len or max(context, recipe.min_seq_len)
@@ -349,30 +342,18 @@ def main(argv=None):
     config.max_position_embeddings = max(T, context)  # the context SFT trains at, recorded in the checkpoint
     B = args.batch_size or recipe.micro_batch
     global_batch = args.global_batch or max(recipe.global_batch, B * ctx.world_size)
-    if global_batch % (B * ctx.world_size):
-        raise SystemExit(f"sft.py: --global-batch {global_batch} is not a multiple of --batch-size {B} x "
-                         f"{ctx.world_size} ranks")
-    n_micro = global_batch // (B * ctx.world_size)
+    n_micro = train.micro_batches(global_batch, B, ctx.world_size)
     lr, epochs = args.lr or recipe.lr, args.epochs or recipe.epochs
     eval_tasks = recipe.eval_tasks if args.eval_tasks is None else args.eval_tasks
 
     # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
-    try:
-        tasks = dict.fromkeys(FAMILIES, args.tasks_per_family) if args.tasks_per_family else recipe.tasks_per_family
-        mixture = load_sft_mixture(args.mixture, tasks, recipe.weights)
-        samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
-        loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"sft.py: {e}")
+    tasks = dict.fromkeys(FAMILIES, args.tasks_per_family) if args.tasks_per_family else recipe.tasks_per_family
+    mixture = load_sft_mixture(args.mixture, tasks, recipe.weights)
+    samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
+    loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     steps = args.steps or max(1, epochs * len(loader) // global_batch)
     warmup = min(args.warmup if args.warmup is not None else recipe.warmup, steps)
-    for name, s in stats.items():
-        left = f", {s['no_reasoning']:,} left out (no reasoning)" if args.variant == "thinking" else ""
-        log(f"  {name:>14}: weight {mixture.weights[name]:g}, {s['conversations']:,} conversations -> "
-            f"{s['samples']:,} samples{left}")
-    log(f"sft {args.variant}: {len(samples):,} samples -> {len(loader):,} rows of {T} tokens "
-        f"({loader.targets():,} trained tokens, {1 - loader.targets() / loader.x.numel():.1%} of positions without a "
-        f"target); {loader.dropped:,} samples longer than a row dropped")
+    log_data(stats, mixture, samples, loader, T, args.variant, log)
 
     # --- model and optimizer: the base's weights, a fresh optimizer (see the module footguns)
     raw = M.Mellum(config)
@@ -388,22 +369,10 @@ def main(argv=None):
                                   max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
         E.atomic_write(base_eval, "".join(json.dumps({"family": f, **m}) + "\n" for f, m in base_results.items()))
     raw.train()
-    parallel = args.parallel if args.parallel != "auto" else \
-        ("fsdp" if M.count_params(config)["total"] > 2e9 else "ddp")
-    model = pretrain.wrap_model(ctx, raw, parallel)
+    parallel = train.choose_parallel(args.parallel, config)
+    model = train.wrap_model(ctx, raw, parallel)
     opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1))
-    step = 0
-    if args.resume and pretrain.latest_step(out_dir) is not None:
-        step = pretrain.latest_step(out_dir)
-        rank_state = pretrain.resume_checkpoint(out_dir, step, raw, opt, ctx)
-        if rank_state is not None:  # None (after the DCP layout): saved by another number of ranks
-            try:
-                loader.load_state_dict(rank_state["loader"])
-            except ValueError as e:
-                raise SystemExit(f"sft.py: {out_dir}: {e}")
-            pretrain.set_rng_state(rank_state["rng"])
-        log(f"resumed {out_dir} at step {step}" + ("" if rank_state is not None else
-            " with another number of ranks: weights and optimizer resharded, the data stream starts afresh"))
+    step = train.resume(out_dir, raw, opt, loader, ctx, log) if args.resume else 0
     meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
                 args=vars(args), data=stats, dropped=loader.dropped)
     metrics = os.path.join(out_dir, "metrics.jsonl")
@@ -413,47 +382,31 @@ def main(argv=None):
         f"device {ctx.device}, world {ctx.world_size} ({parallel})")
 
     # --- the loop
-    first = step
-    fpt, peak = M.flops_per_token(config, T), pretrain.peak_flops(ctx.device)
+    first, fpt = step, M.flops_per_token(config, T)
     for step in tqdm(range(step, steps), desc=f"sft {args.variant}", disable=not ctx.master, dynamic_ncols=True,
                      initial=step, total=steps):
-        t0 = time.perf_counter()
-        mult = cosine_schedule(step, steps, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
         batches = [loader.next_batch() for _ in range(n_micro)]
-        parts = pretrain.forward_backward(ctx, model, raw, batches, pretrain.token_normaliser(batches, ctx),
-                                          mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
-        pretrain.check_finite(parts, step, out_dir)
-        grad_norm = pretrain.optimizer_step(model, opt, 1.0)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        tps = global_batch * T / (time.perf_counter() - t0)
-        ce, mtp, aux, z = parts.tolist()
-        targets = sum(int((y != -1).sum()) for _, y in batches)
-        pretrain.log_metrics(metrics, dict(step=step + 1, ce=ce, mtp=mtp, aux=aux, z=z, lr=lr * mult,
-                                           grad_norm=grad_norm, tok_per_s=tps, targets=targets,
-                                           mfu=fpt * tps / ctx.world_size / peak if peak else None,
-                                           imbalance=pretrain.imbalance(raw)),
-                             ctx, echo=(step + 1) % args.log_every == 0)
-        done = step + 1 == steps
-        stopping = args.stop_after is not None and step + 1 - first >= args.stop_after
-        if (step + 1) % args.ckpt_every == 0 or done or stopping:
-            pretrain.save_checkpoint(out_dir, step + 1, raw, opt, meta,
-                                     {"loader": loader.state_dict(), "rng": pretrain.rng_state()}, ctx)
-        if stopping and not done:
+        record = train.train_step(ctx, model, raw, opt, batches, cosine_schedule(step, steps, warmup), out_dir, step,
+                                  1.0, fpt, mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
+        record["targets"] = sum(int((y != -1).sum()) for _, y in batches)
+        train.log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
+        save, stop = train.should_save(step + 1, steps, first, args)
+        if save:
+            train.save_checkpoint(out_dir, step + 1, raw, opt, meta,
+                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
+        if stop:
             log(f"sft {args.variant}: stopped at step {step + 1}; continue with --resume")
-            pretrain.compute_cleanup(ctx)
+            train.compute_cleanup(ctx)
             return None
-    pretrain.compute_cleanup(ctx)
+    train.compute_cleanup(ctx)
 
     # --- evaluation of the final checkpoint on held-out seeds, rank 0 alone
     if not ctx.master or not families:
         return None
-    final = pretrain.latest_step(out_dir)
-    tuned, _ = pretrain.load_checkpoint(out_dir, final, device=ctx.device)
-    results = E.evaluate(tuned.eval(), tok, families, eval_tasks, 0, args.variant,
-                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed, out_dir=out_dir)
+    final = train.latest_step(out_dir)
+    tuned, _, _ = train.load_model(out_dir, final, device=ctx.device)
+    results = E.evaluate(tuned, tok, families, eval_tasks, 0, args.variant, max_new_tokens=args.eval_max_new_tokens,
+                         seed=args.seed, out_dir=out_dir)
     with open(base_eval) as f:
         base_results = {r.pop("family"): r for r in map(json.loads, f)}
     card = E.update_report_card(args.report_card, f"{args.variant}-SFT", results)
@@ -462,5 +415,16 @@ def main(argv=None):
     return results
 
 
+def log_data(stats, mixture, samples, loader, T, variant, log):
+    """What the mixture gave: conversations and samples per source, rows, trained tokens, dropped samples."""
+    for name, s in stats.items():
+        left = f", {s['no_reasoning']:,} left out (no reasoning)" if variant == "thinking" else ""
+        log(f"  {name:>14}: weight {mixture.weights[name]:g}, {s['conversations']:,} conversations -> "
+            f"{s['samples']:,} samples{left}")
+    log(f"sft {variant}: {len(samples):,} samples -> {len(loader):,} rows of {T} tokens ({loader.targets():,} trained "
+        f"tokens, {1 - loader.targets() / loader.x.numel():.1%} of positions without a target); {loader.dropped:,} "
+        "samples longer than a row dropped")
+
+
 if __name__ == "__main__":
-    pretrain.run(main)
+    train.run(main, "sft.py")

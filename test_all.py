@@ -40,6 +40,11 @@ import muon  # noqa: E402
 from muon import MuonAdamW, newton_schulz, param_groups  # noqa: E402
 import pretrain  # noqa: E402
 import sample as S  # noqa: E402
+import sandbox  # noqa: E402
+import train  # noqa: E402
+
+# what a stage raises for input a user can fix: train.run turns either into one line and exit code 2
+USER_ERROR = (SystemExit, data.InputError)
 
 torch.set_num_threads(1)  # tiny shapes: one thread is as fast, and immune to oversubscribed cores
 
@@ -240,7 +245,7 @@ def test_kv_cache_decoding_equals_full_forward(chunks):
     idx = torch.randint(0, m.config.vocab_size, (2, sum(chunks)))
     with torch.no_grad():
         full, _ = m(idx)
-        cache, outs, t = M.KVCache(m.config, 2, 40), [], 0
+        cache, outs, t = S.KVCache(m.config, 2, 40), [], 0
         for n in chunks:
             outs.append(m(idx[:, t:t + n], cache=cache)[0])
             t += n
@@ -254,7 +259,7 @@ def test_kv_cache_rewind_forgets_rejected_positions():
     idx = torch.randint(0, m.config.vocab_size, (1, 26))
     with torch.no_grad():
         full, _ = m(idx)
-        cache = M.KVCache(m.config, 1, 40)
+        cache = S.KVCache(m.config, 1, 40)
         m(idx[:, :20], cache=cache)
         m(torch.randint(0, m.config.vocab_size, (1, 3)), cache=cache)  # three drafted tokens, all rejected
         cache.rewind(3)
@@ -284,7 +289,7 @@ def test_mtp_cache_matches_full_mtp_forward():
     with torch.no_grad():
         h = m.hidden(idx)
         want = m.mtp_hidden(h[:, :-1], idx[:, 1:])
-        cache = M.KVCache(m.config, 1, 32)
+        cache = S.KVCache(m.config, 1, 32)
         got = [m.mtp_hidden(h[:, t:t + 1], idx[:, t + 1:t + 2], cache) for t in range(19)]
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-4)
 
@@ -315,8 +320,8 @@ def test_config_errors_are_clear():
 def test_save_pretrained_round_trip_and_errors(tmp_path):
     pytest.importorskip("safetensors")
     m = _tiny_model(seed=3)
-    m.save_pretrained(str(tmp_path / "ckpt"))
-    m2 = M.Mellum.from_pretrained(str(tmp_path / "ckpt"))
+    train.save_pretrained(m, str(tmp_path / "ckpt"))
+    m2 = train.from_pretrained(str(tmp_path / "ckpt"))
     for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     # a config from another model
@@ -324,17 +329,17 @@ def test_save_pretrained_round_trip_and_errors(tmp_path):
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type"):
-        M.Mellum.from_pretrained(str(tmp_path / "ckpt"))
+        train.from_pretrained(str(tmp_path / "ckpt"))
     # a config whose shapes disagree with the weights names the tensor
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "head_dim": 8}))
     with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.self_attn\.\w+\.weight' has shape"):
-        M.Mellum.from_pretrained(str(tmp_path / "ckpt"))
+        train.from_pretrained(str(tmp_path / "ckpt"))
 
 
 def _hf_pair(tmp_path, **overrides):
     transformers = pytest.importorskip("transformers")
     cfg = M.get_config("test", **overrides)
-    hf_cfg = transformers.MellumConfig(**{k: v for k, v in cfg.to_hf().items()
+    hf_cfg = transformers.MellumConfig(**{k: v for k, v in train.config_to_hf(cfg).items()
                                           if k not in ("model_type", "architectures")})
     torch.manual_seed(0)
     return cfg, transformers.MellumForCausalLM(hf_cfg).float().eval(), transformers
@@ -344,7 +349,7 @@ def _hf_pair(tmp_path, **overrides):
 def test_loads_transformers_checkpoint_with_same_logits(tmp_path, window):
     cfg, hf, _ = _hf_pair(tmp_path, sliding_window=window)
     hf.save_pretrained(str(tmp_path / "hf"))
-    ours = M.Mellum.from_pretrained(str(tmp_path / "hf"))
+    ours = train.from_pretrained(str(tmp_path / "hf"))
     idx = torch.randint(0, cfg.vocab_size, (2, 23))
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
@@ -354,7 +359,7 @@ def test_loads_transformers_checkpoint_with_same_logits(tmp_path, window):
 def test_transformers_loads_our_checkpoint_with_same_logits(tmp_path):
     cfg, _, transformers = _hf_pair(tmp_path, sliding_window=5)
     ours = _tiny_model(seed=1, sliding_window=5)
-    ours.save_pretrained(str(tmp_path / "ours"))
+    train.save_pretrained(ours, str(tmp_path / "ours"))
     hf = transformers.MellumForCausalLM.from_pretrained(str(tmp_path / "ours")).float().eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 23))
     with torch.no_grad():
@@ -1879,7 +1884,7 @@ def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, mo
     tok = data.get_tokenizer("cl100k_base:384")  # 399 ids: fits the test preset widened to 512 embeddings
     model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
     path = str(tmp_path / "hf")
-    model.save_pretrained(path, tokenizer=tok)
+    train.save_pretrained(model, path, tokenizer=tok)
     stop = tok.special["<|im_end|>"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
@@ -1895,7 +1900,7 @@ def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, mo
         assert ours[0] == hf_out  # both stop after <|im_end|> or at 12 tokens
     # sample.py reads the directory back without the `tokenizers` package
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    loaded, tok2, meta = S.load_model(path)
+    loaded, tok2, meta = train.load_model(path)
     assert isinstance(tok2, data.Tokenizer) and tok2.encode("def f(x):") == tok.encode("def f(x):")
     assert data.get_tokenizer(tok2.name).special == tok.special  # later stages reload it by name
 
@@ -1904,7 +1909,7 @@ def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, mo
 # pretrain.py
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
-_CPU = pretrain.Compute(torch.device("cpu"))
+_CPU = train.Compute(torch.device("cpu"))
 
 
 def _mixture_file(tmp_path, tokens=(4000, 2000, 2000)):
@@ -1938,7 +1943,7 @@ def _losses(tmp_path, out, phase=1):
 
 def test_whd_schedule_boundaries():
     total, warmup, decay = 100, 10, 30
-    values = [pretrain.whd_schedule(s, total, warmup, decay) for s in range(total + 1)]
+    values = [train.whd_schedule(s, total, warmup, decay) for s in range(total + 1)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)  # linear warmup to the peak
     assert all(v == 1.0 for v in values[10:70])  # hold
     assert values[70] == pytest.approx(1.0) and values[85] == pytest.approx(0.5)  # linear decay ...
@@ -1978,7 +1983,7 @@ def test_dry_run_prints_the_reports_recipe_for_mellum2_12b(capsys):
 
 
 def test_compile_on_cpu_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--compile needs a CUDA GPU"):
+    with pytest.raises(USER_ERROR, match="--compile needs a CUDA GPU"):
         _pretrain(tmp_path, "compile", "--compile")
 
 
@@ -1998,8 +2003,8 @@ def test_token_normalised_losses_match_hand_computation():
     # CE over a step = sum of -log p(target) over every unmasked target of every micro-batch / their count
     model = _tiny_model().train()
     batches = _masked_batches()
-    norm = pretrain.token_normaliser(batches, _CPU)
-    parts = pretrain.forward_backward(_CPU, model, model, batches, norm)
+    norm = train.token_normaliser(batches, _CPU)
+    parts = train.forward_backward(_CPU, model, model, batches, norm)
     ce_sum = mtp_sum = n_ce = n_mtp = 0.0
     with torch.no_grad():
         for x, y in batches:
@@ -2020,12 +2025,12 @@ def test_token_normalised_losses_match_hand_computation():
 def test_fully_masked_step_gives_finite_loss_and_zero_gradients():
     model = _tiny_model().train()
     batches = [(x, torch.full_like(y, -1)) for x, y in _masked_batches()]
-    parts = pretrain.forward_backward(_CPU, model, model, batches, pretrain.token_normaliser(batches, _CPU),
+    parts = train.forward_backward(_CPU, model, model, batches, train.token_normaliser(batches, _CPU),
                                       aux_coef=0.0, z_coef=0.0)
     assert parts[:2].tolist() == [0.0, 0.0] and torch.isfinite(parts).all()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     # with the router losses on, the step is still finite (they train the router alone)
-    parts = pretrain.forward_backward(_CPU, model, model, batches, pretrain.token_normaliser(batches, _CPU))
+    parts = train.forward_backward(_CPU, model, model, batches, train.token_normaliser(batches, _CPU))
     assert torch.isfinite(parts).all() and all(torch.isfinite(p.grad).all() for p in model.parameters()
                                                if p.grad is not None)
 
@@ -2038,7 +2043,7 @@ def test_grad_accumulation_equals_one_big_batch_in_gradients():
     grads = []
     for bs in (batches, big):
         model = _tiny_model().train()
-        pretrain.forward_backward(_CPU, model, model, bs, pretrain.token_normaliser(bs, _CPU), aux_coef=0.0,
+        train.forward_backward(_CPU, model, model, bs, train.token_normaliser(bs, _CPU), aux_coef=0.0,
                                   z_coef=1e-2)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
@@ -2060,8 +2065,8 @@ def test_pretrain_loss_drops_and_phases_chain(tmp_path):
     ce = _losses(tmp_path, "run")
     assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.5, ce
     _pretrain(tmp_path, "run", "--phase", "2", "--steps", "2")  # phase 2 starts at phase 1's final step
-    assert pretrain.latest_step(str(tmp_path / "run" / "phase2")) == 32
-    with pytest.raises(SystemExit, match="ends at step"):  # phase 3 before phase 2 finished its plan
+    assert train.latest_step(str(tmp_path / "run" / "phase2")) == 32
+    with pytest.raises(USER_ERROR, match="ends at step"):  # phase 3 before phase 2 finished its plan
         with open(tmp_path / "run" / "phase2" / "step_000032" / "meta.json") as f:
             meta = json.load(f)
         meta["phase_steps"]["2"] = 5
@@ -2071,12 +2076,12 @@ def test_pretrain_loss_drops_and_phases_chain(tmp_path):
 
 
 def test_pretrain_phase2_without_phase1_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="run `python pretrain.py --phase 1`"):
+    with pytest.raises(USER_ERROR, match="run `python pretrain.py --phase 1`"):
         _pretrain(tmp_path, "none", "--phase", "2")
 
 
 def test_pretrain_fp8_on_cpu_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--fp8 needs a CUDA GPU"):
+    with pytest.raises(USER_ERROR, match="--fp8 needs a CUDA GPU"):
         _pretrain(tmp_path, "fp8", "--fp8")
 
 
@@ -2088,11 +2093,11 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     _pretrain(tmp_path, "cut", *run, "--stop-after", "5")
     assert len(_losses(tmp_path, "cut")) == 5
     _pretrain(tmp_path, "cut", *run, "--stop-after", "5", "--resume")  # a second job slot trains 5 more
-    assert pretrain.latest_step(str(tmp_path / "cut" / "phase1")) == 10
+    assert train.latest_step(str(tmp_path / "cut" / "phase1")) == 10
     _pretrain(tmp_path, "cut", *run, "--resume")
     assert _losses(tmp_path, "cut") == _losses(tmp_path, "full")  # bit-identical loss sequence
-    a, _ = pretrain.load_checkpoint(str(tmp_path / "full" / "phase1"))
-    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut" / "phase1"))
+    a, _, _ = train.load_model(str(tmp_path / "full" / "phase1"))
+    b, _, _ = train.load_model(str(tmp_path / "cut" / "phase1"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -2122,34 +2127,34 @@ def test_checkpoint_round_trip_one_process(tmp_path):
     model = M.Mellum(M.get_config("test")).init_weights(2)
     opt = MuonAdamW(param_groups(model, lr=_LR))
     _ckpt_steps(model, opt, range(1))
-    pretrain.save_checkpoint(ckpt, 7, model, opt, {"stage": "test"}, {"loader": 3})
+    train.save_checkpoint(ckpt, 7, model, opt, {"stage": "test"}, {"loader": 3})
     os.makedirs(os.path.join(ckpt, "step_000009.tmp"))  # a save that died half-way does not count
     os.makedirs(os.path.join(ckpt, "step_000008"))  # nor does a step without meta.json
-    assert pretrain.latest_step(ckpt) == 7
-    loaded, meta = pretrain.load_checkpoint(ckpt)
+    assert train.latest_step(ckpt) == 7
+    loaded, _, meta = train.load_model(ckpt)
     assert meta["step"] == 7 and meta["stage"] == "test" and meta["world_size"] == 1
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     fresh = M.Mellum(M.get_config("test")).init_weights(3)
     fresh_opt = MuonAdamW(param_groups(fresh, lr=_LR))
-    assert pretrain.resume_checkpoint(ckpt, None, fresh, fresh_opt) == {"loader": 3}
+    assert train.resume_checkpoint(ckpt, None, fresh, fresh_opt) == {"loader": 3}
     want, got = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
     for i in want:
         for key, value in want[i].items():
             assert torch.equal(value, got[i][key]) if torch.is_tensor(value) else value == got[i][key], (i, key)
     pretrain.main(["--export-hf", ckpt, str(tmp_path / "hf")])
-    hf = M.Mellum.from_pretrained(str(tmp_path / "hf"))
+    hf = train.from_pretrained(str(tmp_path / "hf"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), hf.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        pretrain.load_checkpoint(str(tmp_path / "empty"))
+        train.load_model(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="config differs"):
-        pretrain.resume_checkpoint(ckpt, None, M.Mellum(M.get_config("test", num_experts=4)), None)
+        train.resume_checkpoint(ckpt, None, M.Mellum(M.get_config("test", num_experts=4)), None)
 
 
 def test_expert_parallel_flag_errors():
-    with pytest.raises(SystemExit, match="--ep 2 needs 2 or a multiple of 2 processes"):
-        pretrain.compute_init("cpu", ep=2)  # one process holds all experts
-    with pytest.raises(SystemExit, match="--ep 3 must divide the number of processes"):
-        pretrain._meshes(torch.device("cpu"), 4, 3)
+    with pytest.raises(USER_ERROR, match="--ep 2 needs 2 or a multiple of 2 processes"):
+        train.compute_init("cpu", ep=2)  # one process holds all experts
+    with pytest.raises(USER_ERROR, match="--ep 3 must divide the number of processes"):
+        train._meshes(torch.device("cpu"), 4, 3)
 
 
 _PROBE = torch.arange(24).view(2, 12) % 256
@@ -2183,7 +2188,7 @@ def _init_rank(rank, world, port, ep=1):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    return pretrain.compute_init("cpu", ep)
+    return train.compute_init("cpu", ep)
 
 
 def _spawn(worker, world, *args):
@@ -2201,18 +2206,18 @@ def _full(t):  # a copy: full_tensor() over a 1-rank mesh is the live parameter 
 def _fsdp_ckpt_worker(rank, world, port, tmp):
     ctx = _init_rank(rank, world, port)
     out = {}
-    model, _ = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
+    model, _ = train.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
     out["init"] = {n: _full(p) for n, p in model.named_parameters()}
     opt = MuonAdamW(param_groups(model, lr=_LR))
     _ckpt_steps(model, opt, range(2), rank)
-    pretrain.save_checkpoint(f"{tmp}/ckpt", 2, model, opt, {"stage": "test"}, {"rank": rank}, ctx)
+    train.save_checkpoint(f"{tmp}/ckpt", 2, model, opt, {"stage": "test"}, {"rank": rank}, ctx)
     with torch.no_grad():
         out["logits"] = model(_PROBE)[0]
     _ckpt_steps(model, opt, range(2, 4), rank)
     out["straight"] = {n: _full(p) for n, p in model.named_parameters()}
-    model, _ = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=1)
+    model, _ = train.build_model(M.get_config("test"), ctx, "fsdp", seed=1)
     opt = MuonAdamW(param_groups(model, lr=_LR))
-    out["rank_state"] = pretrain.resume_checkpoint(f"{tmp}/ckpt", 2, model, opt, ctx)
+    out["rank_state"] = train.resume_checkpoint(f"{tmp}/ckpt", 2, model, opt, ctx)
     _ckpt_steps(model, opt, range(2, 4), rank)
     out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
     torch.save(out, f"{tmp}/rank{rank}.pt")
@@ -2226,7 +2231,7 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes(tmp_path):
     eager = M.Mellum(M.get_config("test")).init_weights(0)
     for name, p in eager.named_parameters():  # meta device + FSDP2 shards: the one-process initial weights
         assert torch.equal(results[0]["init"][name], p.detach()), name
-    loaded, meta = pretrain.load_checkpoint(str(tmp_path / "ckpt"))  # 2 ranks wrote it, 1 process reads it
+    loaded, _, meta = train.load_model(str(tmp_path / "ckpt"))  # 2 ranks wrote it, 1 process reads it
     assert (meta["step"], meta["world_size"], meta["stage"]) == (2, 2, "test")
     with torch.no_grad():
         torch.testing.assert_close(loaded(_PROBE)[0], results[0]["logits"], rtol=0, atol=0)
@@ -2237,7 +2242,7 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes(tmp_path):
     # resumed in one process from the 2-rank checkpoint (weights and optimizer resharded), same global batches
     model = M.Mellum(M.get_config("test")).init_weights(1)
     opt = MuonAdamW(param_groups(model, lr=_LR))
-    assert pretrain.resume_checkpoint(str(tmp_path / "ckpt"), 2, model, opt) is None  # other world: no rank state
+    assert train.resume_checkpoint(str(tmp_path / "ckpt"), 2, model, opt) is None  # other world: no rank state
     _ckpt_steps(model, opt, range(2, 4), world=2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), results[0]["straight"][name], rtol=1e-4, atol=1e-5, msg=name)
@@ -2245,18 +2250,18 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes(tmp_path):
 
 def _ep_worker(rank, world, port, tmp, ep):
     ctx = _init_rank(rank, world, port, ep)
-    model, raw = pretrain.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
+    model, raw = train.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
     out = {"first": raw.model.layers[0].mlp.experts.first,
            "init": {n: _full(p) for n, p in model.named_parameters()}}
     loss = _train_loss(model, *_rank_batch(rank, 0))
     loss.backward()
     out["loss"] = loss.item()
     out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
-    out["norm"] = pretrain.clip_grad_norm(model, 1e9).item()
+    out["norm"] = train.clip_grad_norm(model, 1e9).item()
     opt = MuonAdamW(param_groups(model, lr=_LR))
     opt.step()
     out["stepped"] = {n: _full(p) for n, p in model.named_parameters()}
-    pretrain.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
+    train.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
     torch.save(out, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -2288,12 +2293,12 @@ def test_expert_parallel_matches_one_process(tmp_path, world, ep):
             # atol 1e-5 against steps of ~lr = 2e-2: AdamW's first step is g / (|g| + eps), so a gradient of
             # ~eps (4e-9 here) turns fp32 reduction-order noise into an update difference of ~1e-6
             torch.testing.assert_close(r["stepped"][name], p.detach()[mine], rtol=1e-4, atol=1e-5, msg=name)
-    loaded, _ = pretrain.load_checkpoint(str(tmp_path / "ckpt"))  # the EP slices put back together
+    loaded, _, _ = train.load_model(str(tmp_path / "ckpt"))  # the EP slices put back together
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p, model.get_parameter(name).detach(), rtol=1e-4, atol=1e-5, msg=name)
     resumed = M.Mellum(M.get_config("test")).init_weights(1)  # and the optimizer state too, in one process
     resumed_opt = MuonAdamW(param_groups(resumed, lr=_LR))
-    pretrain.resume_checkpoint(str(tmp_path / "ckpt"), 1, resumed, resumed_opt)
+    train.resume_checkpoint(str(tmp_path / "ckpt"), 1, resumed, resumed_opt)
     for name, p in model.named_parameters():
         for key, want in opt.state[p].items():
             got = resumed_opt.state[resumed.get_parameter(name)][key]
@@ -2350,7 +2355,7 @@ def test_cached_logits_and_mtp_match_full_forward_past_the_window():
     model = M.Mellum(cfg).init_weights(1).eval()
     seq = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     draft = torch.tensor([[7]])
-    cache = M.KVCache(cfg, 1, 48)
+    cache = S.KVCache(cfg, 1, 48)
     tol = dict(atol=2e-5, rtol=1e-4)
     with torch.no_grad():
         h_full = model.hidden(seq)
@@ -2499,7 +2504,7 @@ def test_left_padded_cache_matches_each_row_alone():
     seqs = [torch.randint(0, cfg.vocab_size, (n + 25,), generator=gen) for n in (3, 20)]
     lens = [3, 20]
     pad = torch.tensor([17, 0])
-    cache = M.KVCache(cfg, 2, 46, pad=pad)
+    cache = S.KVCache(cfg, 2, 46, pad=pad)
     tol = dict(atol=2e-5, rtol=1e-4)
     with torch.no_grad():
         full = [model.hidden(s[None])[0] for s in seqs]
@@ -2617,7 +2622,7 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     pytest.importorskip("safetensors")
     tok = data.get_tokenizer("cl100k_base:384")
     model = _tiny_model(seed=3, vocab_size=512, initializer_range=0.1)
-    model.save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    train.save_pretrained(model, str(tmp_path / "hf"), tokenizer=tok)
     stop = tok.special["<|im_end|>"]
     # reference: the template by hand, greedy by full recompute
     ids = [tok.special["<|im_start|>"], *tok.encode("user\nhello"), stop, *tok.encode("\n"),
@@ -2641,7 +2646,7 @@ def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
     # tool_response user turn, the system turn the offered schemas
     pytest.importorskip("safetensors")
     tok = data.get_tokenizer("cl100k_base:384")
-    _tiny_model(vocab_size=512, max_position_embeddings=1024).save_pretrained(str(tmp_path / "hf"), tokenizer=tok)
+    train.save_pretrained(_tiny_model(vocab_size=512, max_position_embeddings=1024), str(tmp_path / "hf"), tokenizer=tok)
     replies = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*(3+4)"}}\n</tool_call><|im_end|>',
                "#### 84<|im_end|>"]
     prompts = []
@@ -2694,19 +2699,19 @@ def _byte_tokenizer(path):
 
 def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        S.load_model(str(tmp_path / "missing"))
+        train.load_model(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no checkpoint here"):
-        S.load_model(str(tmp_path))
+        train.load_model(str(tmp_path))
     # the byte tokenizer has 256 + specials ids: more than the test preset's 256 embeddings
     model = M.Mellum(M.get_config("test")).init_weights(0)
     tok = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
-    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 0, model, None, {"tokenizer": tok})
+    train.save_checkpoint(str(tmp_path / "ckpt"), 0, model, None, {"tokenizer": tok})
     with pytest.raises(ValueError, match="tokenizer .* does not belong to this checkpoint"):
-        S.load_model(str(tmp_path / "ckpt"))
+        train.load_model(str(tmp_path / "ckpt"))
     pytest.importorskip("safetensors")
-    model.save_pretrained(str(tmp_path / "hf"))
+    train.save_pretrained(model, str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        S.load_model(str(tmp_path / "hf"))
+        train.load_model(str(tmp_path / "hf"))
     idx = torch.zeros(1, 60, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         S.generate(model, idx, 5)
@@ -2720,7 +2725,7 @@ def test_command_line_streams_greedy_text_and_benchmarks(tmp_path):
     cfg = M.get_config("test", vocab_size=384, initializer_range=0.1)
     model = M.Mellum(cfg).init_weights(3).eval()
     tok_path = _byte_tokenizer(str(tmp_path / "b.tiktoken"))
-    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 5, model, None, {"tokenizer": tok_path, "stage": "test"})
+    train.save_checkpoint(str(tmp_path / "ckpt"), 5, model, None, {"tokenizer": tok_path, "stage": "test"})
     import data
     tok = data.get_tokenizer(tok_path)
     prompt = "def f(x):"
@@ -2739,7 +2744,7 @@ def test_command_line_streams_greedy_text_and_benchmarks(tmp_path):
     for row in ("no cache (full recompute)", "KV cache + speculative", "keeping every position on every layer"):
         assert row in text
     assert "WARNING" not in text  # the cached and speculative greedy runs gave the no-cache run's tokens
-    with pytest.raises(SystemExit, match="context is 64"):
+    with pytest.raises(USER_ERROR, match="context is 64"):
         S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "x" * 80])
 
 
@@ -2750,16 +2755,16 @@ def test_hugging_face_directory_uses_its_tokenizer_json(tmp_path):
     hf_tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     hf_tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     model = M.Mellum(M.get_config("test")).init_weights(0)
-    model.save_pretrained(str(tmp_path / "hf"))
+    train.save_pretrained(model, str(tmp_path / "hf"))
     hf_tok.save(str(tmp_path / "hf" / "tokenizer.json"))
-    loaded, tok, meta = S.load_model(str(tmp_path / "hf"))
+    loaded, tok, meta = train.load_model(str(tmp_path / "hf"))
     assert meta == {} and tok.n_vocab == 6 and tok.eot == 1
     assert tok.encode("def f x") == [2, 3, 4]
     # too many ids for the model's 256 embeddings
     hf_tok.add_tokens([f"w{i}" for i in range(300)])
     hf_tok.save(str(tmp_path / "hf" / "tokenizer.json"))
     with pytest.raises(ValueError, match="does not belong to this checkpoint"):
-        S.load_model(str(tmp_path / "hf"))
+        train.load_model(str(tmp_path / "hf"))
 
 
 # =============================================================================
@@ -2856,7 +2861,7 @@ def test_yarn_matches_transformers(head_dim, theta, s, orig):
                                             rope_parameters={M.FULL: {"rope_type": "default", "rope_theta": theta},
                                                              M.SLIDING: {"rope_type": "default",
                                                                          "rope_theta": 10_000.0}}), s)
-    hf_cfg = transformers.MellumConfig(**{k: v for k, v in ext.to_hf().items()
+    hf_cfg = transformers.MellumConfig(**{k: v for k, v in train.config_to_hf(ext).items()
                                           if k not in ("model_type", "architectures")})
     want, want_scale = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu", layer_type=M.FULL)
     got, scale = M.rope_frequencies(head_dim, ext.rope_parameters[M.FULL])
@@ -2921,9 +2926,9 @@ def test_extended_checkpoint_round_trips(tmp_path):
     with torch.no_grad():
         want = ext(idx)[0]
         assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # YaRN changes the full layer
-    ext.save_pretrained(str(tmp_path / "hf"))
-    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, None, {"stage": "extend"})
-    for loaded in (M.Mellum.from_pretrained(str(tmp_path / "hf")), pretrain.load_checkpoint(str(tmp_path / "ckpt"))[0]):
+    train.save_pretrained(ext, str(tmp_path / "hf"))
+    train.save_checkpoint(str(tmp_path / "ckpt"), 3, ext, None, {"stage": "extend"})
+    for loaded in (train.from_pretrained(str(tmp_path / "hf")), train.load_model(str(tmp_path / "ckpt"))[0]):
         assert loaded.config.rope_parameters == ext.config.rope_parameters
         assert loaded.config.max_position_embeddings == 256
         with torch.no_grad():
@@ -2938,7 +2943,7 @@ def test_transformers_reproduces_extended_model(tmp_path):
     base = _test_model(seed=2, sliding_window=5)
     ext = M.Mellum(extend.extend_config(base.config, 4)).eval()
     ext.load_state_dict(base.state_dict())
-    ext.save_pretrained(str(tmp_path / "ours"))
+    train.save_pretrained(ext, str(tmp_path / "ours"))
     hf = transformers.MellumForCausalLM.from_pretrained(str(tmp_path / "ours")).float().eval()
     idx = torch.randint(0, 256, (1, 180))
     with torch.no_grad():
@@ -3093,9 +3098,9 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
     opt = MuonAdamW(param_groups(base, lr=3e-3))
     for _ in range(40):  # the shared step functions, as a stage's loop uses them
         batches = [loader.next_batch()]
-        pretrain.forward_backward(_CPU, base, base, batches, pretrain.token_normaliser(batches, _CPU))
-        pretrain.optimizer_step(base, opt, 1.0)
-    pretrain.save_checkpoint(str(tmp_path / "base"), 40, base, opt, {"tokenizer": tok.name}, {}, _CPU)
+        train.forward_backward(_CPU, base, base, batches, train.token_normaliser(batches, _CPU))
+        train.optimizer_step(base, opt, 1.0)
+    train.save_checkpoint(str(tmp_path / "base"), 40, base, opt, {"tokenizer": tok.name}, {}, _CPU)
     common = ["--from", str(tmp_path / "base"), "--factor", "4", "--mixture", mixture, "--data-dir",
               str(tmp_path / "data"), "--out-dir", str(tmp_path / "ext"), "--passkey-trials", "1", "--eval-rows", "4",
               "--device", "cpu", "--log-every", "1000"]
@@ -3110,7 +3115,7 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
     # --eval-only finds the extended checkpoint and gives the same numbers; a bad factor fails clearly
     again = extend.main(common + ["--eval-only"])
     assert again[names[2]]["loss"] == pytest.approx(trained, rel=1e-6)
-    with pytest.raises(SystemExit, match="factor must be >= 1"):
+    with pytest.raises(USER_ERROR, match="factor must be >= 1"):
         extend.main(common[:2] + ["--factor", "0.5"] + common[4:])
 
 
@@ -3130,7 +3135,7 @@ def _sft_base(tmp_path):
     tok = _sft_tok()
     model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size)).init_weights(0)
     opt = MuonAdamW(param_groups(model, 1e-3))
-    pretrain.save_checkpoint(str(tmp_path / "base"), 1, model, opt, {"tokenizer": tok.name, "stage": "phase3"},
+    train.save_checkpoint(str(tmp_path / "base"), 1, model, opt, {"tokenizer": tok.name, "stage": "phase3"},
                              {}, _CPU)
     return str(tmp_path / "base")
 
@@ -3164,7 +3169,7 @@ def test_sft_masks_reach_the_loss_hand_computed():
         x, y = sft.SFTLoader(samples, 96, 1, pad=tok.eot).next_batch()
         assert tok.decode(y[y != -1].tolist()) == text
         assert tok.decode(x[0, :len(samples[0].ids)].tolist()).startswith("<|im_start|>user\n2+2?")
-        parts = pretrain.forward_backward(_CPU, model, model, [(x, y)], pretrain.token_normaliser([(x, y)], _CPU),
+        parts = train.forward_backward(_CPU, model, model, [(x, y)], train.token_normaliser([(x, y)], _CPU),
                                           aux_coef=0.0, z_coef=0.0)
         with torch.no_grad():
             logp = model.lm_head(model.hidden(x)).double().log_softmax(-1)[0]
@@ -3256,7 +3261,7 @@ def test_sft_cosine_schedule_hand_values():
 
 def test_sft_without_a_base_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="no base checkpoint in out/extend, out/pretrain/phase3"):
+    with pytest.raises(USER_ERROR, match="no base checkpoint in out/extend, out/pretrain/phase3"):
         sft.main(["--variant", "instruct"])
 
 
@@ -3267,11 +3272,11 @@ def test_sft_interrupted_run_resumes_exactly(tmp_path):
     assert len(_sft_losses(tmp_path, "cut")) == 3
     _sft(tmp_path, "cut", "--steps", "6", "--resume")
     assert _sft_losses(tmp_path, "cut") == _sft_losses(tmp_path, "full")  # bit-identical loss sequence
-    a, meta = pretrain.load_checkpoint(str(tmp_path / "full"))
-    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut"))
+    a, _, meta = train.load_model(str(tmp_path / "full"))
+    b, _, _ = train.load_model(str(tmp_path / "cut"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert meta["stage"] == "sft" and meta["variant"] == "instruct" and a.config.max_position_embeddings == 128
-    with pytest.raises(SystemExit, match="fingerprint"):  # other data: refused
+    with pytest.raises(USER_ERROR, match="fingerprint"):  # other data: refused
         _sft(tmp_path, "cut", "--steps", "8", "--resume", "--tasks-per-family", "30")
 
 
@@ -3289,8 +3294,8 @@ def test_sft_two_processes_match_one_process(tmp_path):
                    cwd=_REPO, timeout=600)
     # same global batch of 4 rows (2 ranks x 2 micro-batches x 1 row vs 2 micro-batches x 2 rows)
     np.testing.assert_allclose(_sft_losses(tmp_path, "two"), _sft_losses(tmp_path, "one"), rtol=1e-5, atol=1e-5)
-    a, _ = pretrain.load_checkpoint(str(tmp_path / "one"))
-    b, _ = pretrain.load_checkpoint(str(tmp_path / "two"))
+    a, _, _ = train.load_model(str(tmp_path / "one"))
+    b, _, _ = train.load_model(str(tmp_path / "two"))
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
@@ -3472,9 +3477,9 @@ def test_rlvr_bandit_reward_rises_towards_one():
 def _rlvr_ddp_worker(rank, world, tmp, rows):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    ctx = pretrain.Compute(torch.device("cpu"), rank, rank, world, ddp=True)
+    ctx = train.Compute(torch.device("cpu"), rank, rank, world, ddp=True)
     raw = _rl_model().train()
-    model = pretrain.wrap_model(ctx, raw, "ddp")
+    model = train.wrap_model(ctx, raw, "ddp")
     opt = torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=1.0)
     # unequal shares: rank 0 three groups, rank 1 one (fewer micro-batches: it runs empty ones to keep in step)
     mine = [r for r in rows if (r.group < 3) == (rank == 0)]
@@ -3509,7 +3514,7 @@ def _rl_checkpoint(tmp_path):
     model = M.Mellum(M.get_config("test", vocab_size=512, max_position_embeddings=96)).init_weights(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     path = str(tmp_path / "sft")
-    pretrain.save_checkpoint(path, 1, model, opt, dict(stage="sft-instruct", variant="instruct", tokenizer=tok.name,
+    train.save_checkpoint(path, 1, model, opt, dict(stage="sft-instruct", variant="instruct", tokenizer=tok.name,
                                                        preset="test"), {}, _CPU)
     return path
 
@@ -3536,17 +3541,17 @@ def test_rlvr_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch
     init = _rl_checkpoint(tmp_path)
     _rlvr(tmp_path, init, "full")
     _rlvr(tmp_path, init, "cut", "--stop-after", "2")
-    assert pretrain.latest_step(str(tmp_path / "cut")) == 2
+    assert train.latest_step(str(tmp_path / "cut")) == 2
     _rlvr(tmp_path, init, "cut", "--resume")
     full, cut = _rl_metrics(tmp_path, "full"), _rl_metrics(tmp_path, "cut")
     assert len(full) == 3 and full == cut and sum(r["tokens"] for r in full) > 0
-    a, _ = pretrain.load_checkpoint(str(tmp_path / "full"))
-    b, _ = pretrain.load_checkpoint(str(tmp_path / "cut"))
-    ref, _ = pretrain.load_checkpoint(init)
+    a, _, _ = train.load_model(str(tmp_path / "full"))
+    b, _, _ = train.load_model(str(tmp_path / "cut"))
+    ref, _, _ = train.load_model(init)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     changed = {n for n, x in ref.state_dict().items() if not torch.equal(x, a.state_dict()[n])}
     assert changed and not any(n.startswith("mtp.") for n in changed)  # trained, MTP frozen
-    assert pretrain.latest_step(init) == 1  # the reference checkpoint is untouched
+    assert train.latest_step(init) == 1  # the reference checkpoint is untouched
 
 
 def test_rlvr_default_mixture_keeps_the_families_sft_trained():
@@ -3566,9 +3571,9 @@ def test_rlvr_dry_run_prints_the_reports_recipe(tmp_path, capsys):
     for fact in ["500 steps x 256 prompts x 16 samples", "oversampled 1.5x", "cap 16384 new tokens", "lr 1e-06",
                  "warmup 50"]:
         assert fact in out, fact
-    with pytest.raises(SystemExit, match="not a trainable family"):
+    with pytest.raises(USER_ERROR, match="not a trainable family"):
         rlvr.main(["--from", init, "--tasks", "humaneval", "--dry-run"])
-    with pytest.raises(SystemExit, match="reference checkpoint stays untouched"):
+    with pytest.raises(USER_ERROR, match="reference checkpoint stays untouched"):
         rlvr.main(["--from", init, "--out-dir", init, "--dry-run"])
 
 
@@ -3750,9 +3755,9 @@ def test_eval_code_reward_is_the_fraction_of_tests_passed():
     s = E.score(task, f"```python\n{code}```{E.IM_END}")
     assert s == E.Score(pytest.approx(partial(task)), False, True)
     assert E.score(task, f"```python\ndef add_k(x):\n    return x +\n```{E.IM_END}").reward == 0.0  # syntax error
-    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 2", "1/0", "assert f()"]) == 0.5
+    assert sandbox.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 2", "1/0", "assert f()"]) == 0.5
     # a later test that hangs keeps the earlier passes; raising SystemExit does not end the harness
-    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "raise SystemExit(0)", "while True: pass"],
+    assert sandbox.run_tests("def f():\n    return 1\n", ["assert f() == 1", "raise SystemExit(0)", "while True: pass"],
                        timeout_s=1) == pytest.approx(1 / 3)
 
 
@@ -3760,10 +3765,10 @@ def test_eval_calculator_is_exact_and_never_evaluates_code():
     cases = {"2 + 3 * 4": "14", "(2 + 3) * 4": "20", "7 / 12": "7/12", "1/3 + 1/6": "1/2", "-5 - -3": "-2",
              "1.5 * 4": "6", "12 / 4": "3", "4821 * 37 - 912": str(4821 * 37 - 912)}
     for expr, want in cases.items():
-        assert E.calculate(expr) == want, expr
+        assert S.calculate(expr) == want, expr
     for bad in ("2 ** 10", "__import__('os').system('true')", "abs(-1)", "x + 1", "1 +", "10 ** 40", "1/0",
                 "9" * 31 + " * 1", 3, "1" * 300):
-        assert E.calculate(bad).startswith("error:"), bad
+        assert S.calculate(bad).startswith("error:"), bad
     task = E.make_task("calculator", 0)
     assert E.run_tool(task, {"name": "calculator", "arguments": {"expression": "6 * 7"}}) == "42"
     assert E.run_tool(task, {"name": "rm", "arguments": {}}).startswith("error: unknown tool")
@@ -3864,35 +3869,35 @@ def _uid_processes(uid):
 
 
 def test_sandbox_runs_code_and_reports_errors():
-    r = E.run_python("import sys\nprint(sum(range(10)))\nprint('oops', file=sys.stderr)\nsys.exit(3)")
+    r = sandbox.run_python("import sys\nprint(sum(range(10)))\nprint('oops', file=sys.stderr)\nsys.exit(3)")
     assert (r.stdout, r.stderr, r.returncode, r.timed_out) == ("45\n", "oops\n", 3, False)
-    info = E.sandbox_info()
+    info = sandbox.sandbox_info()
     if os.geteuid() == 0:  # the child is never root (RLIMIT_NPROC would not apply)
-        assert E.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())").stdout == \
-            f"{E.SANDBOX_UID} {E.SANDBOX_UID} []\n"
+        assert sandbox.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())").stdout == \
+            f"{sandbox.SANDBOX_UID} {sandbox.SANDBOX_UID} []\n"
     assert info["namespaces"] or not os.path.exists("/usr/bin/unshare"), "unshare is present but failed"
 
 
 def test_sandbox_infinite_loop_and_sleep_time_out():
     for code in ("while True: pass", "import time; time.sleep(60)"):
-        r = E.run_python(code, timeout_s=1)
+        r = sandbox.run_python(code, timeout_s=1)
         assert r.timed_out and r.returncode is None and r.seconds < 5, code
 
 
 def test_sandbox_memory_disk_output_and_environment():
-    r = E.run_python("x = bytearray(2 * 1024**3)\nprint('allocated')", memory_mb=256)
+    r = sandbox.run_python("x = bytearray(2 * 1024**3)\nprint('allocated')", memory_mb=256)
     assert "MemoryError" in r.stderr and "allocated" not in r.stdout
-    r = E.run_python("f = open('big', 'wb')\nfor _ in range(1024): f.write(b'x' * 1024**2)", file_mb=8)
+    r = sandbox.run_python("f = open('big', 'wb')\nfor _ in range(1024): f.write(b'x' * 1024**2)", file_mb=8)
     assert r.returncode != 0 and "File too large" in r.stderr
     # many files, each under the per-file limit: the private tmpfs (or, without namespaces, only the timeout) stops it
-    if E.sandbox_info()["namespaces"]:
-        r = E.run_python("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * 2 * 1024**2)", disk_mb=16)
+    if sandbox.sandbox_info()["namespaces"]:
+        r = sandbox.run_python("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * 2 * 1024**2)", disk_mb=16)
         assert "No space left on device" in r.stderr
-    r = E.run_python("while True: print('x' * 1000)", max_output=1000, timeout_s=2)
+    r = sandbox.run_python("while True: print('x' * 1000)", max_output=1000, timeout_s=2)
     assert len(r.stdout) == 1000
     os.environ["NM_EVAL_SECRET"] = "hunter2"
     try:
-        r = E.run_python(f"import os\nprint(dict(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())")
+        r = sandbox.run_python(f"import os\nprint(dict(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())")
     finally:
         del os.environ["NM_EVAL_SECRET"]
     assert "hunter2" not in r.stdout + r.stderr
@@ -3907,53 +3912,53 @@ def test_sandbox_cannot_write_outside_its_directory(tmp_path):
     os.chmod(tmp_path, 0o755)
     for target in (os.path.join(os.path.dirname(os.path.abspath(E.__file__)), f"pwned-{os.getpid()}"),
                    str(tmp_path / "pwned")):
-        r = E.run_python(f"open({target!r}, 'w').write('x')\nprint('wrote')")
+        r = sandbox.run_python(f"open({target!r}, 'w').write('x')\nprint('wrote')")
         assert not os.path.exists(target) and r.stdout == "" and "Error" in r.stderr, target
-    if E.sandbox_info()["namespaces"]:  # its own /tmp is writable but private: nothing reaches the host's /tmp
+    if sandbox.sandbox_info()["namespaces"]:  # its own /tmp is writable but private: nothing reaches the host's /tmp
         marker = f"/tmp/nm-eval-marker-{os.getpid()}"
-        r = E.run_python(f"open({marker!r}, 'w').write('x')\nprint('wrote')")
+        r = sandbox.run_python(f"open({marker!r}, 'w').write('x')\nprint('wrote')")
         assert r.stdout == "wrote\n" and not os.path.exists(marker)
 
 
 def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
     # where unshare is unavailable: rlimits, the scrubbed environment and (as root) the unprivileged uid remain
-    info = {**E.sandbox_info(), "namespaces": False}
-    monkeypatch.setattr(E, "sandbox_info", lambda: info)
-    r = E.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])")
+    info = {**sandbox.sandbox_info(), "namespaces": False}
+    monkeypatch.setattr(sandbox, "sandbox_info", lambda: info)
+    r = sandbox.run_python("import os\nprint(os.getcwd().endswith('work'), sorted(os.environ)[:2])")
     assert r.stdout == "True ['HOME', 'LANG']\n" and r.returncode == 0
-    assert "MemoryError" in E.run_python("x = bytearray(2 * 1024**3)", memory_mb=256).stderr
-    assert E.run_python("while True: pass", timeout_s=1).timed_out
+    assert "MemoryError" in sandbox.run_python("x = bytearray(2 * 1024**3)", memory_mb=256).stderr
+    assert sandbox.run_python("while True: pass", timeout_s=1).timed_out
     if os.geteuid() == 0:
         os.chmod(tmp_path, 0o755)
-        r = E.run_python(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')")
+        r = sandbox.run_python(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')")
         assert not (tmp_path / "pwned").exists() and "Permission denied" in r.stderr
-    assert E.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 0"]) == 0.5
+    assert sandbox.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 0"]) == 0.5
 
 
-@pytest.mark.skipif(not E.sandbox_info()["namespaces"], reason="no network namespace here (unshare unavailable)")
+@pytest.mark.skipif(not sandbox.sandbox_info()["namespaces"], reason="no network namespace here (unshare unavailable)")
 def test_sandbox_has_no_network():
-    r = E.run_python("import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('1.1.1.1', 53))\nprint('up')")
+    r = sandbox.run_python("import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('1.1.1.1', 53))\nprint('up')")
     assert "up" not in r.stdout and "Network is unreachable" in r.stderr
 
 
 @pytest.mark.slow
 def test_sandbox_contains_fork_bombs_and_escaped_grandchildren():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    r = E.run_python(bomb, timeout_s=2)
+    r = sandbox.run_python(bomb, timeout_s=2)
     assert r.timed_out
     # a grandchild that leaves the process group and outlives its parent still dies with the sandbox
     escape = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nelse:\n    time.sleep(30)\n")
-    r = E.run_python(escape, timeout_s=1)
+    r = sandbox.run_python(escape, timeout_s=1)
     assert r.timed_out
     import time
     time.sleep(0.5)
     if os.geteuid() == 0:
-        assert _uid_processes(E.SANDBOX_UID) == []
+        assert _uid_processes(sandbox.SANDBOX_UID) == []
     if os.geteuid() == 0:  # the process limit applies to the unprivileged child
-        r = E.run_python("import os\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
+        r = sandbox.run_python("import os\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
                          "            import time; time.sleep(3); os._exit(0)\n        n += 1\nexcept OSError:\n"
                          "    print('stopped', n)\n", timeout_s=5)
-        assert r.stdout.startswith("stopped") and int(r.stdout.split()[1]) < E.NPROC
+        assert r.stdout.startswith("stopped") and int(r.stdout.split()[1]) < sandbox.NPROC
 
 
 # --- the eval stage end to end on a tiny random model
@@ -3962,7 +3967,7 @@ def _eval_checkpoint(tmp_path):
     tok = data.get_tokenizer("cl100k_base:256")
     cfg = M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=2048)
     model = M.Mellum(cfg).init_weights(0).eval()
-    pretrain.save_checkpoint(str(tmp_path / "ckpt"), 1, model, None, {"tokenizer": tok.name, "stage": "pretrain"})
+    train.save_checkpoint(str(tmp_path / "ckpt"), 1, model, None, {"tokenizer": tok.name, "stage": "pretrain"})
     return model, tok
 
 
