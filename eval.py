@@ -704,4 +704,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train.run(main, "eval.py")

@@ -24,7 +24,7 @@ Contents, top to bottom:
   passkey_sample             filler text with "The pass key is N" at a depth, then the question and the answer
   LongContextLoader          (B, T) rows of long documents (+ a passkey share); seeded per row, resumable by step
   passkey_accuracy, loss_by_position, evaluate_extension, format_tables   the built-in evaluation
-  Recipe, RECIPES, recipe_for   the report's settings for a mellum2-12b base, CPU-sized ones for anything else
+  Recipe, RECIPES             the report's settings for a mellum2-12b base, CPU-sized ones otherwise (train.recipe_for)
   main                       arguments, compute, data, model, evaluation before, the training loop, evaluation after
 
 Footguns:
@@ -371,10 +371,6 @@ RECIPES = {
 }
 
 
-def recipe_for(config):
-    """The report's recipe when the base has mellum2-12b's architecture (vocabulary and context aside)."""
-    return RECIPES["mellum2-12b" if M.preset_of(config) == "mellum2-12b" else "default"]
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
@@ -422,7 +418,7 @@ def main(argv=None):
 
     # --- the base, its recipe and the extended config; refuse what cannot work before the long context is allocated
     base, tok, _ = train.load_model(args.base)
-    recipe = recipe_for(base.config)
+    recipe = train.recipe_for(RECIPES, base.config)
     B = args.batch_size or recipe.micro_batch
     global_batch = args.global_batch or max(recipe.global_batch, B * ctx.world_size)
     n_micro = train.micro_batches(global_batch, B, ctx.world_size)

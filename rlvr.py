@@ -471,7 +471,7 @@ def main(argv=None):
     if ctx.master:
         print(f"rlvr {variant} from {args.init} ({preset} recipe): {steps} steps x {P} prompts x {G} samples "
               f"(oversampled {OVERSAMPLE}x), cap {max_new} new tokens, {updates} update(s) per batch, AdamW lr {lr} "
-              f"(warmup {warmup}), tasks {mixture}, world {ctx.world_size}, device {ctx.device}")
+              f"(warmup {warmup}), tasks {mixture}, tokenizer {tok.name}, world {ctx.world_size}, device {ctx.device}")
     if args.dry_run:
         return train.compute_cleanup(ctx)
 

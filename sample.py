@@ -550,6 +550,48 @@ class _StreamPrinter:
         self.shown = text
 
 
+def chat(tok, tool_names, context, device, complete):
+    """--chat: read user turns from stdin, answer through the chat template; tool calls the model makes are run
+    (run_chat_tool) and their results go back in a user turn, up to MAX_TOOL_TURNS rounds per message."""
+    if not isinstance(tok, data.Tokenizer):
+        sys.exit(f"sample.py: --chat needs nanoMellum's tokenizer (this checkpoint has {tok.name}): the chat "
+                 "template's tags must be single tokens")
+    stop = tok.special[data.CHAT_STOP]
+    tools = [CHAT_TOOLS[name] for name in tool_names or ()] or None
+    print(f"chat through the chat template (tools offered: {', '.join(tool_names or ()) or 'none'}; tool calls "
+          "the model makes are run either way); Ctrl-D to quit", file=sys.stderr)
+    messages = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        for _ in range(MAX_TOOL_TURNS + 1):  # an answer, or tool calls whose results go back to the model
+            ids = data.render_prompt(tok, messages, tools)
+            if len(ids) >= context:  # keep only the new question
+                print(f"[the conversation fills the context of {context}: starting over]", file=sys.stderr)
+                messages = [next(m for m in reversed(messages) if m["role"] == "user")]
+                ids = data.render_prompt(tok, messages, tools)
+            if len(ids) >= context:
+                sys.exit(f"sample.py: the message has {len(ids)} tokens with the template, the context is "
+                         f"{context}")
+            reply = data.parse_assistant(tok.decode(complete("", torch.tensor([ids], device=device), stop,
+                                                            dim_think=sys.stdout.isatty())))
+            print()
+            # the template drops earlier turns' reasoning: the history keeps the answer and any tool calls
+            messages.append({"role": "assistant", "content": reply["content"],
+                             **({"tool_calls": reply["tool_calls"]} if reply["tool_calls"] else {})})
+            if not reply["tool_calls"] or not reply["well_formed"]:
+                break
+            for call in reply["tool_calls"]:
+                result = run_chat_tool(call)
+                print(f"[tool {call['name']} -> {result}]", file=sys.stderr)
+                messages.append({"role": "tool", "content": result})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate with a nanoMellum checkpoint (KV cache, MTP speculative "
                                  "decoding)")
@@ -567,22 +609,26 @@ def main(argv=None):
     ap.add_argument("--bench-batch", action="store_true", help="tokens/s of batched generation at batch 1, 8, 32")
     # --- decoding
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=50, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the report's "
+                    "recommended 0.6 with --chat, 0.8 otherwise)")
+    ap.add_argument("--top-k", type=int, default=None, help="0 = off (default: 20 with --chat, the report's; 50)")
+    ap.add_argument("--top-p", type=float, default=None, help="1 = off (default: 0.95 with --chat, the report's; 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speculative", action="store_true", help="MTP-drafted speculative decoding")
     ap.add_argument("--draft-vocab", type=int, default=32768, help="the draft proposes only ids below this "
                     "(the most frequent BPE merges; cheaper draft head, same output); 0 = all")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     args = ap.parse_args(argv)
+    for name, chat_default, plain_default in (("temperature", 0.6, 0.8), ("top_k", 20, 50), ("top_p", 0.95, 1.0)):
+        if getattr(args, name) is None:  # the report's recommended sampling for the chat models
+            setattr(args, name, chat_default if args.chat else plain_default)
 
     # --- model and tokenizer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model, tok, meta = train.load_model(args.ckpt, args.step, device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"sample.py: {e}")
+    model, tok, meta = train.load_model(args.ckpt, args.step, device)
+    if tok is None:
+        raise data.InputError(f"{args.ckpt}: the checkpoint records no tokenizer (meta.json has no \"tokenizer\"): "
+                              "write it with a training stage, or export it with its tokenizer")
     config = model.config
     context = config.max_position_embeddings
     print(f"loaded {args.ckpt} ({meta.get('stage') or meta.get('phase') or 'Hugging Face format'}, step "
@@ -633,43 +679,7 @@ def main(argv=None):
         return tokens[0]
 
     if args.chat:
-        if not isinstance(tok, data.Tokenizer):
-            sys.exit(f"sample.py: --chat needs nanoMellum's tokenizer (this checkpoint has {tok.name}): the chat "
-                     "template's tags must be single tokens")
-        stop = tok.special[data.CHAT_STOP]
-        tools = [CHAT_TOOLS[name] for name in args.tools or ()] or None
-        print(f"chat through the chat template (tools offered: {', '.join(args.tools or ()) or 'none'}; tool calls "
-              "the model makes are run either way); Ctrl-D to quit", file=sys.stderr)
-        messages = []
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                break
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line})
-            for _ in range(MAX_TOOL_TURNS + 1):  # an answer, or tool calls whose results go back to the model
-                ids = data.render_prompt(tok, messages, tools)
-                if len(ids) >= context:  # keep only the new question
-                    print(f"[the conversation fills the context of {context}: starting over]", file=sys.stderr)
-                    messages = [next(m for m in reversed(messages) if m["role"] == "user")]
-                    ids = data.render_prompt(tok, messages, tools)
-                if len(ids) >= context:
-                    sys.exit(f"sample.py: the message has {len(ids)} tokens with the template, the context is "
-                             f"{context}")
-                reply = data.parse_assistant(tok.decode(complete("", torch.tensor([ids], device=device), stop,
-                                                                dim_think=sys.stdout.isatty())))
-                print()
-                # the template drops earlier turns' reasoning: the history keeps the answer and any tool calls
-                messages.append({"role": "assistant", "content": reply["content"],
-                                 **({"tool_calls": reply["tool_calls"]} if reply["tool_calls"] else {})})
-                if not reply["tool_calls"] or not reply["well_formed"]:
-                    break
-                for call in reply["tool_calls"]:
-                    result = run_chat_tool(call)
-                    print(f"[tool {call['name']} -> {result}]", file=sys.stderr)
-                    messages.append({"role": "tool", "content": result})
+        chat(tok, args.tools, context, device, complete)
     elif args.prompts_file:
         with open(args.prompts_file) as f:
             prompts = [p.rstrip("\n").replace("\\n", "\n") for p in f if p.strip()]
@@ -681,4 +691,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train.run(main, "sample.py")

@@ -30,7 +30,7 @@ it trained on, against the base on the same prompts (eval_base.jsonl, measured o
 column of the report card (out/report_card.md) is written.
 
 Contents, top to bottom
-  Recipe, RECIPES, recipe_for     the report's settings for a mellum2-12b base, CPU-sized ones otherwise
+  Recipe, RECIPES                 the report's settings for a mellum2-12b base, CPU-sized ones otherwise (train.recipe_for)
   cosine_schedule                 warmup, then cosine to 10% of the peak (the report's 3e-5 -> 3e-6)
   load_sft_mixture, conversations, build_samples   sources -> weighted conversations -> rendered ChatSamples
   SFTLoader                       packed rows, a seeded order per epoch, split across ranks, exactly resumable
@@ -106,10 +106,6 @@ RECIPES = {
                       weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100),
 }
 
-
-def recipe_for(config):
-    """The report's recipe for a base with mellum2-12b's architecture (model.preset_of), else the CPU one."""
-    return RECIPES["mellum2-12b" if M.preset_of(config) == "mellum2-12b" else "default"]
 
 
 def cosine_schedule(step, total, warmup, floor=0.1):
@@ -335,7 +331,7 @@ def main(argv=None):
     if not isinstance(tok, data.Tokenizer):
         raise data.InputError(f"--from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint of "
                               f"this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
-    recipe = recipe_for(base.config)
+    recipe = train.recipe_for(RECIPES, base.config)
     context = base.config.max_position_embeddings
     T = args.seq_len or max(context, recipe.min_seq_len)
     config = copy.deepcopy(base.config)

@@ -1906,6 +1906,66 @@ def test_save_pretrained_directory_works_in_transformers_and_sample(tmp_path, mo
 
 
 # =============================================================================
+# train.py: the one loader, the entry point, the import layers
+
+def test_one_loader_reads_stage_and_hf_dirs_with_their_own_tokenizers(tmp_path):
+    tok = data.get_tokenizer("cl100k_base:300")
+    model = _tiny_model(vocab_size=tok.vocab_size)
+    train.save_checkpoint(str(tmp_path / "stage"), 5, model, None, {"stage": "test", "tokenizer": tok.name})
+    train.save_pretrained(model, str(tmp_path / "hf"), tokenizer=tok)
+    text = "def add(a, b):\n    return a + b  # 12345"
+    for path in ("stage", "hf"):
+        loaded, got, meta = train.load_model(str(tmp_path / path))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+        assert got.n_vocab == tok.n_vocab and got.encode(text) == tok.encode(text), path  # not plain cl100k
+        assert not loaded.training  # a loaded model is in eval mode; a stage that trains it says so
+    assert meta == {} and train.load_model(str(tmp_path / "stage"))[2]["step"] == 5
+    # rlvr from a Hugging Face directory uses that directory's tokenizer (it used plain cl100k_base)
+    rlvr_out = subprocess_run([sys.executable, "rlvr.py", "--from", str(tmp_path / "hf"), "--dry-run", "--tasks",
+                               "chain", "--out-dir", str(tmp_path / "rl")])
+    assert rlvr_out.returncode == 0, rlvr_out.stderr
+    assert f"tokenizer {os.path.join(str(tmp_path / 'hf'), 'tokenizer.json')}" in rlvr_out.stdout
+
+
+def subprocess_run(cmd):
+    import subprocess
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, timeout=300)
+
+
+def test_expected_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    bad = tmp_path / "mix.json"  # a phase without its token budget
+    bad.write_text(json.dumps({"sources": {"mine": {"paths": [str(tmp_path / "mix.json")]}},
+                               "phases": {"1": {"weights": {"mine": 1}}}}))
+    (tmp_path / "empty").mkdir()
+    for cmd, words in [(["pretrain.py", "--phase", "1", "--mixture", str(bad)], [str(bad), "tokens"]),
+                       (["rlvr.py", "--from", str(tmp_path / "empty")], [str(tmp_path / "empty"), "no checkpoint"]),
+                       (["sample.py", "--ckpt", str(tmp_path / "missing")], ["missing", "no such directory"]),
+                       (["sft.py", "--variant", "instruct", "--from", str(tmp_path / "empty")], ["no checkpoint"])]:
+        r = subprocess_run([sys.executable, *cmd])
+        assert r.returncode == 2, (cmd, r.returncode, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (cmd, r.stderr[-2000:])
+        assert lines[0].startswith(cmd[0] + ": ") and all(w in lines[0] for w in words), (cmd, lines)
+
+
+_LAYERS = {"data": 0, "kernels": 0, "model": 1, "muon": 2, "train": 3, "sandbox": 3, "sample": 4, "eval": 5,
+           "pretrain": 6, "extend": 6, "sft": 6, "rlvr": 6, "plot": 6}
+
+
+def test_imports_form_layers_no_stage_imports_another():
+    import ast
+    for name, layer in _LAYERS.items():
+        path = os.path.join(_REPO, f"{name}.py")
+        if not os.path.exists(path):
+            continue
+        tree = ast.parse(open(path).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for dep in imported & set(_LAYERS):
+            assert _LAYERS[dep] < layer, f"{name}.py imports {dep}.py: imports must go down the layers {_LAYERS}"
+
+
+# =============================================================================
 # pretrain.py
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
@@ -2892,16 +2952,16 @@ def test_extend_config_touches_only_full_layers():
 
 def test_extension_recipe_for_mellum2_12b_is_the_reports():
     big = M.get_config("mellum2-12b")
-    r = extend.recipe_for(big)
+    r = train.recipe_for(extend.RECIPES, big)
     assert (r.factor, r.steps, r.lr, r.decay) == (16, 3500, 3e-5, 500)  # factor 16, 3,500 its, 3e-5, 500 decay
     ext = extend.extend_config(big, r.factor)
     assert ext.max_position_embeddings == 131_072
     assert ext.rope_parameters[M.FULL]["original_max_position_embeddings"] == 8192
     assert ext.rope_parameters[M.SLIDING] == {"rope_type": "default", "rope_theta": 500_000.0}
     assert r.global_batch * 131_072 * r.steps == pytest.approx(117e9, rel=0.01)  # the report's ~117B tokens
-    assert extend.recipe_for(M.get_config("tiny")) is extend.RECIPES["default"]
+    assert train.recipe_for(extend.RECIPES, M.get_config("tiny")) is extend.RECIPES["default"]
     assert r.aux_coef == 1e-3 and extend.RECIPES["default"].aux_coef == 0.1  # the report's; tiny's ablation (README)
-    assert extend.recipe_for(M.get_config("mellum2-12b", vocab_size=100_352)) is r  # vocabulary aside
+    assert train.recipe_for(extend.RECIPES, M.get_config("mellum2-12b", vocab_size=100_352)) is r  # vocabulary aside
 
 
 def test_extend_config_bad_input_and_composition():

@@ -13,7 +13,7 @@ Contents, top to bottom
                                              wrap_model (DDP / FSDP2 / FSDP2 + EP), unwrap
   One optimizer step                         token_normaliser, forward_backward, clip_grad_norm, optimizer_step,
                                              train_step (all of it, timed, as one log record)
-  whd_schedule, rng_state, evaluate, imbalance, log_metrics
+  whd_schedule, recipe_for, rng_state, evaluate, imbalance, log_metrics
   The stage command line                     add_stage_args (the flags every loop shares), micro_batches (the
                                              global-batch check), should_save, run (the entry point: expected
                                              errors become one line and exit code 2)
@@ -613,6 +613,12 @@ def whd_schedule(step, total, warmup, decay):
     if step >= total - decay:
         return max(0.0, (total - step) / decay)
     return 1.0
+
+
+def recipe_for(recipes, config):
+    """A later stage's recipe for its base: the report's (recipes["mellum2-12b"]) when the base has mellum2-12b's
+    architecture (model.preset_of: vocabulary and context aside), else the CPU-sized recipes["default"]."""
+    return recipes["mellum2-12b" if M.preset_of(config) == "mellum2-12b" else "default"]
 
 
 def rng_state():
