@@ -412,7 +412,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = train.compute_init(args.device)
+    ctx = train.compute_init(args.device, dtype=args.dtype)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
 

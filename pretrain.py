@@ -292,7 +292,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.export_hf:
         return train.export_hf(*args.export_hf)
-    ctx = train.compute_init(args.device, args.ep)
+    ctx = train.compute_init(args.device, args.ep, args.dtype)
     torch.manual_seed(args.seed + ctx.rank)
     if args.compile and ctx.device.type != "cuda":
         raise data.InputError("--compile needs a CUDA GPU: on CPU, torch.compile (torch 2.13) fails inside dynamo on "

@@ -48,8 +48,9 @@ Footguns
   token-level policy gradient. With k > 1 the rollout batch is split into k mini-batches, each one optimizer step;
   their pi_old is recomputed before the first step, so mini-batch j trains on data j steps stale (the report's
   asynchronous rollouts allow staleness <= 2).
-- MTP is not trained (frozen: no loss, no weight decay) and the router losses are off: the objective is the
-  policy gradient alone, as the report lists it (our choice for the router; the LR is small and the run short).
+- MTP is not trained (frozen: no loss, no weight decay). The router keeps SFT's balancing and z losses (our
+  choice: the report lists none for RL, and without them a small router falls back to a few experts), so the
+  objective is the policy gradient plus two small regularisers of the routing.
 - The length cap of a completion is min(--max-new-tokens, context - longest prompt of its generation batch);
   prompts that leave fewer than MIN_NEW_TOKENS are never drawn (on `tiny`, context 256, function_call's tool lists
   do not fit, and calculator leaves ~70 tokens).
@@ -98,7 +99,9 @@ class RLRecipe:
     warmup: int
     updates: int        # optimizer steps per rollout batch (mini-batches); unpublished, our choice
     micro_batch: int    # sequences per forward in the update
+    aux_coef: float     # balancing loss per MoE layer: SFT's (pre-training's / 10), so RL keeps the router balanced
     max_tool_turns: int = 10
+    z_coef: float = 1e-3
 
 
 RL_RECIPES = {
@@ -106,13 +109,14 @@ RL_RECIPES = {
     # after 50 warmup iterations, up to 10 tool turns.
     "mellum2-12b": RLRecipe(prompts=256, samples=16, steps={"instruct": 500, "thinking": 100},
                             max_new_tokens={"instruct": 16_384, "thinking": 40_960}, lr=1e-6, warmup=50, updates=2,
-                            micro_batch=1),
+                            micro_batch=1, aux_coef=1e-4),
     # CPU minutes (our choice, measured in the README): a 4-layer model takes a far larger LR than 12B parameters,
     # but AdamW normalises every step to ~LR whatever the signal: at 1e-3 the rollouts' noise wrecked the SFT skills
     # within 15-80 steps, at 1e-4 nothing moved in 40. 32 prompts per step halve the noise of 16; the steps fit the
     # 15-minute budget on 2 cores.
     "tiny": RLRecipe(prompts=32, samples=8, steps={"instruct": 150, "thinking": 70},
-                     max_new_tokens={"instruct": 64, "thinking": 128}, lr=3e-4, warmup=5, updates=2, micro_batch=16),
+                     max_new_tokens={"instruct": 64, "thinking": 128}, lr=3e-4, warmup=5, updates=2, micro_batch=16,
+                     aux_coef=0.01),
 }
 RL_RECIPES["test"] = RL_RECIPES["tiny"]
 
@@ -350,25 +354,30 @@ def _agree(n, ctx, op):
     return t.item()
 
 
-def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
+def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip, aux_coef=0.0, z_coef=0.0):
     """`updates` optimizer steps over the rollout batch `rows` (this rank's share), split into as many mini-batches
-    of whole groups. Returns the step's statistics (token counts summed over ranks)."""
+    of whole groups. The loss is the policy loss plus, per optimizer step, the router's balancing and z losses
+    (aux_coef, z_coef: as in SFT, so that RL does not undo the balance). Returns the step's statistics (token counts
+    summed over ranks)."""
+    raw = train.unwrap(model)
     groups = sorted({r.group for r in rows})
     parts = [set(groups[i::updates]) for i in range(updates)]
     by_length = sorted(rows, key=lambda r: len(r.prompt) + len(r.tokens))  # micro-batches of similar lengths pad less
     minis = [micro_batches([r for r in by_length if r.group in part], micro, ctx.device) for part in parts]
-    # pi_old: the rollout policy's log-probabilities, computed before any update (mini-batch 0 uses the live
-    # policy, detached: the same weights, and then the ratio is exactly 1)
-    with torch.no_grad():
+    # pi_old: the rollout policy's log-probabilities, computed before any update and in the training forward's
+    # precision (ctx.autocast), so the ratio and IcePop's rho mean the same in every mini-batch. Mini-batch 0 uses
+    # the live policy, detached: the same weights and precision, and then the ratio is exactly 1.
+    with torch.no_grad(), ctx.autocast():
         for mbs in minis[1:]:
             for mb in mbs:
                 mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mb["y"] != -1)[0]
-    stats = dict(icepop_masked=0.0, clipped=0.0, valid=0.0, entropy=0.0, loss=0.0, grad_norm=0.0)
+    stats = dict(icepop_masked=0.0, clipped=0.0, valid=0.0, entropy=0.0, loss=0.0, aux=0.0, grad_norm=0.0)
     for mbs in minis:
         n_micro = int(_agree(len(mbs), ctx, dist.ReduceOp.MAX))
         if n_micro == 0:
             continue
         norm = train.token_normaliser([(None, mb["y"]) for mb in mbs], ctx)[0]
+        raw.reset_router_counts()  # the balancing loss counts this optimizer step's micro-batches (and ranks)
         for i in range(n_micro):
             mb = mbs[i] if i < len(mbs) else _empty_micro_batch(ctx.device)
             with train.grad_sync(model, i == n_micro - 1), ctx.autocast():
@@ -376,15 +385,18 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip):
                 logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask)
                 logp_old = mb.get("logp_old", logp.detach())
                 loss, s = policy_loss(logp, logp_old, mb["logp_inf"], mb["adv"], mask, norm)
-            loss.backward()
+                aux, z = raw.router_losses([m for m in raw.moe_layers() if m.count_E is not None], logp)
+            (loss + (aux_coef * aux + z_coef * z) / n_micro).backward()
             for k in ("icepop_masked", "clipped", "valid"):
                 stats[k] += s[k]
             stats["entropy"] += entropy
             stats["loss"] += loss.item() / len(minis)
+            stats["aux"] += aux.item() / n_micro / len(minis)
         stats["grad_norm"] += train.optimizer_step(model, opt, grad_clip) / len(minis)
-    for k in ("icepop_masked", "clipped", "valid", "entropy", "loss"):
+    for k in ("icepop_masked", "clipped", "valid", "entropy", "loss", "aux"):
         stats[k] = _agree(stats[k], ctx, dist.ReduceOp.SUM)
     stats["loss"] /= ctx.world_size
+    stats["aux"] /= ctx.world_size
     return stats
 
 
@@ -443,7 +455,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.parallel == "fsdp":
         raise data.InputError("--parallel fsdp: rlvr.py generates rollouts with whole weights on every rank; use ddp")
-    ctx = train.compute_init(args.device)
+    ctx = train.compute_init(args.device, dtype=args.dtype)
     log = tqdm.write if ctx.master else None
 
     # --- the starting checkpoint (never written to), its tokenizer, variant and recipe
@@ -525,9 +537,9 @@ def main(argv=None):
             for r, a in zip(groups[i], adv.tolist()):
                 r.advantage = a
         stats = update(ctx, model, opt, [r for i in kept for r in groups[i]], tok.n_vocab, updates, micro,
-                       args.grad_clip)
+                       args.grad_clip, recipe.aux_coef, recipe.z_coef)
         t3 = time.perf_counter()
-        record = step_record(ctx, step, rows, groups, kept, dropped, stats, families, lr * lr_mult, (t0, t1, t2, t3))
+        record = step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr * lr_mult, (t0, t1, t2, t3))
         train.log_metrics(metrics, record, ctx, echo=False)
         if ctx.master and (step + 1) % args.log_every == 0:
             tqdm.write(log_line(record))
@@ -551,7 +563,7 @@ def main(argv=None):
     train.compute_cleanup(ctx)
 
 
-def step_record(ctx, step, rows, groups, kept, dropped, stats, families, lr, times):
+def step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr, times):
     """The step's log record: rewards over every rollout of all ranks, token statistics over the trained ones."""
     pooled = [dict(family=r.family, reward=r.reward, correct=r.correct, length=len(r.tokens)) for r in rows]
     if ctx.ddp:
@@ -568,7 +580,8 @@ def step_record(ctx, step, rows, groups, kept, dropped, stats, families, lr, tim
                 zero_var=n_dropped / n_groups, kept_groups=int(_agree(len(kept), ctx, dist.ReduceOp.SUM)),
                 icepop_masked=stats["icepop_masked"] / valid, clip_frac=stats["clipped"] / valid,
                 entropy=stats["entropy"] / valid, length=sum(x["length"] for x in pooled) / len(pooled),
-                tokens=int(stats["valid"]), loss=stats["loss"], grad_norm=stats["grad_norm"], lr=lr,
+                tokens=int(stats["valid"]), loss=stats["loss"], aux=stats["aux"], imbalance=train.imbalance(raw),
+                grad_norm=stats["grad_norm"], lr=lr,
                 t_gen=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
 
 
@@ -576,7 +589,7 @@ def log_line(r):
     return (f"step {r['step']:4d} | reward {r['reward']:.3f} ± {r['reward_std']:.3f} | pass "
             + " ".join(f"{f[:5]} {v:.2f}" for f, v in r["pass_rate"].items())
             + f" | zero-var {r['zero_var']:.2f} | icepop {r['icepop_masked']:.3f} | clip {r['clip_frac']:.3f} | len "
-            f"{r['length']:.0f} | H {r['entropy']:.2f} | gnorm {r['grad_norm']:.2f} | gen {r['t_gen']:.1f}s reward "
+            f"{r['length']:.0f} | H {r['entropy']:.2f} | imbalance {r['imbalance']:.2f} | gnorm {r['grad_norm']:.2f} | gen {r['t_gen']:.1f}s reward "
             f"{r['t_reward']:.1f}s update {r['t_update']:.1f}s")
 
 

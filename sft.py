@@ -4,7 +4,8 @@ runs from the same base, as Mellum 2 released two models. Instruct trains on eve
 reasoning; Thinking trains on the final assistant turn with its <think> trace, unfolds multi-turn conversations into
 up to 5 samples and leaves conversations without reasoning out (data.render_chat). Loss = masked next-token CE over
 the trained tokens of the whole global batch + 0.1 MTP CE (the head keeps drafting for speculative decoding on chat
-text) + 1e-4 global-batch balancing loss + 1e-3 router z-loss, the report's coefficients.
+text) + 1e-4 global-batch balancing loss + 1e-3 router z-loss, the report's coefficients (the balancing coefficient
+is pre-training's / 10 per preset: 0.01 on tiny, whose router collapses at 1e-4).
 
 CPU, `tiny` (from the last pre-training / extension stage that exists: out/extend, else out/pretrain/phase3, ...):
     python sft.py --variant instruct
@@ -88,6 +89,8 @@ class Recipe:
     tasks_per_family: dict  # train conversations drawn from each built-in family of the mixture
     weights: dict           # the built-in mixture: family -> times each of its conversations is seen per epoch
     eval_tasks: int         # held-out test tasks per family at the end
+    aux_coef: float         # balancing loss per MoE layer: the base's pre-training coefficient / 10 (the report's
+    #                         1e-3 -> 1e-4); tiny's router, pre-trained at 0.1, collapses at 1e-4
 
 
 RECIPES = {
@@ -95,7 +98,7 @@ RECIPES = {
     # (131,072). Batch size unpublished: 32 rows of 128K (4M tokens) is our choice.
     "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
                           tasks_per_family=dict.fromkeys(FAMILIES, 100_000),
-                          weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200),
+                          weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200, aux_coef=1e-4),
     # CPU-sized, measured on `tiny` (README): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
     # for a 10-minute run), rows of 512 so tool conversations fit. Batches of 4 rows: at equal tokens, 258 steps of
     # 4 rows took the Thinking trace of `chain` to 76% where 129 steps of 8 rows reached 14%. The families tiny can
@@ -103,7 +106,8 @@ RECIPES = {
     # math and calculator measured ~0 after SFT (README) and are left out.
     "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=4, min_seq_len=512,
                       tasks_per_family=dict.fromkeys(FAMILIES, 400) | {"chain": 3000, "python": 800, "identity": 100},
-                      weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100),
+                      weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100,
+                      aux_coef=0.01),
 }
 
 
@@ -307,8 +311,8 @@ def parse_args(argv=None):
                     "the CPU presets)")
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (the report's 100)")
     ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
-    ap.add_argument("--aux-coef", type=float, default=1e-4, help="balancing-loss coefficient per MoE layer (the "
-                    "report lowers it to 1e-4 for SFT)")
+    ap.add_argument("--aux-coef", type=float, default=None, help="balancing-loss coefficient per MoE layer "
+                    "(default: the recipe's, pre-training's / 10: the report's 1e-4 for mellum2-12b, 0.01 on tiny)")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-tasks", type=int, default=None, help="held-out test tasks per family at the end (0: no "
                     "evaluation)")
@@ -320,7 +324,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = train.compute_init(args.device)
+    ctx = train.compute_init(args.device, dtype=args.dtype)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
     out_dir = args.out_dir or os.path.join("out", "sft", args.variant)
@@ -341,6 +345,7 @@ def main(argv=None):
     n_micro = train.micro_batches(global_batch, B, ctx.world_size)
     lr, epochs = args.lr or recipe.lr, args.epochs or recipe.epochs
     eval_tasks = recipe.eval_tasks if args.eval_tasks is None else args.eval_tasks
+    aux_coef = recipe.aux_coef if args.aux_coef is None else args.aux_coef
 
     # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
     tasks = dict.fromkeys(FAMILIES, args.tasks_per_family) if args.tasks_per_family else recipe.tasks_per_family
@@ -374,7 +379,7 @@ def main(argv=None):
     metrics = os.path.join(out_dir, "metrics.jsonl")
     log(f"sft {args.variant}: from {base_dir} (context {context}) at {T} tokens per row, {steps} steps of "
         f"{global_batch} rows ({epochs} epochs of {len(loader)} rows), {n_micro} micro-batches of {B} per rank, "
-        f"lr {lr:g} (warmup {warmup}, cosine to {lr / 10:g}), mtp {args.mtp_weight}, aux {args.aux_coef}, "
+        f"lr {lr:g} (warmup {warmup}, cosine to {lr / 10:g}), mtp {args.mtp_weight}, aux {aux_coef}, "
         f"device {ctx.device}, world {ctx.world_size} ({parallel})")
 
     # --- the loop
@@ -383,7 +388,7 @@ def main(argv=None):
                      initial=step, total=steps):
         batches = [loader.next_batch() for _ in range(n_micro)]
         record = train.train_step(ctx, model, raw, opt, batches, cosine_schedule(step, steps, warmup), out_dir, step,
-                                  1.0, fpt, mtp_weight=args.mtp_weight, aux_coef=args.aux_coef)
+                                  1.0, fpt, mtp_weight=args.mtp_weight, aux_coef=aux_coef)
         record["targets"] = sum(int((y != -1).sum()) for _, y in batches)
         train.log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
         save, stop = train.should_save(step + 1, steps, first, args)

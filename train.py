@@ -72,18 +72,26 @@ class Compute:
     ep: int = 1  # expert-parallel group size: each layer's experts are split over `ep` consecutive ranks
     mesh: DeviceMesh = None  # (dp, ep) when ep > 1; rank = dp_index * ep + ep_index
     mesh_ep_major: DeviceMesh = None  # the same ranks as (ep, dp): how checkpoints see the expert slices
+    dtype: str = "auto"  # matmul precision: bf16 autocast, fp32, or auto (bf16 on a GPU, fp32 on a CPU)
 
     @property
     def master(self):
         return self.rank == 0
 
-    def autocast(self):  # bf16 autocast on GPU; fp32 on CPU (CPU bf16 matmuls are slow and not what we test)
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    @property
+    def bf16(self):
+        return self.dtype == "bf16" or (self.dtype == "auto" and self.device.type == "cuda")
+
+    def autocast(self):
+        """bf16 autocast when asked (--dtype bf16, on any device: how the tests run the GPU's precision on a CPU)
+        and by default on a GPU; fp32 on a CPU by default (its bf16 matmuls are slower than fp32). Master weights,
+        gradients and optimizer state stay fp32; the router and the losses run in fp32 inside (model.py)."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
-def compute_init(device=None, ep=1):
+def compute_init(device=None, ep=1, dtype="auto"):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -91,12 +99,12 @@ def compute_init(device=None, ep=1):
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
         dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-        return Compute(dev, rank, local, world, ddp=world > 1, **_meshes(dev, world, ep))
+        return Compute(dev, rank, local, world, ddp=world > 1, dtype=dtype, **_meshes(dev, world, ep))
     if ep != 1:
         raise SystemExit(f"--ep {ep} needs {ep} or a multiple of {ep} processes (torchrun); one process holds all "
                          "experts, leave --ep at 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Compute(dev)
+    return Compute(dev, dtype=dtype)
 
 
 def _meshes(device, world, ep):
@@ -688,6 +696,8 @@ def add_stage_args(ap, ckpt_every, parallel_help="auto: FSDP2 above 2B parameter
     ap.add_argument("--log-every", type=int, default=1)
     # --- runtime
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="matmul precision: bf16 "
+                    "autocast (fp32 master weights) or fp32 (default auto: bf16 on a GPU, fp32 on a CPU)")
     ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto", help=parallel_help)
 
 
