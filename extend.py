@@ -365,7 +365,7 @@ RECIPES = {
     # 131,072 tokens per step), WHD with peak LR 3e-5 and 500 decay iterations. Warmup unpublished: 100 is our choice.
     "mellum2-12b": Recipe(factor=16, steps=3500, lr=3e-5, warmup=100, decay=500, micro_batch=1, global_batch=256,
                           aux_coef=1e-3),
-    # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (the README's measured run). The
+    # CPU-sized (tiny: 256 -> 1,024 tokens): a short warmup, then decay all the way (RESULTS.md's measured run). The
     # balancing coefficient is tiny's pre-training 0.1: at 1e-3 a small router collapses (pretrain.py's RECIPES).
     "default": Recipe(factor=4, steps=60, lr=1e-3, warmup=6, decay=54, micro_batch=2, global_batch=2, aux_coef=0.1),
 }

@@ -87,8 +87,8 @@ RECIPES = {
                           total_steps=323_459),
     # One 24 GB GPU at 4,096 tokens (our choice): the budgets are the mixture's.
     "mellum2-1b": Recipe(micro_batch=8, batch=(64, 128), ramp_steps=500, lr=3e-3, warmup=0.02),
-    # CPU: the README's Muon ablation on tiny found 3e-2 best of 1e-3 .. 1e-1 (120 steps). Its balancing ablation
-    # (README): at 1e-3 the router collapses (max/mean expert load ~7 of a possible 8) and stays there; 1e-1 keeps
+    # CPU: RESULTS.md's Muon ablation on tiny found 3e-2 best of 1e-3 .. 1e-1 (120 steps). Its balancing ablation
+    # (RESULTS.md): at 1e-3 the router collapses (max/mean expert load ~7 of a possible 8) and stays there; 1e-1 keeps
     # the load near 2.5 at the same validation loss. Small models route few tokens per step, so they need more.
     "tiny": Recipe(micro_batch=2, batch=(2, 4), ramp_steps=20, lr=3e-2, warmup=0.05, aux_coef=0.1),
 }
@@ -189,9 +189,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     # --- optimisation
     ap.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="adamw: the ablation baseline "
-                    "(its best LR on tiny was 3e-3, README)")
+                    "(its best LR on tiny was 3e-3, RESULTS.md)")
     ap.add_argument("--lr", type=float, default=None, help="peak LR (default: the recipe's; tiny 3e-2, the best "
-                    "Muon LR of the README's ablation; mellum2-12b 3e-4, the report's)")
+                    "Muon LR of RESULTS.md's ablation; mellum2-12b 3e-4, the report's)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=None, help="warmup steps, or a fraction of all three phases' "
@@ -200,7 +200,7 @@ def parse_args(argv=None):
                     "fraction when < 1 (default: the recipe's; tiny and mellum2-1b: the whole last phase, the report's shape)")
     ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
     ap.add_argument("--aux-coef", type=float, default=None, help="balancing-loss coefficient per MoE layer "
-                    "(default: the recipe's: the report's 1e-3; tiny 0.1, from the README's ablation)")
+                    "(default: the recipe's: the report's 1e-3; tiny 0.1, from RESULTS.md's ablation)")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=4, help="per source")

@@ -110,7 +110,7 @@ RL_RECIPES = {
     "mellum2-12b": RLRecipe(prompts=256, samples=16, steps={"instruct": 500, "thinking": 100},
                             max_new_tokens={"instruct": 16_384, "thinking": 40_960}, lr=1e-6, warmup=50, updates=2,
                             micro_batch=1, aux_coef=1e-4),
-    # CPU minutes (our choice, measured in the README): a 4-layer model takes a far larger LR than 12B parameters,
+    # CPU minutes (our choice, measured in RESULTS.md): a 4-layer model takes a far larger LR than 12B parameters,
     # but AdamW normalises every step to ~LR whatever the signal: at 1e-3 the rollouts' noise wrecked the SFT skills
     # within 15-80 steps, at 1e-4 nothing moved in 40. 32 prompts per step halve the noise of 16; the steps fit the
     # 15-minute budget on 2 cores.

@@ -17,7 +17,7 @@ One GPU: the same commands. Many GPUs (DDP below 2B parameters, FSDP2 above, as 
 
 Data. The built-in mixture is eval.py's task families rendered from their reference conversations (train seeds
 only; eval's test seeds and test prompts are never trained on), identity dialogues oversampled 3x as in the report
-(RECIPES: all families for mellum2-12b; for the CPU presets the ones tiny learns in 10 minutes, see README).
+(RECIPES: all families for mellum2-12b; for the CPU presets the ones tiny learns in 10 minutes, see RESULTS.md).
 A mixture file adds JSONL files in the report's schema ({"messages", optional "tools", optional "reasoning"}, see
 data.load_conversations) and sets every source's weight: how many times each of its conversations is seen per
 epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or TOML:
@@ -99,11 +99,11 @@ RECIPES = {
     "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
                           tasks_per_family=dict.fromkeys(FAMILIES, 100_000),
                           weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200, aux_coef=1e-4),
-    # CPU-sized, measured on `tiny` (README): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
+    # CPU-sized, measured on `tiny` (RESULTS.md): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
     # for a 10-minute run), rows of 512 so tool conversations fit. Batches of 4 rows: at equal tokens, 258 steps of
     # 4 rows took the Thinking trace of `chain` to 76% where 129 steps of 8 rows reached 14%. The families tiny can
     # learn in 10 CPU minutes, with as many conversations as fit: arithmetic (3-digit numbers are single tokens),
-    # math and calculator measured ~0 after SFT (README) and are left out.
+    # math and calculator measured ~0 after SFT (RESULTS.md) and are left out.
     "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=4, min_seq_len=512,
                       tasks_per_family=dict.fromkeys(FAMILIES, 400) | {"chain": 3000, "python": 800, "identity": 100},
                       weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100,

@@ -1965,6 +1965,64 @@ def test_imports_form_layers_no_stage_imports_another():
             assert _LAYERS[dep] < layer, f"{name}.py imports {dep}.py: imports must go down the layers {_LAYERS}"
 
 
+# -----------------------------------------------------------------------------
+# The GPU's precision on a CPU: bf16 autocast (--dtype bf16) and FP8 GEMMs, against fp32
+
+def _step_grads(ctx, model, batches):
+    model.zero_grad()
+    parts = train.forward_backward(ctx, model, model, batches, train.token_normaliser(batches, ctx))
+    return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "fp8"])
+def test_a_training_step_in_bf16_or_fp8_is_close_to_fp32(stage):
+    # the loss parts within 2% (bf16 keeps ~3 significant digits, FP8 E4M3 ~2), every parameter group of the
+    # optimizer gets a finite non-zero gradient pointing the way fp32's does, and the router stays fp32
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 48))
+    y = torch.randint(0, 256, (2, 48))
+    if stage == "sft":  # SFT: targets only on a few assistant positions
+        y[:, :24] = -1
+    model = _tiny_model(seed=1, initializer_range=0.05).train()
+    ref_parts, ref_grads = _step_grads(_CPU, model, [(x, y)])
+    if stage == "fp8":
+        model.set_fp8(True)
+        ctx = _CPU
+    else:
+        ctx = train.Compute(torch.device("cpu"), dtype="bf16")
+    parts, grads = _step_grads(ctx, model, [(x, y)])
+    assert torch.isfinite(parts).all()
+    torch.testing.assert_close(parts, ref_parts, rtol=2e-2, atol=1e-3)
+    for group in muon.param_groups(model, 1e-3):
+        names = [n for n, _ in group["params"]] if isinstance(group["params"][0], tuple) else group["param_names"]
+        for n in names:
+            g, ref = grads[n], ref_grads[n]
+            assert torch.isfinite(g).all() and g.abs().sum() > 0, n
+            cos = F.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0).item()
+            assert cos > 0.9, (n, cos)
+    if stage != "fp8":
+        with ctx.autocast():
+            model(x, y)
+        assert all(m.probs_E.dtype == torch.float32 and m.z.dtype == torch.float32 for m in model.moe_layers())
+
+
+def test_the_rl_update_in_bf16_is_close_to_fp32():
+    model = _rl_model()
+    rows = _rl_rows(model, [[3, 4, 5, 6], [7, 8], [9, 10, 11]], G=4, n_vocab=40, seed=1)
+    moved = {}
+    for dtype in ("fp32", "bf16"):
+        m = _rl_model().train()
+        before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+        stats = rlvr.update(train.Compute(torch.device("cpu"), dtype=dtype), m, opt, rows, 40, updates=2, micro=3,
+                            grad_clip=1e9)
+        moved[dtype] = torch.cat([(b - p.detach()).flatten() for b, p in
+                                  zip(before, [p for p in m.parameters() if p.requires_grad])])
+        assert math.isfinite(stats["loss"]) and stats["icepop_masked"] == 0  # bf16 stays inside [0.5, 5] here
+    cos = F.cosine_similarity(moved["fp32"].double(), moved["bf16"].double(), dim=0).item()
+    assert moved["bf16"].abs().sum() > 0 and cos > 0.95, cos
+
+
 # =============================================================================
 # pretrain.py
 
@@ -1996,9 +2054,9 @@ def _pretrain(tmp_path, out, *extra):
     return pretrain.main(argv)
 
 
-def _losses(tmp_path, out, phase=1):
+def _losses(tmp_path, out, phase=1, key="ce"):
     with open(tmp_path / out / f"phase{phase}" / "metrics.jsonl") as f:
-        return [r["ce"] for r in map(json.loads, f) if "ce" in r]
+        return [r[key] for r in map(json.loads, f) if "ce" in r]
 
 
 def test_whd_schedule_boundaries():
@@ -2175,8 +2233,10 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     os.path.join(_REPO, "pretrain.py"), *common], check=True, env=env, cwd=_REPO, timeout=600)
     # same global batch (2 ranks x 2 rows = 4 rows), token-normalised over both ranks, balancing loss from the
-    # expert counts of both: the same losses up to float summation order
-    np.testing.assert_allclose(_losses(tmp_path, "two"), _losses(tmp_path, "one"), rtol=1e-5, atol=1e-5)
+    # expert counts of both: the same losses (CE, MTP, balancing, z) up to float summation order
+    for key in ("ce", "mtp", "aux", "z"):
+        np.testing.assert_allclose(_losses(tmp_path, "two", key=key), _losses(tmp_path, "one", key=key), rtol=1e-5,
+                                   atol=1e-5, err_msg=key)
 
 
 # -----------------------------------------------------------------------------
@@ -2231,9 +2291,15 @@ def _global_batch(world, step):
     return torch.cat(xs), torch.cat(ys)
 
 
-def _train_loss(model, x, y):
-    _, losses = model(x, y)  # the aux loss uses per-rank routing statistics: left out of the comparison
-    return losses["ce"] + 0.1 * losses["mtp"]
+def _train_loss(model, x, y, balance=False):
+    """CE + 0.1 MTP; with balance, also the global-batch balancing loss and z-loss (weighted 0.01 so that their
+    gradients count in a comparison), whose expert counts are then all-reduced over the ranks."""
+    if not balance:  # without a reset the aux loss uses per-rank routing statistics
+        _, losses = model(x, y)
+        return losses["ce"] + 0.1 * losses["mtp"]
+    model.reset_router_counts()
+    _, losses = model(x, y)
+    return losses["ce"] + 0.1 * losses["mtp"] + 0.01 * (losses["aux"] + losses["z"])
 
 
 def _ckpt_steps(model, opt, steps, rank=None, world=1):
@@ -2313,7 +2379,7 @@ def _ep_worker(rank, world, port, tmp, ep):
     model, raw = train.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
     out = {"first": raw.model.layers[0].mlp.experts.first,
            "init": {n: _full(p) for n, p in model.named_parameters()}}
-    loss = _train_loss(model, *_rank_batch(rank, 0))
+    loss = _train_loss(raw, *_rank_batch(rank, 0), balance=True)
     loss.backward()
     out["loss"] = loss.item()
     out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
@@ -2330,12 +2396,13 @@ def _ep_worker(rank, world, port, tmp, ep):
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
 def test_expert_parallel_matches_one_process(tmp_path, world, ep):
     """EP 2 alone (2 ranks) and EP 2 x FSDP2 over dp 2 (4 ranks, the 2-D mesh) against one process that sees
-    the same global batch: loss, every gradient, the clipped norm, one Muon/AdamW step, the checkpoint."""
+    the same global batch: loss (CE, MTP, global-batch balancing and z), every gradient, the clipped norm, one
+    Muon/AdamW step, the checkpoint."""
     _spawn(_ep_worker, world, str(tmp_path), ep)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     model = M.Mellum(M.get_config("test")).init_weights(0)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss = _train_loss(model, *_global_batch(world, 0))
+    loss = _train_loss(model, *_global_batch(world, 0), balance=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
     opt = MuonAdamW(param_groups(model, lr=_LR))
@@ -3532,6 +3599,130 @@ def test_rlvr_bandit_reward_rises_towards_one():
         model.train()
         rlvr.update(_CPU, model, opt, rows, 4, updates=2, micro=8, grad_clip=1.0)
     assert start < 0.4 and expected_reward() > 0.95, (start, expected_reward())
+
+
+def _naive_pg_grad(ref, rows, logp_old_of, n_vocab=40):
+    """Gradient (on ref's parameters) of the report's loss for one mini-batch, written out token by token:
+    -(1/N) sum_t M(rho) rho min(r A, clip(r, 0.8, 1.28) A), r = pi_theta / pi_old, rho = pi_old / pi_inf, M(rho) = 1 iff
+    0.5 <= rho <= 5. logp_old_of(row, j) gives log pi_old of the row's j-th token. Returns the number of clipped terms."""
+    ref.zero_grad()
+    total, n, clipped = 0.0, 0, 0
+    for r in rows:
+        seq = torch.tensor([r.prompt + r.tokens])
+        logp = ref.lm_head(ref.hidden(seq[:, :-1]))[0, :, :n_vocab].float().log_softmax(-1)
+        for j, (t, lp_inf, trained) in enumerate(zip(r.tokens, r.logprobs, r.trained)):
+            if not trained:
+                continue
+            n += 1
+            lp, lp_old = logp[len(r.prompt) - 1 + j, t], logp_old_of(r, j)
+            rho = math.exp(lp_old - lp_inf)
+            if not 0.5 <= rho <= 5.0:
+                continue
+            ratio = (lp - lp_old).exp()
+            a = r.advantage
+            if (a > 0 and ratio.item() > 1.28) or (a < 0 and ratio.item() < 0.8):
+                clipped += 1  # the clipped term is a constant: no gradient
+                continue
+            total = total - rho * ratio * a
+    (total / n).backward()
+    return clipped
+
+
+def test_rlvr_two_mini_batches_clip_and_icepop_against_a_hand_computation():
+    # updates=2: mini-batch 1 (groups 1, 3) is trained after the step on mini-batch 0 (groups 0, 2), against the
+    # rollout policy pi_old: SGD at lr 20 moves the policy so far that clipping must fire there. Some sampler
+    # log-probabilities are made to disagree so that IcePop masks two tokens and weighs one.
+    model = _rl_model()
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11], [12, 13]]
+    rows = _rl_rows(model, prompts, G=3, n_vocab=40, seed=7, new_tokens=4)
+    mb1 = [r for r in rows if r.group % 2 == 1]
+    mb1[0].logprobs[1] += 2.0   # rho = e^-2 < 0.5: masked
+    mb1[1].logprobs[2] -= 2.0   # rho = e^2 > 5: masked
+    mb1[2].logprobs[0] += 0.3   # rho = e^-0.3: kept, weighted
+    ref = _rl_model()
+    with torch.no_grad():  # pi_old: the rollout weights, before any update
+        old = {id(r): ref.lm_head(ref.hidden(torch.tensor([r.prompt + r.tokens])[:, :-1]))[0, :, :40].float()
+               .log_softmax(-1) for r in rows}
+    logp_old_of = lambda r, j: old[id(r)][len(r.prompt) - 1 + j, r.tokens[j]].item()  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=20.0)
+    model.train()
+    stats = rlvr.update(_CPU, model, opt, rows, 40, updates=2, micro=2, grad_clip=1e9)
+    ref.train()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    for part in (0, 1):  # the reference's own two SGD steps
+        clipped = _naive_pg_grad(ref, [r for r in rows if r.group % 2 == part], logp_old_of)
+        with torch.no_grad():
+            for p in ref_params:
+                p -= 20.0 * p.grad
+        if part == 1:
+            assert clipped > 0 and stats["clipped"] == clipped, (clipped, stats)
+    assert stats["icepop_masked"] == 2
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-4)  # lr 20 amplifies rounding
+
+
+def test_rlvr_pi_old_in_the_training_forwards_precision(monkeypatch):
+    # every log-probability the update computes (pi_old of later mini-batches and pi_theta) runs under the same
+    # autocast state as the training forward: bf16 when the stage asks for it
+    seen = []
+    real = rlvr.token_logprobs
+
+    def spy(model, x, tgt, n_vocab, mask):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return real(model, x, tgt, n_vocab, mask)
+
+    monkeypatch.setattr(rlvr, "token_logprobs", spy)
+    model = _rl_model()
+    rows = _rl_rows(model, [[3, 4, 5], [6, 7], [8, 9, 10]], G=3, n_vocab=40, seed=3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    rlvr.update(train.Compute(torch.device("cpu"), dtype="bf16"), model, opt, rows, 40, updates=3, micro=2,
+                grad_clip=1.0)
+    assert any(not grad for grad, _ in seen) and any(grad for grad, _ in seen)  # pi_old and pi_theta both seen
+    assert all(autocast for _, autocast in seen), seen
+
+
+def test_rlvr_reward_is_score_plus_overlong_plus_concision():
+    task = E.make_task("arithmetic", 3)
+    answer = task.target["answer"]
+    ok, wrong = f"Wait, hmm: that is it.\n#### {answer}{E.IM_END}", f"#### {answer}1{E.IM_END}"
+    rows = [rlvr.Rollout("arithmetic", 0, [1], list(range(n)), [0.0] * n, [True] * n, 100, text=text)
+            for n, text in ((90, ok), (10, ok), (101, wrong), (10, wrong))]
+    rlvr.reward(rows, [task], "instruct", workers=1, overlong=0.2)
+    # cap 100, buffer 20: 90 tokens -> (80 - 90) / 20 = -0.5; two reflection words on a correct answer -> -0.05
+    assert [r.score for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert [r.reward for r in rows] == pytest.approx([1 - 0.5 - 0.05, 1 - 0.05, -1.0, 0.0])
+    rlvr.reward(rows, [task], "thinking", workers=1, overlong=0.2)  # no think block: unscoreable -> 0, no concision
+    assert [r.reward for r in rows] == pytest.approx([-0.5, 0.0, -1.0, 0.0])
+
+
+def test_rlvr_oversamples_and_trains_exactly_the_informative_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "score_many", _fake_score_many)
+    drawn, trained = [], []
+    real_draw, real_update = rlvr.draw_tasks, rlvr.update
+    monkeypatch.setattr(rlvr, "draw_tasks", lambda mixture, n, *a: drawn.append(n) or real_draw(mixture, n, *a))
+
+    def spy_update(ctx, model, opt, rows, *a, **kw):
+        trained.append([(r.group, r.reward, r.advantage) for r in rows])
+        return real_update(ctx, model, opt, rows, *a, **kw)
+
+    monkeypatch.setattr(rlvr, "update", spy_update)
+    real_keep = rlvr.keep_informative
+    groups_seen = []
+    monkeypatch.setattr(rlvr, "keep_informative", lambda groups, limit: groups_seen.append(groups)
+                        or real_keep(groups, limit))
+    init = _rl_checkpoint(tmp_path)
+    _rlvr(tmp_path, init, "rl", "--steps", "2", "--prompts", "4", "--samples", "4")
+    assert drawn == [6, 6]  # 1.5 x 4 prompts
+    for groups, rows in zip(groups_seen, trained):
+        informative = [i for i, g in enumerate(groups) if max(g) != min(g)][:4]  # the first 4 with spread
+        assert sorted({g for g, _, _ in rows}) == informative
+        for g in informative:
+            rewards = groups[g]
+            got = [a for grp, _, a in rows if grp == g]
+            want = [rw - (sum(rewards) - rw) / (len(rewards) - 1) for rw in rewards]  # leave-one-out by hand
+            assert got == pytest.approx(want) and [rw for grp, rw, _ in rows if grp == g] == rewards
 
 
 def _rlvr_ddp_worker(rank, world, tmp, rows):
