@@ -27,9 +27,9 @@ Footguns
   the cache key and printed); nothing else installed changes it. Sources are read into memory while they are built.
 - Attention is not masked at document boundaries inside a packed row (unpublished in the report; our choice, as
   in GPT-2/nanoGPT): a document can attend to the ones packed before it in its row.
-- Low-diversity filter: documents with fewer distinct tokens than 1% of seq_len are dropped (the report's rule,
-  which it states for samples). At 8K context that drops every document shorter than 82 tokens, e.g. most of the
-  generated math problems.
+- Low-diversity filter: a document is dropped when it has fewer distinct tokens than 1% of its own length, capped
+  at 1% of seq_len (82 at 8K context, the report's threshold for a full sample); see _diverse. Short documents are
+  judged at their own scale, so a 40-token math problem is kept and a long repetition of a few tokens is not.
 - FIM is applied when a phase's train shard is derived (cached, one file per phase): a document gets the same cut
   points in every epoch of that phase. Validation shards stay plain text, so val loss is comparable across phases.
 - The loader's stream is a function of (seed, global micro-batch index, global batch = batch_size * world_size,
@@ -41,6 +41,8 @@ Footguns
 - The chat renderer tokenizes the rendered text with special tokens allowed, as apply_chat_template does: a message
   that spells a tag ("<|im_end|>", "<tool_call>") gets that special token. So assistant content may carry its own
   <tool_call> tags instead of `tool_calls`, but untrusted text containing tags is not escaped.
+- Thinking on the report's schema (one top-level `reasoning`) gives one sample per conversation: only the final
+  assistant turn is a target. Per-message `reasoning` fields make the earlier turns targets too (render_chat).
 - _render and CHAT_TEMPLATE are one template written twice: change both (a test compares them via transformers).
 """
 import argparse
@@ -956,10 +958,23 @@ def _documents(tokens, eot, path):
     return starts, np.append(starts[1:], len(tokens)).astype(np.int64)
 
 
+def _min_unique(n_tokens, seq_len):
+    """Distinct tokens a document of n_tokens needs: 1% of its length, at most 1% of seq_len, at least 1."""
+    return max(1, math.ceil(MIN_UNIQUE_FRACTION * min(n_tokens, seq_len)))
+
+
 def _diverse(docs, seq_len):
-    """The documents with at least 1% of seq_len distinct tokens (the leading <|endoftext|> not counted)."""
-    need = math.ceil(MIN_UNIQUE_FRACTION * seq_len)
-    return [d for d in docs if len(np.unique(d[1:])) >= need]
+    """The documents with enough distinct tokens for their length (_min_unique; the leading <|endoftext|> counts
+    neither as a token nor in the length).
+
+    The report drops *samples* (8,192-token packed sequences) with fewer than 82 distinct tokens, 1% of the
+    context: degenerate ones caused its only loss spikes. Applied per document with the fixed 82 it would drop
+    every document shorter than 82 tokens, however varied: short code files, and every generated math problem of
+    the default corpus, whose math source then had nothing to train on at 8K. Applied to packed rows it would miss
+    a degenerate document packed next to varied ones. So each document is judged against its own length: one that
+    fills a row needs the report's 82, a 40-token one needs 1, and a long repetition of a few tokens is dropped
+    wherever it ends up. Empty documents are dropped too."""
+    return [d for d in docs if len(np.unique(d[1:])) >= _min_unique(len(d) - 1, seq_len)]
 
 
 class TokenLoader:
@@ -1026,9 +1041,9 @@ class TokenLoader:
                 break
             epoch, w, i = (epoch, w + 1, 0) if w + 1 < n_windows else (epoch + 1, 0, 0)
         else:
-            raise InputError(f"source '{name}' ({self.paths[name]}) has no document with at least "
-                             f"{math.ceil(MIN_UNIQUE_FRACTION * self.seq_len)} distinct tokens (1% of seq_len "
-                             f"{self.seq_len}): nothing to train on; lower --seq-len, give it longer documents or "
+            raise InputError(f"source '{name}' ({self.paths[name]}) has no document with enough distinct tokens "
+                             f"(1% of its length, at most {_min_unique(self.seq_len, self.seq_len)} = 1% of seq_len "
+                             f"{self.seq_len}): nothing to train on; give it non-empty, less repetitive documents or "
                              "leave it out of the mixture")
         self.position[name] = [epoch, w, i + 1]
         self.counts["rows"] += 1
@@ -1082,9 +1097,9 @@ def val_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size=
     starts, ends = _documents(tokens, eot, path)
     x, y, _ = pack_best_fit(_diverse([tokens[a:b] for a, b in zip(starts, ends)], seq_len), seq_len, pad=eot)
     if len(x) == 0:
-        raise InputError(f"val shard {path} has no document with at least "
-                         f"{math.ceil(MIN_UNIQUE_FRACTION * seq_len)} distinct tokens (1% of seq_len {seq_len}): "
-                         "lower --seq-len, give the source longer documents or leave it out of the mixture")
+        raise InputError(f"val shard {path} has no document with enough distinct tokens (1% of its length, at "
+                         f"most {_min_unique(seq_len, seq_len)} = 1% of seq_len {seq_len}): give the source non-empty, "
+                         "less repetitive documents or leave it out of the mixture")
     G = batch_size * world_size
     n_batches = max(1, len(x) // G)
     if max_batches is not None:
@@ -1249,8 +1264,8 @@ def _encode_segments(tok, segs):
 
 
 def _reasoning_turns(conversation):
-    """[(index, reasoning)] of the assistant turns that carry a trace; the top-level `reasoning` is the final
-    assistant turn's (and wins over that message's own field)."""
+    """[(index, reasoning)] of the assistant turns that carry a trace: those with their own `reasoning`, and the
+    final one when the conversation has a top-level `reasoning` (which wins over that message's own field)."""
     messages = conversation["messages"]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     out = []
@@ -1264,8 +1279,22 @@ def _reasoning_turns(conversation):
 
 def render_chat(tok, conversation, variant="instruct"):
     """Training samples of one conversation. instruct: one sample, every assistant turn trained, reasoning dropped.
-    thinking: one sample per assistant turn with reasoning (the last MAX_THINKING_SAMPLES of them), each the
-    conversation cut after that turn with only that turn (think block + answer) trained; [] if no turn has one."""
+    thinking: one sample per assistant turn that has a trace (the last MAX_THINKING_SAMPLES of them), each the
+    conversation cut after that turn, only that turn (think block + answer) trained, earlier traces dropped;
+    [] if no turn has one (the report leaves conversations without reasoning out).
+
+    The report's rules (unfold into up to 5 samples, one per assistant turn as the target; loss only on the final
+    turn and its reasoning; leave out what has no reasoning) meet two schema shapes:
+    - the report's: one top-level `reasoning`, the final assistant turn's trace. That gives one sample, the final
+      turn as its target. We read such a line as one already-unfolded sample (its final turn is the target, the
+      trace is that target's): the earlier turns have no trace, and training them as Thinking targets, with no or
+      an empty think block, would teach the model to stop thinking after a conversation's first turn: what
+      leaving out conversations without reasoning is there to prevent. They stay context.
+    - per-message `reasoning` on assistant messages (a source conversation with a trace per turn): every traced
+      turn is a target, so a conversation traced throughout unfolds into up to 5 samples. Mixed with a top-level
+      trace, that trace is the final turn's.
+    So earlier turns, the tool-calling steps of an agent trajectory included, are trained by Thinking only if
+    they carry their own trace."""
     _check_conversation(conversation, "render_chat")
     messages, tools = conversation["messages"], conversation.get("tools")
     if variant == "instruct":

@@ -1313,12 +1313,12 @@ def _source_of(row):
 
 
 def test_loader_packs_each_kept_token_once_per_epoch(tmp_path):
-    T, eot = 300, 7  # rows of 301 tokens; a document needs ceil(1% of 300) = 3 distinct tokens
+    T, eot = 300, 7  # rows of 301 tokens; a document of 201+ tokens needs ceil(1% of 300) = 3 distinct tokens
     rng = np.random.default_rng(0)
     docs = [1000 * (k + 1) + np.arange(rng.integers(3, 700)) for k in range(50)]  # doc k: tokens 1000(k+1) + i
     docs[3] = 1000 * 4 + np.arange(301 - 1)  # exactly one row with its <|endoftext|>: fits, must not be split
-    docs[10] = 1000 * 11 + np.tile([0, 1], 30)  # 2 distinct tokens (3 with <|endoftext|>): dropped
-    docs[20] = 1000 * 21 + np.tile([0, 1, 2], 20)  # 3 distinct tokens: kept
+    docs[10] = 1000 * 11 + np.tile([0, 1], 150)  # 300 tokens, 2 distinct (3 with <|endoftext|>): dropped
+    docs[20] = 1000 * 21 + np.tile([0, 1, 2], 100)  # 300 tokens, 3 distinct: kept
     _write_doc_shard(str(tmp_path / "s.tokens"), docs, eot)
     loader = data.TokenLoader({"s": (str(tmp_path / "s.tokens"), 1.0)}, 1, T, eot=eot, window_docs=16)
     segments, n_rows, n_no_target = [], 0, 0
@@ -1428,6 +1428,42 @@ def test_val_batches_fixed_packed_and_split_across_ranks(tmp_path):
     (x, y), = data.val_batches(small, 4, 64, eot=7)
     assert x.shape == (4, 64) and all(torch.equal(r, x[0]) for r in x)
     assert _row_tokens(x[0], y[0]) == [7, *range(1000, 1040)]
+
+
+def test_low_diversity_filter_judges_each_document_against_its_own_length(tmp_path):
+    # at seq_len 8,192 a document needs ceil(1% of min(its length, 8192)) distinct tokens, at least 1: the
+    # report's 82 for one that fills a row. The old rule asked 82 of every document: it dropped d0 and d2 as well
+    T, eot = 8192, 7
+    docs = [1000 + np.arange(40),                         # d0: 40 tokens, 40 distinct, needs 1: kept
+            2000 + np.tile([0, 1, 2], 1000),              # d1: 3,000 tokens of 3 distinct, needs 30: dropped
+            3000 + np.tile([0, 1], 100),                  # d2: 200 tokens of 2 distinct, needs 2: kept
+            4000 + np.tile([0, 1], 101)[:201],            # d3: 201 tokens of 2 distinct, needs 3: dropped
+            5000 + np.tile(np.arange(81), 124)[:10000],   # d4: 10,000 tokens of 81 distinct, needs 82: dropped
+            6000 + np.tile(np.arange(82), 122)[:10000],   # d5: 10,000 tokens of 82 distinct, needs 82: kept
+            7000 + np.arange(500),                        # d6: 500 distinct: kept
+            np.zeros(0, dtype=np.int64)]                  # d7: empty, nothing to learn: dropped
+    kept = [0, 2, 5, 6]
+    path = str(tmp_path / "s.tokens")
+    _write_doc_shard(path, docs, eot)
+    want = sorted(t for k in kept for t in [eot, *docs[k].tolist()])  # every kept token once, nothing else
+    loader = data.TokenLoader({"s": (path, 1.0)}, 1, T, eot=eot)
+    got = []
+    while True:
+        stats = loader.stats()
+        x, y = (t[0].numpy() for t in loader.next_batch())
+        if loader.state_dict()["position"]["s"][0] == 1:  # the first row of epoch 1
+            break
+        got += _row_tokens(x, y)
+    assert sorted(got) == want
+    assert stats["docs"] == 8 and stats["dropped"] == 4
+    val = [t for x, y in data.val_batches(path, 1, T, eot=eot) for xr, yr in zip(x, y) for t in _row_tokens(xr, yr)]
+    assert sorted(val) == want  # validation applies the same filter
+    degenerate = str(tmp_path / "d.tokens")
+    _write_doc_shard(degenerate, [docs[1], docs[4], docs[7]], eot)
+    with pytest.raises(data.InputError, match=r"d\.tokens.*no document with enough distinct tokens"):
+        data.TokenLoader({"d": (degenerate, 1.0)}, 1, T, eot=eot).next_batch()
+    with pytest.raises(data.InputError, match=r"d\.tokens.*no document with enough distinct tokens"):
+        next(data.val_batches(degenerate, 1, T, eot=eot))
 
 
 # -----------------------------------------------------------------------------
@@ -1741,6 +1777,60 @@ def test_render_chat_thinking_unfolds_the_last_five_turns():
     with pytest.raises(ValueError, match="variant"):
         data.render_chat(tok, conv, "reasoning")
 
+
+
+def _context_turn(role, text):  # a turn that is never trained, written out from the template
+    return [("<|im_start|>", False), (f"{role}\n{text}", False), ("<|im_end|>", False), ("\n", False)]
+
+
+def _thinking_target(trace, answer):  # the trained final turn: <think>\n{reasoning}\n</think>\n\n{answer}
+    return [("<|im_start|>", False), ("assistant\n", False), ("<think>", True), (f"\n{trace}\n", True),
+            ("</think>", True), (f"\n\n{answer}", True), ("<|im_end|>", True), ("\n", False)]
+
+
+def _three_turns(traces=(None, None, None)):
+    messages = [{"role": "system", "content": "Think first."}]
+    for t, trace in enumerate(traces):
+        messages += [{"role": "user", "content": f"Question {t}?"}, {"role": "assistant", "content": f"Answer {t}."}]
+        if trace:
+            messages[-1]["reasoning"] = trace
+    return messages
+
+
+def test_render_chat_thinking_report_schema_is_one_sample_token_by_token():
+    # the report's schema: one top-level `reasoning`, the final turn's. Only that turn is a target; the earlier
+    # answers are context without a think block (they have no trace to train)
+    tok = _tok()
+    conv = {"messages": _three_turns(), "reasoning": "Final trace."}
+    want = _chat_ids(tok, _context_turn("system", "Think first.")
+                     + _context_turn("user", "Question 0?") + _context_turn("assistant", "Answer 0.")
+                     + _context_turn("user", "Question 1?") + _context_turn("assistant", "Answer 1.")
+                     + _context_turn("user", "Question 2?") + _thinking_target("Final trace.", "Answer 2."))
+    samples = data.render_chat(tok, conv, "thinking")
+    assert [(s.ids, s.mask) for s in samples] == [want]
+    assert sft.build_samples(tok, {"c": [conv]}, "thinking")[1]["c"] == dict(conversations=1, samples=1,
+                                                                            no_reasoning=0)
+
+
+def test_render_chat_thinking_per_message_traces_unfold_token_by_token():
+    # a trace on every assistant message: one sample per turn, the conversation cut after it, only it trained,
+    # the earlier turns' traces dropped
+    tok = _tok()
+    conv = {"messages": _three_turns(("Reasoning 0.", "Reasoning 1.", "Reasoning 2."))}
+    system = _context_turn("system", "Think first.")
+    want = [system + _context_turn("user", "Question 0?") + _thinking_target("Reasoning 0.", "Answer 0."),
+            system + _context_turn("user", "Question 0?") + _context_turn("assistant", "Answer 0.")
+            + _context_turn("user", "Question 1?") + _thinking_target("Reasoning 1.", "Answer 1."),
+            system + _context_turn("user", "Question 0?") + _context_turn("assistant", "Answer 0.")
+            + _context_turn("user", "Question 1?") + _context_turn("assistant", "Answer 1.")
+            + _context_turn("user", "Question 2?") + _thinking_target("Reasoning 2.", "Answer 2.")]
+    samples = data.render_chat(tok, conv, "thinking")
+    assert [(s.ids, s.mask) for s in samples] == [_chat_ids(tok, w) for w in want]
+    # both shapes at once: turn 0 has its own trace, the top-level one is turn 2's; turn 1 has none: no sample
+    mixed = {"messages": _three_turns(("Reasoning 0.", None, None)), "reasoning": "Final trace."}
+    want = [want[0], want[2][:-8] + _thinking_target("Final trace.", "Answer 2.")]
+    samples = data.render_chat(tok, mixed, "thinking")
+    assert [(s.ids, s.mask) for s in samples] == [_chat_ids(tok, w) for w in want]
 
 def test_render_prompt_and_tool_results_continue_the_rendered_conversation():
     tok = _tok()
