@@ -187,10 +187,16 @@ def test_router_losses_match_hand_formula_over_two_micro_batches():
     assert losses["aux"].item() == pytest.approx(len(model.moe_layers()), rel=1e-6)
 
 
-def _router_rank_worker(rank, world, tmp, xs):
+def _gloo(rank, world, tmp):
+    """This process's rank of a gloo group over a file store in tmp (workers started by torch.multiprocessing).
+    Workers that test train.compute_init itself start through it instead (_init_rank)."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
+
+
+def _router_rank_worker(rank, world, tmp, xs):
+    _gloo(rank, world, tmp)
     model = _router_model()
     model.reset_router_counts()
     aux = []
@@ -1003,8 +1009,7 @@ def _dist_worker(rank, world, tmp):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    _gloo(rank, world, tmp)
     out = {}
 
     # DDP-style: replicated parameters and the identical gradients DDP's all-reduce leaves on every rank.
@@ -1080,8 +1085,10 @@ def test_two_processes_match_one(tmp_path):
 # =============================================================================
 # data.py
 
-def _tok():
-    return data.get_tokenizer()
+@functools.lru_cache(maxsize=None)
+def _tok(n_bpe=None):
+    """cl100k_base with nanoMellum's specials, cut to its first n_bpe ranks (None: all of them); loaded once."""
+    return data.get_tokenizer(None if n_bpe is None else f"cl100k_base:{n_bpe}")
 
 
 # -----------------------------------------------------------------------------
@@ -2989,12 +2996,6 @@ def test_hugging_face_directory_uses_its_tokenizer_json(tmp_path):
 
 
 
-def _test_model(seed=0, **overrides):
-    cfg = M.get_config("test", **overrides)
-    torch.manual_seed(seed)
-    return M.Mellum(cfg).init_weights(seed).eval()
-
-
 class _ByteTok:
     """Bytes as tokens, <|endoftext|> = 0 (the test texts contain no NUL)."""
     eot = 0
@@ -3136,7 +3137,7 @@ def test_extend_config_bad_input_and_composition():
 
 
 def test_extended_checkpoint_round_trips(tmp_path):
-    base = _test_model(seed=1)
+    base = _tiny_model(seed=1)
     ext = M.Mellum(extend.extend_config(base.config, 4)).eval()
     ext.load_state_dict(base.state_dict())
     idx = torch.randint(0, 256, (1, 200))  # beyond the original 64 positions
@@ -3157,7 +3158,7 @@ def test_extended_checkpoint_round_trips(tmp_path):
 
 def test_transformers_reproduces_extended_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    base = _test_model(seed=2, sliding_window=5)
+    base = _tiny_model(seed=2, sliding_window=5)
     ext = M.Mellum(extend.extend_config(base.config, 4)).eval()
     ext.load_state_dict(base.state_dict())
     train.save_pretrained(ext, str(tmp_path / "ours"))
@@ -3238,7 +3239,7 @@ def _state_after(sources, steps):
 
 
 def test_passkey_accuracy_equals_greedy_decoding():
-    model = _test_model(seed=4)
+    model = _tiny_model(seed=4)
     torch.manual_seed(0)
     prompt = torch.randint(1, 256, (3, 40))
     answer = prompt[:, :0]
@@ -3256,7 +3257,7 @@ def test_passkey_accuracy_equals_greedy_decoding():
 
 
 def test_loss_by_position_matches_naive():
-    model = _test_model(seed=5)
+    model = _tiny_model(seed=5)
     rows = torch.randint(0, 256, (3, 601))
     edges = [0, 64, 128, 600]
     got = extend.loss_by_position(model, rows, edges, _CPU)
@@ -3281,11 +3282,6 @@ def test_memory_check_refuses_before_allocating():
 # End to end: python extend.py on a small byte-level corpus
 
 
-def _byte_tokenizer_file(path):
-    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    return str(path)
-
-
 def _corpus_mixture(tmp_path):
     stdlib = sysconfig.get_paths()["stdlib"]
     names = sorted(f for f in os.listdir(stdlib) if f.endswith(".py"))[:60]
@@ -3304,7 +3300,7 @@ def _corpus_mixture(tmp_path):
 
 @pytest.mark.slow
 def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
-    tok = data.get_tokenizer(_byte_tokenizer_file(tmp_path / "bytes.tiktoken"))
+    tok = data.get_tokenizer(_byte_tokenizer(str(tmp_path / "bytes.tiktoken")))
     mixture = _corpus_mixture(tmp_path)
     shards = data.prepare_data(data.load_mixture(mixture), tok, data_dir=str(tmp_path / "data"), phases=(1,),
                                log=lambda *a: None)
@@ -3342,14 +3338,9 @@ def test_extension_run_lowers_long_context_loss(tmp_path, capsys):
 import sft  # noqa: E402
 
 
-@functools.cache
-def _sft_tok():
-    return data.get_tokenizer("cl100k_base:256")
-
-
 def _sft_base(tmp_path):
-    """A random `test`-preset base saved through pretrain's checkpoint functions, with its tokenizer in meta."""
-    tok = _sft_tok()
+    """A random `test`-preset base saved through train.py's checkpoint functions, with its tokenizer in meta."""
+    tok = _tok(256)
     model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size)).init_weights(0)
     opt = MuonAdamW(param_groups(model, 1e-3))
     train.save_checkpoint(str(tmp_path / "base"), 1, model, opt, {"tokenizer": tok.name, "stage": "phase3"},
@@ -3375,7 +3366,7 @@ def _sft_losses(tmp_path, out):
 def test_sft_masks_reach_the_loss_hand_computed():
     # a two-turn conversation: Instruct trains both answers (+ their <|im_end|>), Thinking the final answer and its
     # think block only; the step's CE is the mean of -log p over exactly those tokens
-    tok = _sft_tok()
+    tok = _tok(256)
     conv = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                          {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}],
             "reasoning": "3+3=6"}
@@ -3423,7 +3414,7 @@ def test_sft_packing_keeps_conversations_whole_and_counts_dropped():
 
 
 def test_sft_thinking_leaves_out_conversations_without_reasoning():
-    tok = _sft_tok()
+    tok = _tok(256)
     plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     traced = {**plain, "reasoning": "greet back"}
     _, stats = sft.build_samples(tok, {"c": [plain, traced, plain]}, "thinking")
@@ -3816,8 +3807,7 @@ def test_rlvr_oversamples_and_trains_exactly_the_informative_groups(tmp_path, mo
 
 
 def _rlvr_ddp_worker(rank, world, tmp, rows):
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    _gloo(rank, world, tmp)
     ctx = train.Compute(torch.device("cpu"), rank, rank, world, ddp=True)
     raw = _rl_model().train()
     model = train.wrap_model(ctx, raw, "ddp")
@@ -3926,14 +3916,9 @@ import dataclasses  # noqa: E402
 _EVAL_FAMILIES = [f for f in E.FAMILIES if f != "humaneval" or E.humaneval_problems() is not None]
 
 
-@functools.cache
-def _eval_tok():
-    return data.get_tokenizer("cl100k_base:16000")
-
-
 def _reference_text(task, variant):
     """What an ideal model generates after the prompt: the rendered reference conversation minus the prompt."""
-    tok = _eval_tok()
+    tok = _tok(16000)
     ids = data.render_chat(tok, E.reference_conversation(task), variant)[-1].ids
     prompt = data.render_prompt(tok, task.messages, task.tools)
     assert ids[:len(prompt)] == prompt
@@ -4119,7 +4104,7 @@ def test_eval_calculator_is_exact_and_never_evaluates_code():
 
 
 def test_eval_tool_hook_injects_calculator_results():
-    tok = _eval_tok()
+    tok = _tok(16000)
     task = E.make_task("calculator", 2)
     expr = task.reference[0]["tool_calls"][0]["arguments"]["expression"]
     turn = f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expr}"}}}}\n</tool_call>{E.IM_END}'
