@@ -40,7 +40,7 @@ Footguns:
   at once; the caller may skip the batch (zero_grad) and go on. Checking costs one device sync per step.
 - A zero gradient matrix gives a zero Muon update (Newton-Schulz of 0 is 0): only weight decay moves the weights.
 - Optimizer state tensors are DTensors like their parameters under FSDP2, so torch.distributed.checkpoint saves
-  and reshards them (pretrain.save_checkpoint / resume_checkpoint); load_state_dict() refuses state whose shape
+  and reshards them (train.save_checkpoint / resume_checkpoint); load_state_dict() refuses state whose shape
   or type differs from its parameter's. DDP state is identical on every rank.
 - FSDP2 gathers U once for Newton-Schulz and the updates once more for the all_gather: twice the traffic of one
   all-gather, traded for not repeating Newton-Schulz on every rank. Expert parallelism: expert stacks are dealt
@@ -292,7 +292,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         raise ValueError(f"MuonAdamW.load_state_dict: {key} of {name} is a {type(value).__name__} "
                                          f"of shape {tuple(value.shape)}, the parameter a {type(p).__name__} of "
                                          f"{tuple(p.shape)}: the state was saved with another sharding or model; "
-                                         "load sharded state with pretrain.resume_checkpoint (DCP reshards it).")
+                                         "load sharded state with train.resume_checkpoint (DCP reshards it).")
 
 
 # -----------------------------------------------------------------------------
