@@ -146,14 +146,17 @@ def config_to_hf(config):
     return dict(model_type="mellum", architectures=["MellumForCausalLM"], hidden_act="silu",
                 tie_word_embeddings=False, attention_bias=False, norm_topk_prob=True, **d)
 
+
 def config_from_hf(d, source="config.json"):
+    """A Config from a config.json dict (ours, or a released checkpoint's); refuses what nanoMellum does not
+    implement, naming `source`."""
     if d.get("model_type") != "mellum":
-        raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'mellum' "
+        raise data.InputError(f"{source}: model_type is {d.get('model_type')!r}, expected 'mellum' "
                          "(this is not a Mellum checkpoint)")
     for key, want in [("hidden_act", "silu"), ("tie_word_embeddings", False), ("attention_bias", False),
                       ("norm_topk_prob", True)]:
         if d.get(key, want) != want:
-            raise ValueError(f"{source}: {key}={d[key]!r} is not supported (nanoMellum implements {want!r})")
+            raise data.InputError(f"{source}: {key}={d[key]!r} is not supported (nanoMellum implements {want!r})")
     d = dict(d)
     d["num_mtp_layers"] = d.get("num_nextn_predict_layers") or d.get("num_mtp_layers") or 0
     d.setdefault("num_experts", d.get("num_local_experts"))
@@ -230,14 +233,14 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     expected = model.state_dict()
     for k, t in state.items():
         if k not in expected:
-            raise ValueError(f"{path}: unexpected tensor {k!r} for this config (is config.json from another "
-                             "model, or were the weights saved with a different num_nextn_predict_layers?)")
+            raise data.InputError(f"{path}: unexpected tensor {k!r} for this config (is config.json from another "
+                                  "model, or were the weights saved with a different num_nextn_predict_layers?)")
         if t.shape != expected[k].shape:
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(expected[k].shape)}")
+            raise data.InputError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(expected[k].shape)}")
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
+        raise data.InputError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(state, assign=True)
     return model
 
@@ -276,7 +279,7 @@ def fuse_experts(state, source):
         for kind in ("gate_proj", "up_proj", "down_proj"):
             lacking = sorted(set(range(E)) - set(kinds.get(kind, {})))
             if lacking:
-                raise ValueError(f"{source}: {prefix}.{{e}}.{kind}.weight missing for experts {lacking[:5]}")
+                raise data.InputError(f"{source}: {prefix}.{{e}}.{kind}.weight missing for experts {lacking[:5]}")
         stack = {kind: torch.stack([kinds[kind][e] for e in range(E)]) for kind in kinds}
         out[f"{prefix}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
         out[f"{prefix}.down_proj"] = stack["down_proj"]
@@ -368,7 +371,7 @@ def resume_checkpoint(ckpt_dir, step, model, optimizer, ctx=None):
     ctx = ctx or Compute(torch.device("cpu"))
     step, meta = read_meta(ckpt_dir, step)
     if meta["config"] != config_to_hf(unwrap(model).config):
-        raise ValueError(f"{ckpt_dir} step {step}: the checkpoint's config differs from this run's model; use the "
+        raise data.InputError(f"{ckpt_dir} step {step}: the checkpoint's config differs from this run's model; use the "
                          "same --preset / flags as the run that wrote it, or another --out-dir")
     path = step_dir(ckpt_dir, step)
     state = get_model_state_dict(model)
