@@ -24,7 +24,7 @@ Contents, top to bottom:
   passkey_sample             filler text with "The pass key is N" at a depth, then the question and the answer
   LongContextLoader          (B, T) rows of long documents (+ a passkey share); seeded per row, resumable by step
   passkey_accuracy, loss_by_position, evaluate_extension, format_tables   the built-in evaluation
-  Recipe, RECIPES             the report's settings for a mellum2-12b base, CPU-sized ones otherwise (train.recipe_for)
+  Recipe, RECIPES             the report's settings for a mellum2-12b base, CPU-sized ones otherwise
   main                       arguments, compute, data, model, evaluation before, the training loop, evaluation after
 
 Footguns:
@@ -189,7 +189,7 @@ class DocStream:
         ones of the shard."""
         if len(self.tokens) < n:
             raise data.InputError(f"{self.path} has {len(self.tokens):,} tokens, fewer than a row of {n:,}: use a "
-                             "larger corpus or a smaller --factor")
+                                  "larger corpus or a smaller --factor")
         d = max(0, np.searchsorted(self.starts, rng.integers(len(self.tokens)), side="right") - 1)
         start, end = int(self.starts[d]), int(self.ends[d])
         if end - start > n:

@@ -794,7 +794,8 @@ def bench_moe(tokens=4096, D=128, E=64, K=8, F_=64, repeats=5):
 
     t_loop, t_grouped = timeit(loop), timeit(grouped)
     print(f"MoE layer fwd+bwd, {tokens} tokens, D={D}, E={E} top-{K}, F={F_}, {torch.get_num_threads()} threads: "
-          f"per-expert loop {t_loop * 1e3:.1f} ms, grouped {t_grouped * 1e3:.1f} ms, speed-up {t_loop / t_grouped:.2f}x")
+          f"per-expert loop {t_loop * 1e3:.1f} ms, grouped {t_grouped * 1e3:.1f} ms, "
+          f"speed-up {t_loop / t_grouped:.2f}x")
     return t_loop, t_grouped
 
 

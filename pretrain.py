@@ -265,7 +265,8 @@ def make_plan(args, config, mixture, world, plan_meta):
     if args.steps is not None:
         plan.phase_steps[args.phase] = args.steps
     warmup, decay = args.warmup or recipe.warmup, args.decay or recipe.decay or plan.phase_steps[max(plan.phase_steps)]
-    plan.warmup, plan.decay = (min(plan.total, max(1, round(x * plan.total)) if x < 1 else int(x)) for x in (warmup, decay))
+    plan.warmup, plan.decay = (min(plan.total, max(1, round(x * plan.total)) if x < 1 else int(x))
+                               for x in (warmup, decay))
     return plan
 
 

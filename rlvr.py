@@ -234,7 +234,7 @@ def parse_mixture(specs):
         if name not in E.FAMILIES or name in E.EVAL_ONLY:
             trainable = [f for f in E.FAMILIES if f not in E.EVAL_ONLY]
             raise data.InputError(f"--tasks: {name!r} is not a trainable family; choose from "
-                             f"{', '.join(trainable)} (as family or family:weight)")
+                                  f"{', '.join(trainable)} (as family or family:weight)")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:
@@ -262,7 +262,7 @@ def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
         tries += 1
         if tries > 100 * n:
             raise data.InputError(f"the prompts of {sorted(mixture)} do not fit the model's context of {ctx_len} "
-                             f"tokens with {MIN_NEW_TOKENS} new ones; choose other --tasks")
+                                  f"tokens with {MIN_NEW_TOKENS} new ones; choose other --tasks")
         task = E.make_task(rng.choices(families, weights)[0], rng.randrange(E.TEST_SEED0))
         prompt = data.render_prompt(tok, task.messages, tools=task.tools)
         if len(prompt) + min(MIN_NEW_TOKENS, max_new) <= ctx_len:
@@ -539,7 +539,8 @@ def main(argv=None):
         stats = update(ctx, model, opt, [r for i in kept for r in groups[i]], tok.n_vocab, updates, micro,
                        args.grad_clip, recipe.aux_coef, recipe.z_coef)
         t3 = time.perf_counter()
-        record = step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr * lr_mult, (t0, t1, t2, t3))
+        record = step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr * lr_mult,
+                             (t0, t1, t2, t3))
         train.log_metrics(metrics, record, ctx, echo=False)
         if ctx.master and (step + 1) % args.log_every == 0:
             tqdm.write(log_line(record))
@@ -589,7 +590,8 @@ def log_line(r):
     return (f"step {r['step']:4d} | reward {r['reward']:.3f} ± {r['reward_std']:.3f} | pass "
             + " ".join(f"{f[:5]} {v:.2f}" for f, v in r["pass_rate"].items())
             + f" | zero-var {r['zero_var']:.2f} | icepop {r['icepop_masked']:.3f} | clip {r['clip_frac']:.3f} | len "
-            f"{r['length']:.0f} | H {r['entropy']:.2f} | imbalance {r['imbalance']:.2f} | gnorm {r['grad_norm']:.2f} | gen {r['t_gen']:.1f}s reward "
+            f"{r['length']:.0f} | H {r['entropy']:.2f} | imbalance {r['imbalance']:.2f} | gnorm {r['grad_norm']:.2f} "
+            f"| gen {r['t_gen']:.1f}s reward "
             f"{r['t_reward']:.1f}s update {r['t_update']:.1f}s")
 
 

@@ -26,12 +26,14 @@ epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or 
 Samples are best-fit packed into rows of --seq-len tokens (data.pack_best_fit); a sample longer than a row is
 dropped and counted, never truncated. The rows are packed once and visited in a new seeded order every epoch.
 
-Checkpoints, metrics, --resume and --stop-after are train.py's: out/sft/{variant}/, metrics.jsonl. At the end the final model is evaluated with eval.py on held-out test seeds of every built-in family
-it trained on, against the base on the same prompts (eval_base.jsonl, measured once before training), and its
-column of the report card (out/report_card.md) is written.
+Checkpoints, metrics, --resume and --stop-after are train.py's: out/sft/{variant}/, metrics.jsonl. At the end the
+final model is evaluated with eval.py on held-out test seeds of every built-in family it trained on, against the
+base on the same prompts (eval_base.jsonl, measured once before training), and its column of the report card
+(out/report_card.md) is written.
 
 Contents, top to bottom
-  Recipe, RECIPES                 the report's settings for a mellum2-12b base, CPU-sized ones otherwise (train.recipe_for)
+  Recipe, RECIPES                 the report's settings for a mellum2-12b base, CPU-sized ones otherwise
+                                  (train.recipe_for picks one)
   cosine_schedule                 warmup, then cosine to 10% of the peak (the report's 3e-5 -> 3e-6)
   load_sft_mixture, conversations, build_samples   sources -> weighted conversations -> rendered ChatSamples
   SFTLoader                       packed rows, a seeded order per epoch, split across ranks, exactly resumable
@@ -143,11 +145,12 @@ def load_sft_mixture(path, tasks_per_family, weights):
         try:
             spec = tomllib.load(f) if path.endswith(".toml") else json.load(f)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise data.InputError(f"SFT mixture {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+            raise data.InputError(f"SFT mixture {path} is not valid "
+                                  f"{'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
     unknown = set(spec) - {"sources", "weights", "tasks_per_family"}
     if unknown:
         raise data.InputError(f"SFT mixture {path}: unknown keys {sorted(unknown)} (known: sources, weights, "
-                         "tasks_per_family)")
+                              "tasks_per_family)")
     base_dir, paths = os.path.dirname(os.path.abspath(path)), {}
     for name, s in spec.get("sources", {}).items():
         if name in FAMILIES:
@@ -164,18 +167,18 @@ def load_sft_mixture(path, tasks_per_family, weights):
     weights = spec.get("weights")
     if not isinstance(weights, dict) or not weights:
         raise data.InputError(f"SFT mixture {path}: \"weights\" must map sources to numbers, e.g. "
-                         "{\"arithmetic\": 1, \"identity\": 3}")
+                              "{\"arithmetic\": 1, \"identity\": 3}")
     for name, w in weights.items():
         if name not in FAMILIES and name not in paths:
             raise data.InputError(f"SFT mixture {path}: weights name unknown source '{name}' (built-in: "
-                             f"{', '.join(FAMILIES)}; declared: {', '.join(paths) or 'none'})")
+                                  f"{', '.join(FAMILIES)}; declared: {', '.join(paths) or 'none'})")
         if not isinstance(w, (int, float)) or w < 0:
             raise data.InputError(f"SFT mixture {path}: weight of '{name}' is {w!r}; weights are numbers >= 0")
     n = spec.get("tasks_per_family", tasks_per_family)
     n = dict.fromkeys(FAMILIES, n) if isinstance(n, int) else {**tasks_per_family, **n} if isinstance(n, dict) else n
     if not isinstance(n, dict) or not all(f in FAMILIES and isinstance(k, int) and k >= 1 for f, k in n.items()):
-        raise data.InputError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in families "
-                         f"to positive integers, got {spec['tasks_per_family']!r}")
+        raise data.InputError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in "
+                              f"families to positive integers, got {spec['tasks_per_family']!r}")
     return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n)
 
 
@@ -221,7 +224,7 @@ class SFTLoader:
                                                 split=False, pad=pad)
         if len(x) == 0:
             raise data.InputError(f"no SFT sample fits a row of {seq_len + 1} tokens ({self.dropped} dropped): raise "
-                             "--seq-len or give shorter conversations")
+                                  "--seq-len or give shorter conversations")
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
         self.batch_size, self.rank, self.world_size, self.seed, self.step = batch_size, rank, world_size, seed, 0
         self.fingerprint = hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()[:16]
@@ -270,7 +273,7 @@ def default_source():
         if train.latest_step(path) is not None:
             return path
     raise data.InputError(f"no base checkpoint in {', '.join(SOURCES)}: run `python pretrain.py --phase 1` (and "
-                     "2, 3) first, or pass --from DIR (a training stage's directory or a Hugging Face directory)")
+                          "2, 3) first, or pass --from DIR (a training stage's directory or a Hugging Face directory)")
 
 
 def eval_table(base, tuned, variant):

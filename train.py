@@ -152,7 +152,7 @@ def config_from_hf(d, source="config.json"):
     implement, naming `source`."""
     if d.get("model_type") != "mellum":
         raise data.InputError(f"{source}: model_type is {d.get('model_type')!r}, expected 'mellum' "
-                         "(this is not a Mellum checkpoint)")
+                              "(this is not a Mellum checkpoint)")
     for key, want in [("hidden_act", "silu"), ("tie_word_embeddings", False), ("attention_bias", False),
                       ("norm_topk_prob", True)]:
         if d.get(key, want) != want:
@@ -371,8 +371,8 @@ def resume_checkpoint(ckpt_dir, step, model, optimizer, ctx=None):
     ctx = ctx or Compute(torch.device("cpu"))
     step, meta = read_meta(ckpt_dir, step)
     if meta["config"] != config_to_hf(unwrap(model).config):
-        raise data.InputError(f"{ckpt_dir} step {step}: the checkpoint's config differs from this run's model; use the "
-                         "same --preset / flags as the run that wrote it, or another --out-dir")
+        raise data.InputError(f"{ckpt_dir} step {step}: the checkpoint's config differs from this run's model; use "
+                              "the same --preset / flags as the run that wrote it, or another --out-dir")
     path = step_dir(ckpt_dir, step)
     state = get_model_state_dict(model)
     dcp.load(_expert_views({"model": state}, ctx), checkpoint_id=path, no_dist=not ctx.ddp)
@@ -478,8 +478,8 @@ def wrap_model(ctx, model, parallel):
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     if sharded_experts:
-        raise data.InputError("expert parallelism needs --parallel fsdp: DDP would average the different experts of "
-                         "the EP ranks as if they were replicas")
+        raise data.InputError("expert parallelism needs --parallel fsdp: DDP would average the different experts "
+                              "of the EP ranks as if they were replicas")
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
