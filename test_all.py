@@ -4019,3 +4019,128 @@ def test_eval_command_line_prints_the_table(tmp_path, capsys):
     assert "| task | greedy_acc | reward | pass@1 | pass@2 | format_rate | mean_len |" in out
     assert "| identity | 0.000 ± 0.000 |" in out  # a random model never names itself
     assert "| function_call |" in open(card).read() and "(base)" in out
+
+
+# =============================================================================
+# === plot.py, tracking and Parquet
+
+def _drill_docs():
+    rng = random.Random(0)
+    return [f"Question: {q}\nAnswer: {a}" for q, a, _ in (data.make_math_problem(rng) for _ in range(400))]
+
+
+def _write_parquet(path, columns, row_group_size=64):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)  # several row groups: streamed
+    return str(path)
+
+
+def _one_source_mixture(tmp_path, name, source):
+    spec = {"sources": {"drill": source}, "phases": {"1": {"weights": {"drill": 1.0}, "tokens": 4000}}}
+    (tmp_path / name).write_text(json.dumps(spec))
+    return str(tmp_path / name)
+
+
+def _pretrain_on(tmp_path, mixture, out, *extra):
+    return pretrain.main(["--phase", "1", "--preset", "test", "--tokenizer", "cl100k_base:256", "--mixture", mixture,
+                          "--data-dir", str(tmp_path / f"data-{out}"), "--out-dir", str(tmp_path / out),
+                          "--batch-size", "4", "--seq-len", "32", "--steps", "2", "--eval-every", "1000",
+                          "--ckpt-every", "1000", "--eval-batches", "2", "--log-every", "1000", "--device", "cpu",
+                          *extra])
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_parquet_corpus_trains_exactly_as_the_same_jsonl(tmp_path):
+    docs = _drill_docs()
+    with open(tmp_path / "drill.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    _write_parquet(tmp_path / "drill-0.parquet", {"text": docs[:250], "id": list(range(250))})
+    _write_parquet(tmp_path / "drill-1.parquet", {"text": docs[250:], "id": list(range(250, 400))})
+    mixtures = {"jsonl": _one_source_mixture(tmp_path, "jsonl.json", {"paths": ["drill.jsonl"]}),
+                "parquet": _one_source_mixture(tmp_path, "parquet.json", {"paths": ["drill-*.parquet"]})}
+    tok = data.get_tokenizer("cl100k_base:256")
+    shards = {k: data.prepare_data(data.load_mixture(m), tok, str(tmp_path / f"data-{k}"), phases=(1,),
+                                   log=lambda *a: None)["drill"] for k, m in mixtures.items()}
+    for path_of in (lambda s: s.train, lambda s: s.val, lambda s: s.phase_train[1]):  # plain and FIM-rewritten
+        a, b = (np.asarray(data.read_shard(path_of(shards[k]))) for k in ("jsonl", "parquet"))
+        assert len(a) > 0 and np.array_equal(a, b)
+    assert shards["jsonl"].fingerprint == shards["parquet"].fingerprint
+    for k, m in mixtures.items():
+        _pretrain_on(tmp_path, m, k)
+    runs = {k: _metrics(tmp_path / k / "phase1" / "metrics.jsonl") for k in mixtures}
+    key = lambda r: {k: v for k, v in r.items() if k != "tok_per_s"}  # noqa: E731  (wall-clock)
+    assert [key(r) for r in runs["parquet"]] == [key(r) for r in runs["jsonl"]] and len(runs["jsonl"]) == 4
+
+
+def test_parquet_column_names_and_errors_name_the_file(tmp_path):
+    docs = _drill_docs()[:40]
+    stack = _write_parquet(tmp_path / "stack.parquet", {"content": docs, "lang": ["py"] * 40}, row_group_size=16)
+    web = _write_parquet(tmp_path / "web.parquet", {"text": docs[:20] + [None] + docs[20:]})  # a null: no document
+    mixture = data.load_mixture(_one_source_mixture(tmp_path, "m.json", {"paths": ["stack.parquet"],
+                                                                          "column": "content", "code": True}))
+    assert mixture.sources["drill"].column == "content" and mixture.sources["drill"].code
+    assert list(data._user_documents(mixture.sources["drill"])) == docs
+    assert list(data._user_documents(data.Source("web", [web]))) == docs  # "text" by default
+    (tmp_path / "stack.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    assert list(data._user_documents(data.Source("s", [str(tmp_path / "stack.jsonl")], column="content"))) == docs
+    (tmp_path / "corrupt.parquet").write_bytes(open(stack, "rb").read()[:300] + b"\x00" * 64 + b"PAR1")
+    (tmp_path / "notes.parquet").write_text("plain text, not Parquet")
+    ints = _write_parquet(tmp_path / "ints.parquet", {"text": [1, 2]})
+    for path, column, pattern in [(stack, "text", r"stack\.parquet: no column 'text' \(it has content, lang\)"),
+                                  (str(tmp_path / "corrupt.parquet"), "text", r"corrupt\.parquet: not a readable Parquet"),
+                                  (str(tmp_path / "notes.parquet"), "text", r"notes\.parquet: not a readable Parquet"),
+                                  (ints, "text", r"ints\.parquet: row 0: column 'text' holds int")]:
+        with pytest.raises(data.InputError, match=pattern) as e:
+            list(data._user_documents(data.Source("x", [path], column=column)))
+        assert "\n" not in str(e.value)
+    with pytest.raises(data.InputError, match=r"source 'drill' must be"):
+        data.load_mixture(_one_source_mixture(tmp_path, "bad.json", {"paths": ["stack.parquet"], "column": 3}))
+
+
+def test_missing_pyarrow_gives_the_install_line(tmp_path, monkeypatch):
+    path = tmp_path / "any.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(data.InputError, match=r"any\.parquet: reading Parquet needs pyarrow: pip install pyarrow"):
+        list(data._user_documents(data.Source("x", [str(path)])))
+    with pytest.raises(data.InputError, match=r"pip install pyarrow"):
+        data.load_conversations(str(path))
+
+
+def _as_parquet_row(conv):
+    """A conversation as a Parquet dataset stores one: tools and tool-call arguments as JSON strings."""
+    messages = [{**m, "tool_calls": [{**c, "arguments": json.dumps(c["arguments"])} for c in m["tool_calls"]]}
+                if "tool_calls" in m else m for m in conv["messages"]]
+    return {"chat": messages, "tools": json.dumps(conv["tools"]) if "tools" in conv else None,
+            "reasoning": conv.get("reasoning")}
+
+
+def test_sft_parquet_conversations_equal_their_jsonl(tmp_path):
+    convs = [_tool_conversation(), {"messages": _thinking_conversation(2)},
+             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+              "reasoning": "Two and two."}] * 3
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    rows = [_as_parquet_row(c) for c in convs]
+    _write_parquet(tmp_path / "chats.parquet", {k: [r[k] for r in rows] for k in rows[0]}, row_group_size=4)
+    assert data.load_conversations(str(tmp_path / "chats.parquet"), "chat") == convs
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": {"j": {"paths": ["chats.jsonl"]}, "p": {"paths": ["*.parquet"],
+                                                                                  "column": "chat"}},
+                               "weights": {"j": 1, "p": 1}}))
+    got = sft.conversations(sft.load_sft_mixture(str(mix), 4, {}), seed=0)
+    assert got["p"] == got["j"] == convs
+    tok = _sft_tok()
+    for variant in ("instruct", "thinking"):
+        assert ([(s.ids, s.mask) for s in sft.build_samples(tok, {"p": got["p"]}, variant)[0]]
+                == [(s.ids, s.mask) for s in sft.build_samples(tok, {"j": got["j"]}, variant)[0]])
+    with pytest.raises(data.InputError, match=r"chats\.parquet: no column 'messages' \(it has chat, tools, reasoning\)"):
+        data.load_conversations(str(tmp_path / "chats.parquet"))
+    bad = [{"chat": [{"role": "bot", "content": "x"}]}]
+    _write_parquet(tmp_path / "bad.parquet", {"chat": [r["chat"] for r in bad]})
+    with pytest.raises(data.InputError, match=r"bad\.parquet: row 0: messages\[0\]\.role is 'bot'"):
+        data.load_conversations(str(tmp_path / "bad.parquet"), "chat")
