@@ -382,6 +382,7 @@ def main(argv=None):
     meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
                 args=vars(args), data=stats, dropped=loader.dropped)
     metrics = os.path.join(out_dir, "metrics.jsonl")
+    train.start_tracking(args, out_dir, ctx)
     log(f"sft {args.variant}: from {base_dir} (context {context}) at {T} tokens per row, {steps} steps of "
         f"{global_batch} rows ({epochs} epochs of {len(loader)} rows), {n_micro} micro-batches of {B} per rank, "
         f"lr {lr:g} (warmup {warmup}, cosine to {lr / 10:g}), mtp {args.mtp_weight}, aux {args.aux_coef}, "

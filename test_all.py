@@ -4144,3 +4144,67 @@ def test_sft_parquet_conversations_equal_their_jsonl(tmp_path):
     _write_parquet(tmp_path / "bad.parquet", {"chat": [r["chat"] for r in bad]})
     with pytest.raises(data.InputError, match=r"bad\.parquet: row 0: messages\[0\]\.role is 'bot'"):
         data.load_conversations(str(tmp_path / "bad.parquet"), "chat")
+
+
+def test_tracked_scalars_flatten_rl_records():
+    record = {"step": 7, "reward": 0.5, "mfu": None, "pass_rate": {"chain": 0.25, "python": 1.0},
+              "eval": {"chain": {"greedy_acc": 0.5, "greedy_acc_se": 0.1, "greedy_acc_by_task": {"3": 1.0},
+                                 "n_tasks": 2}}}
+    assert train.tracked_scalars(record) == {"reward": 0.5, "pass_rate/chain": 0.25, "pass_rate/python": 1.0,
+                                             "eval/chain/greedy_acc": 0.5, "eval/chain/greedy_acc_se": 0.1,
+                                             "eval/chain/n_tasks": 2}
+
+
+def test_tensorboard_logs_the_keys_and_steps_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _pretrain(tmp_path, "run", "--steps", "3", "--eval-every", "2", "--tensorboard", str(tmp_path / "tb"))
+    expected = {}
+    for r in _metrics(tmp_path / "run" / "phase1" / "metrics.jsonl"):
+        for k, v in train.tracked_scalars(r).items():
+            expected.setdefault(k, []).append((r["step"], v))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    assert {"ce", "val_loss", "lr", "imbalance"} <= set(expected) and "mfu" not in expected  # None on CPU
+    for key, points in expected.items():
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in logged] == [s for s, _ in points], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in points], rel=1e-6), key  # float32 on disk
+    assert [s for s, _ in expected["val_loss"]] == [0, 2, 3]
+
+
+def test_wandb_offline_run_gets_the_records_of_metrics_jsonl(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:  # stands in for the wandb package (offline mode needs no network, but the package is large)
+        def log(self, scalars, step):
+            calls.append(("log", scalars, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _pretrain(tmp_path, "run", "--steps", "2", "--wandb", "nano")
+    phase_dir = str(tmp_path / "run" / "phase1")
+    records = _metrics(os.path.join(phase_dir, "metrics.jsonl"))
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "nano" and calls[0][1]["dir"] == phase_dir
+    assert calls[0][1]["config"]["steps"] == 2
+    assert calls[1:] == [("log", train.tracked_scalars(r), r["step"]) for r in records] + [("finish",)]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(data.InputError, match=r"--wandb needs the wandb package: pip install wandb"):
+        train.Tracker(wandb_project="nano")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(data.InputError, match=r"pip install tensorboard"):
+        train.Tracker(tensorboard_dir=str(tmp_path / "tb"))
+
+
+def test_default_install_imports_no_optional_package():
+    code = ("import sys, data, train, pretrain, extend, sft, rlvr; ctx = train.Compute(None); "
+            "train.start_tracking(pretrain.parse_args(['--phase', '1']), '.', ctx); assert ctx.tracker is None; "
+            "print(sorted(m for m in ('pyarrow', 'matplotlib', 'tensorboard', 'wandb') if m in sys.modules))")
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
