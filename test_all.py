@@ -4024,6 +4024,9 @@ def test_eval_command_line_prints_the_table(tmp_path, capsys):
 # =============================================================================
 # === plot.py, tracking and Parquet
 
+import plot  # noqa: E402
+
+
 def _drill_docs():
     rng = random.Random(0)
     return [f"Question: {q}\nAnswer: {a}" for q, a, _ in (data.make_math_problem(rng) for _ in range(400))]
@@ -4202,9 +4205,91 @@ def test_wandb_offline_run_gets_the_records_of_metrics_jsonl(tmp_path, monkeypat
 
 
 def test_default_install_imports_no_optional_package():
-    code = ("import sys, data, train, pretrain, extend, sft, rlvr; ctx = train.Compute(None); "
+    code = ("import sys, data, train, pretrain, extend, sft, rlvr, plot; ctx = train.Compute(None); "
             "train.start_tracking(pretrain.parse_args(['--phase', '1']), '.', ctx); assert ctx.tracker is None; "
             "print(sorted(m for m in ('pyarrow', 'matplotlib', 'tensorboard', 'wandb') if m in sys.modules))")
     import subprocess
     out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _fm(acc, se, pass1=None):
+    m = {"greedy_acc": acc, "greedy_acc_se": se, "greedy_acc_by_task": {"1": acc}, "n_tasks": 10}
+    return m | ({"pass@1": pass1, "pass@1_se": se / 2} if pass1 is not None else {})
+
+
+def _hand_runs(tmp_path):
+    """Two pre-training phases (global steps 0-10, 10-20), an SFT run with its evaluations, an RL run."""
+    for phase, (a, b) in ((1, (0, 10)), (2, (10, 20))):
+        recs = [{"step": a, "val_loss": 5.0 - a / 10}] if a == 0 else []
+        for s in range(a + 1, b + 1):
+            recs.append(dict(step=s, ce=6.0 - s / 5, mtp=6.0, aux=1.0, z=1.0, lr=1e-2 * min(1, s / 3),
+                             grad_norm=1.0, tok_per_s=100.0, mfu=None, imbalance=3.0 - s / 10, batch=4))
+            if s % 5 == 0:
+                recs.append({"step": s, "val_loss": 5.0 - s / 10})
+        _write_jsonl(str(tmp_path / "pre" / f"phase{phase}" / "metrics.jsonl"), recs)
+    sft_dir = tmp_path / "sft" / "instruct"
+    _write_jsonl(str(sft_dir / "metrics.jsonl"), [dict(step=s, ce=2.0 / s, lr=1e-3, imbalance=2.0) for s in (1, 2, 3)])
+    _write_jsonl(str(sft_dir / "eval_base.jsonl"), [{"family": f, **_fm(0.1, 0.05)} for f in ("chain", "python")])
+    _write_jsonl(str(sft_dir / "eval_instruct.jsonl"),
+                 [{"family": f, "variant": "instruct", **_fm(0.6, 0.1)} for f in ("chain", "python")])
+    _write_jsonl(str(sft_dir / "eval_instruct_samples.jsonl"), [{"family": "chain", "text": "not a metric"}])
+    rl = [{"step": 0, "eval": {"chain": _fm(0.6, 0.1, 0.5)}}]
+    rl += [dict(step=s, reward=0.1 * s, pass_rate={"chain": 0.1 * s, "python": 0.05 * s}, lr=3e-4) for s in (1, 2)]
+    rl += [{"step": 2, "eval": {"chain": _fm(0.7, 0.1, 0.65)}}]
+    _write_jsonl(str(tmp_path / "rl" / "metrics.jsonl"), rl)
+
+
+def test_plot_figures_show_what_the_runs_logged(tmp_path):
+    pytest.importorskip("matplotlib")
+    _hand_runs(tmp_path)
+    phases = [plot.read_run(str(tmp_path / "pre" / p)) for p in ("phase1", "phase2")]
+    fig = plot.training_figure(phases)
+    loss, lr, imbalance = fig.axes
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "phase1 train CE", "phase1 val loss", "phase2 train CE", "phase2 val loss"]
+    raw, _, val, *_ = loss.lines  # per phase: the raw CE, its moving average, the val losses
+    assert list(raw.get_xdata()) == list(range(1, 11)) and list(val.get_xdata()) == [0, 5, 10]
+    assert list(val.get_ydata()) == [5.0, 4.5, 4.0]
+    for ax in fig.axes:  # the phase boundary at global step 10 on every panel
+        assert [list(ln.get_xdata()) for ln in ax.lines if ln.get_gid() == "boundary"] == [[10, 10]]
+    assert [len(ax.lines) for ax in (lr, imbalance)] == [3, 3]  # a line per phase + the boundary
+    assert lr.get_ylabel() == "learning rate" and imbalance.get_ylabel() == "max / mean expert load"
+
+    sft_run, rl_run = plot.read_run(str(tmp_path / "sft" / "instruct")), plot.read_run(str(tmp_path / "rl"))
+    assert sorted(sft_run.evals) == [0, 3]  # the base at step 0, the SFT model at its last step
+    (greedy,) = plot.accuracy_figure([sft_run]).axes  # no pass@1 without samples
+    assert len(greedy.containers) == 2 and greedy.get_ylabel() == "greedy_acc (± SE)"
+    bars = greedy.containers[0]
+    assert list(bars.lines[0].get_xdata()) == [0, 3] and list(bars.lines[0].get_ydata()) == [0.1, 0.6]
+    low, high = bars.lines[1][0].get_ydata(), bars.lines[1][1].get_ydata()  # the caps: y -/+ SE
+    assert list(low) == pytest.approx([0.05, 0.5]) and list(high) == pytest.approx([0.15, 0.7])
+    greedy, pass1 = plot.accuracy_figure([rl_run]).axes
+    assert list(pass1.containers[0].lines[0].get_ydata()) == [0.5, 0.65]
+    reward, rl_lr = plot.training_figure([rl_run]).axes  # RL: reward + rollout pass rates, no loss or imbalance
+    assert [ln.get_label() for ln in reward.lines] == ["rl reward", "chain pass rate", "python pass rate"]
+    assert plot.accuracy_figure(phases) is None
+
+    written = plot.main([str(tmp_path / "pre" / "phase2"), str(tmp_path / "pre" / "phase1" / "metrics.jsonl"),
+                         "--out", str(tmp_path / "plots")])
+    assert list(written) == ["training"]
+    written |= plot.main([str(tmp_path / "rl"), "--out", str(tmp_path / "plots-rl")])
+    for path in written.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_plot_errors_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty/metrics\.jsonl does not exist: give a stage's output directory"):
+        plot.main([str(tmp_path / "empty")])
+    _write_jsonl(str(tmp_path / "run" / "metrics.jsonl"), [{"step": 1, "ce": 1.0}])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit, match=r"plot\.py needs matplotlib: pip install matplotlib"):
+        plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
