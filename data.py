@@ -9,7 +9,8 @@ What is in this file, top to bottom
   repo_documents: files of one package, the extension's repository-level FIM data.
 - FIM (fim_transform / fim_inverse / repo_fim_document): PSM and SPM 50/50, character-level cut points.
 - Mixture / load_mixture: sources + phases (weights per source, token budget, FIM rate and scope), from a
-  JSON/TOML file or DEFAULT_MIXTURE (the report's shares).
+  JSON/TOML file or DEFAULT_MIXTURE (the report's shares). A source's files are text, JSONL or Parquet
+  (parquet_rows: streamed by record batch; pyarrow, optional, is imported only then).
 - Shards: write_shard / read_shard / doc_starts. 32-byte header + tokens, documents each opened by <|endoftext|>.
 - prepare_data: build (or reuse) the plain shards of every source a phase needs and that phase's FIM-rewritten
   train shards, print a table and the fingerprints; phase_sources turns its result into TokenLoader's input.
@@ -17,14 +18,17 @@ What is in this file, top to bottom
   across ranks, exactly resumable), val_batches (fixed eval batches through the same packing).
 - Chat format (SFT, RL, eval, sample.py --chat): render_chat (conversation -> ids + loss mask, Instruct or
   Thinking), render_prompt (history + generation prompt), render_tool_results (ids a tool_hook injects),
-  parse_assistant (generated turn -> reasoning, content, tool calls), load_conversations (the SFT JSONL schema),
+  parse_assistant (generated turn -> reasoning, content, tool calls), load_conversations (the SFT schema, from
+  JSONL or Parquet),
   CHAT_TEMPLATE (the same template in Jinja), save_hf_tokenizer / tokenizer_from_hf (tokenizer.json +
   tokenizer_config.json that transformers loads, and back).
 
 Footguns
 - Exact dedup only (sha1 of whitespace-normalised text); near-duplicates survive.
 - The default corpus depends on the Python version and the installed versions of CORPUS_PACKAGES (both are in
-  the cache key and printed); nothing else installed changes it. Sources are read into memory while they are built.
+  the cache key and printed); nothing else installed changes it. Sources are read into memory while they are built:
+  a Parquet file is streamed by record batch (only its column), but a source's documents and tokens are then held
+  until its shards are written (dedup and the validation split need them all).
 - Attention is not masked at document boundaries inside a packed row (unpublished in the report; our choice, as
   in GPT-2/nanoGPT): a document can attend to the ones packed before it in its row.
 - Low-diversity filter: a document is dropped when it has fewer distinct tokens than 1% of its own length, capped
@@ -514,6 +518,7 @@ class Source:
     name: str
     paths: list = field(default_factory=list)   # files, directories or globs; empty for a builtin source
     code: bool = False                          # its documents are code files (FIM in code-only phases)
+    column: str = "text"                        # the field of a .jsonl line / column of a .parquet file read
 
 
 @dataclass
@@ -580,8 +585,8 @@ def load_mixture(path=None):
          "seed": 0, "corpus": {"code_chars": 9000000, ...}}
     The builtin sources prose/code/math may be named in weights without being declared. A phase without
     "fim_rate" / "fim_code_only" gets the report's (REPORT_FIM) for phases 1-3, no FIM for others. Relative
-    paths are relative to the mixture file; .jsonl files give one document per line (its "text" field), other
-    files one each.
+    paths are relative to the mixture file; .jsonl files give one document per line and .parquet files one per
+    row (the source's "column": "text" unless it names another, e.g. "content" for The Stack), other files one each.
     """
     if path is None:
         return copy.deepcopy(DEFAULT_MIXTURE)
@@ -599,10 +604,12 @@ def load_mixture(path=None):
     for name, s in spec.get("sources", {}).items():
         if name in BUILTIN_SOURCES:
             raise InputError(f"mixture file {path}: source name '{name}' is taken by the default corpus; rename it")
-        if not isinstance(s, dict) or set(s) - {"paths", "code"} or not isinstance(s.get("paths"), list):
-            raise InputError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"code\": bool}}")
+        if (not isinstance(s, dict) or set(s) - {"paths", "code", "column"} or not isinstance(s.get("paths"), list)
+                or not isinstance(s.get("column", ""), str)):
+            raise InputError(f"mixture file {path}: source '{name}' must be {{\"paths\": [...], \"code\": bool, "
+                             "\"column\": \"text\"}} (code and column optional)")
         sources[name] = Source(name, [os.path.join(base_dir, os.path.expanduser(p)) for p in s["paths"]],
-                               bool(s.get("code", False)))
+                               bool(s.get("code", False)), s.get("column", "text"))
     phases = {}
     if not spec.get("phases"):
         raise InputError(f"mixture file {path}: no \"phases\"; give at least phase 1 with weights and tokens")
@@ -637,6 +644,30 @@ def load_mixture(path=None):
     return Mixture(sources, phases, CorpusCaps(**caps), int(spec.get("seed", 0)))
 
 
+def parquet_rows(path, columns, optional=()):
+    """The rows of a Parquet file as {column: value} dicts: `columns` must exist, `optional` ones are read when the
+    file has them. Read one record batch at a time, only those columns, so a multi-GB shard never sits in memory
+    whole. pyarrow is imported here, only when a Parquet file is read (it is not a runtime requirement)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise InputError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from e
+    try:
+        f = pq.ParquetFile(path)
+        names = f.schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InputError(f"{path}: no column {missing[0]!r} (it has {', '.join(names)}): name the column that "
+                             "holds the data with the source's \"column\" field in the mixture file")
+        for batch in f.iter_batches(batch_size=1024, columns=[*columns, *(c for c in optional if c in names)]):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())  # pyarrow's messages can span lines
+        raise InputError(f"{path}: not a readable Parquet file ({reason}): re-download it or drop it from the "
+                         "mixture's paths") from None
+
+
 def _user_documents(source):
     for path in _expand_paths(source):
         if path.endswith(".jsonl"):
@@ -645,10 +676,20 @@ def _user_documents(source):
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line)["text"]
+                        text = json.loads(line)[source.column]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise InputError(f"{path}:{i}: each line must be a JSON object with a \"text\" field ({e})")
+                        raise InputError(f"{path}:{i}: each line must be a JSON object with a \"{source.column}\" "
+                                         f"field ({e}); the source's \"column\" names another field") from None
                     yield str(text)
+        elif path.endswith(".parquet"):
+            for i, row in enumerate(parquet_rows(path, [source.column])):
+                text = row[source.column]
+                if text is None:  # a null cell: no document
+                    continue
+                if not isinstance(text, str):
+                    raise InputError(f"{path}: row {i}: column {source.column!r} holds {type(text).__name__}, "
+                                     "expected text: name a string column with the source's \"column\" field")
+                yield text
         else:
             text = _read_text(path, max_bytes=1 << 40)
             if text is not None:  # binary or non-UTF-8 files are skipped
@@ -1187,11 +1228,21 @@ def _check_conversation(conv, where):
             bad("'reasoning'", "is given but no message has role 'assistant'")
 
 
-def load_conversations(path):
+def load_conversations(path, column="messages"):
     """Conversations from a JSONL file in the SFT schema: {"messages": [{"role", "content", optional "tool_calls"
-    and "reasoning" on assistant messages}], optional "tools": [schema, ...], optional "reasoning": str}."""
+    and "reasoning" on assistant messages}], optional "tools": [schema, ...], optional "reasoning": str}; or from a
+    Parquet file with those columns (`column` names the messages column; tools and reasoning are read when present).
+    Parquet's fixed struct fields come back as None where a message lacks them (dropped here), and tools or a tool
+    call's arguments may be JSON strings, as datasets often store them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"conversation file {path} does not exist")
+    if path.endswith(".parquet"):
+        out = []
+        for i, row in enumerate(parquet_rows(path, [column], optional=("tools", "reasoning"))):
+            conv = _parquet_conversation(row, column)
+            _check_conversation(conv, f"{path}: row {i}")
+            out.append(conv)
+        return out
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -1204,6 +1255,38 @@ def load_conversations(path):
             _check_conversation(conv, f"{path}:{n}")
             out.append(conv)
     return out
+
+
+def _parquet_conversation(row, column):
+    """A Parquet row {column: messages, tools?, reasoning?} as a conversation in the JSONL schema."""
+    def decoded(v):  # a JSON string stands for its value
+        try:
+            return json.loads(v) if isinstance(v, str) else v
+        except json.JSONDecodeError:
+            return v  # left for _check_conversation to name
+
+    def no_nulls(v):  # a struct column has every field in every row: null ones stand for absent ones
+        if isinstance(v, dict):
+            return {k: no_nulls(x) for k, x in v.items() if x is not None}
+        return [no_nulls(x) for x in v] if isinstance(v, list) else v
+
+    messages = no_nulls(decoded(row[column]))
+    for m in messages if isinstance(messages, list) else ():
+        if not isinstance(m, dict) or "tool_calls" not in m:
+            continue
+        m["tool_calls"] = decoded(m["tool_calls"])
+        if m["tool_calls"] == []:  # an empty list cell: no calls
+            del m["tool_calls"]
+            continue
+        for c in m["tool_calls"] if isinstance(m["tool_calls"], list) else ():
+            if isinstance(c, dict) and "arguments" in c:
+                c["arguments"] = decoded(c["arguments"])
+    conv = {"messages": messages}
+    if row.get("tools") is not None:
+        conv["tools"] = no_nulls(decoded(row["tools"]))
+    if row.get("reasoning") is not None:
+        conv["reasoning"] = row["reasoning"]
+    return conv
 
 
 def _render(messages, tools=None, think=None, trained=(), generation_prompt=False):

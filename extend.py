@@ -488,6 +488,7 @@ def main(argv=None):
                 factor=yarn["factor"], args=vars(args))
     metrics = os.path.join(args.out_dir, "metrics.jsonl")
     os.makedirs(args.out_dir, exist_ok=True)
+    train.start_tracking(args, args.out_dir, ctx)
     log(f"extend: context {context:,} -> {T:,} (YaRN x{yarn['factor']:g} on the full-attention layers: "
         f"{config.layer_types.count(M.FULL)}; sliding layers unchanged: {config.layer_types.count(M.SLIDING)}), "
         f"{steps} steps of {global_batch} x {T:,} tokens, {args.optimizer} lr {lr} (warmup {warmup}, decay to 0 over "

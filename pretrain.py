@@ -365,6 +365,7 @@ def main(argv=None):
                 args=vars(args), phase_steps=plan.phase_steps)
     metrics = os.path.join(phase_dir, "metrics.jsonl")
     os.makedirs(phase_dir, exist_ok=True)
+    train.start_tracking(args, phase_dir, ctx)
     log(f"phase {args.phase}: global steps {start}..{end} of {plan.total}, global batch {plan.batch_at(step)} -> "
         f"{plan.batch[1]} sequences of {T}, {args.optimizer} lr {plan.lr}, world {ctx.world_size} ({parallel}), "
         f"device {ctx.device}")

@@ -502,6 +502,7 @@ def main(argv=None):
         return train.compute_cleanup(ctx)
     os.makedirs(out_dir, exist_ok=True)
     metrics = os.path.join(out_dir, "metrics.jsonl")
+    train.start_tracking(args, out_dir, ctx)
     families = sorted(mixture)
     if step == 0 and ctx.master:
         open(metrics, "w").close()  # a fresh run starts a fresh log

@@ -18,11 +18,12 @@ One GPU: the same commands. Many GPUs (DDP below 2B parameters, FSDP2 above, as 
 Data. The built-in mixture is eval.py's task families rendered from their reference conversations (train seeds
 only; eval's test seeds and test prompts are never trained on), identity dialogues oversampled 3x as in the report
 (RECIPES: all families for mellum2-12b; for the CPU presets the ones tiny learns in 10 minutes, see RESULTS.md).
-A mixture file adds JSONL files in the report's schema ({"messages", optional "tools", optional "reasoning"}, see
-data.load_conversations) and sets every source's weight: how many times each of its conversations is seen per
-epoch (3 = the report's oversampling; a fraction keeps a seeded share). JSON or TOML:
-    {"sources": {"mine": {"paths": ["chats/*.jsonl"]}},
-     "weights": {"arithmetic": 1, "python": 1, "identity": 3, "mine": 2}, "tasks_per_family": 400}
+A mixture file adds JSONL or Parquet files in the report's schema ({"messages", optional "tools", optional
+"reasoning"}, see data.load_conversations; a source's "column" names another messages column of its Parquet files)
+and sets every source's weight: how many times each of its conversations is seen per epoch (3 = the report's
+oversampling; a fraction keeps a seeded share). JSON or TOML:
+    {"sources": {"mine": {"paths": ["chats/*.jsonl"]}, "smol": {"paths": ["smoltalk/*.parquet"]}},
+     "weights": {"arithmetic": 1, "python": 1, "identity": 3, "mine": 2, "smol": 1}, "tasks_per_family": 400}
 Samples are best-fit packed into rows of --seq-len tokens (data.pack_best_fit); a sample longer than a row is
 dropped and counted, never truncated. The rows are packed once and visited in a new seeded order every epoch.
 
@@ -62,7 +63,7 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ class SFTMixture:
     paths: dict             # user source -> files
     weights: dict           # source -> conversations seen per epoch per conversation
     tasks_per_family: dict  # built-in family -> train conversations drawn from it
+    columns: dict = field(default_factory=dict)  # user source -> the messages column of its Parquet files
 
 
 def load_sft_mixture(path, tasks_per_family, weights):
@@ -151,12 +153,16 @@ def load_sft_mixture(path, tasks_per_family, weights):
     if unknown:
         raise data.InputError(f"SFT mixture {path}: unknown keys {sorted(unknown)} (known: sources, weights, "
                               "tasks_per_family)")
-    base_dir, paths = os.path.dirname(os.path.abspath(path)), {}
+    base_dir, paths, columns = os.path.dirname(os.path.abspath(path)), {}, {}
     for name, s in spec.get("sources", {}).items():
         if name in FAMILIES:
             raise data.InputError(f"SFT mixture {path}: source name '{name}' is a built-in task family; rename it")
-        if not isinstance(s, dict) or set(s) != {"paths"} or not isinstance(s["paths"], list):
-            raise data.InputError(f"SFT mixture {path}: source '{name}' must be {{\"paths\": [\"file.jsonl\", ...]}}")
+        if (not isinstance(s, dict) or "paths" not in s or set(s) - {"paths", "column"}
+                or not isinstance(s["paths"], list) or not isinstance(s.get("column", ""), str)):
+            raise data.InputError(f"SFT mixture {path}: source '{name}' must be {{\"paths\": [\"file.jsonl\", "
+                                  "\"shard.parquet\", ...]}, optionally with \"column\": the messages column of "
+                                  "its Parquet files (default \"messages\")")
+        columns[name] = s.get("column", "messages")
         files = []
         for p in s["paths"]:
             matches = sorted(glob.glob(os.path.join(base_dir, os.path.expanduser(p)), recursive=True))
@@ -179,7 +185,7 @@ def load_sft_mixture(path, tasks_per_family, weights):
     if not isinstance(n, dict) or not all(f in FAMILIES and isinstance(k, int) and k >= 1 for f, k in n.items()):
         raise data.InputError(f"SFT mixture {path}: tasks_per_family must be a positive integer, or map built-in "
                               f"families to positive integers, got {spec['tasks_per_family']!r}")
-    return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n)
+    return SFTMixture(paths, {k: float(v) for k, v in weights.items() if v > 0}, n, columns)
 
 
 def conversations(mixture, seed):
@@ -191,7 +197,7 @@ def conversations(mixture, seed):
             convs = [E.reference_conversation(E.make_task(name, s))
                      for s in E.task_seeds(name, "train", mixture.tasks_per_family[name])]
         else:
-            convs = [c for p in mixture.paths[name] for c in data.load_conversations(p)]
+            convs = [c for p in mixture.paths[name] for c in data.load_conversations(p, mixture.columns[name])]
         extra = np.random.default_rng([seed, *name.encode()]).permutation(len(convs))[:round((w % 1) * len(convs))]
         out[name] = convs * int(w) + [convs[i] for i in sorted(extra)]
     return out
@@ -380,6 +386,7 @@ def main(argv=None):
     meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
                 args=vars(args), data=stats, dropped=loader.dropped)
     metrics = os.path.join(out_dir, "metrics.jsonl")
+    train.start_tracking(args, out_dir, ctx)
     log(f"sft {args.variant}: from {base_dir} (context {context}) at {T} tokens per row, {steps} steps of "
         f"{global_batch} rows ({epochs} epochs of {len(loader)} rows), {n_micro} micro-batches of {B} per rank, "
         f"lr {lr:g} (warmup {warmup}, cosine to {lr / 10:g}), mtp {args.mtp_weight}, aux {aux_coef}, "

@@ -4345,3 +4345,277 @@ def test_eval_command_line_prints_the_table(tmp_path, capsys):
     assert "| task | greedy_acc | reward | pass@1 | pass@2 | format_rate | mean_len |" in out
     assert "| identity | 0.000 ± 0.000 |" in out  # a random model never names itself
     assert "| function_call |" in open(card).read() and "(base)" in out
+
+
+# =============================================================================
+# === plot.py, tracking and Parquet
+
+import plot  # noqa: E402
+
+
+def _drill_docs():
+    rng = random.Random(0)
+    return [f"Question: {q}\nAnswer: {a}" for q, a, _ in (data.make_math_problem(rng) for _ in range(400))]
+
+
+def _write_parquet(path, columns, row_group_size=64):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)  # several row groups: streamed
+    return str(path)
+
+
+def _one_source_mixture(tmp_path, name, source):
+    spec = {"sources": {"drill": source}, "phases": {"1": {"weights": {"drill": 1.0}, "tokens": 4000}}}
+    (tmp_path / name).write_text(json.dumps(spec))
+    return str(tmp_path / name)
+
+
+def _pretrain_on(tmp_path, mixture, out, *extra):
+    return pretrain.main(["--phase", "1", "--preset", "test", "--tokenizer", "cl100k_base:256", "--mixture", mixture,
+                          "--data-dir", str(tmp_path / f"data-{out}"), "--out-dir", str(tmp_path / out),
+                          "--batch-size", "4", "--seq-len", "32", "--steps", "2", "--eval-every", "1000",
+                          "--ckpt-every", "1000", "--eval-batches", "2", "--log-every", "1000", "--device", "cpu",
+                          *extra])
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_parquet_corpus_trains_exactly_as_the_same_jsonl(tmp_path):
+    docs = _drill_docs()
+    with open(tmp_path / "drill.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    _write_parquet(tmp_path / "drill-0.parquet", {"text": docs[:250], "id": list(range(250))})
+    _write_parquet(tmp_path / "drill-1.parquet", {"text": docs[250:], "id": list(range(250, 400))})
+    mixtures = {"jsonl": _one_source_mixture(tmp_path, "jsonl.json", {"paths": ["drill.jsonl"]}),
+                "parquet": _one_source_mixture(tmp_path, "parquet.json", {"paths": ["drill-*.parquet"]})}
+    tok = data.get_tokenizer("cl100k_base:256")
+    shards = {k: data.prepare_data(data.load_mixture(m), tok, str(tmp_path / f"data-{k}"), phases=(1,),
+                                   log=lambda *a: None)["drill"] for k, m in mixtures.items()}
+    for path_of in (lambda s: s.train, lambda s: s.val, lambda s: s.phase_train[1]):  # plain and FIM-rewritten
+        a, b = (np.asarray(data.read_shard(path_of(shards[k]))) for k in ("jsonl", "parquet"))
+        assert len(a) > 0 and np.array_equal(a, b)
+    assert shards["jsonl"].fingerprint == shards["parquet"].fingerprint
+    for k, m in mixtures.items():
+        _pretrain_on(tmp_path, m, k)
+    runs = {k: _metrics(tmp_path / k / "phase1" / "metrics.jsonl") for k in mixtures}
+    key = lambda r: {k: v for k, v in r.items() if k != "tok_per_s"}  # noqa: E731  (wall-clock)
+    assert [key(r) for r in runs["parquet"]] == [key(r) for r in runs["jsonl"]] and len(runs["jsonl"]) == 4
+
+
+def test_parquet_column_names_and_errors_name_the_file(tmp_path):
+    docs = _drill_docs()[:40]
+    stack = _write_parquet(tmp_path / "stack.parquet", {"content": docs, "lang": ["py"] * 40}, row_group_size=16)
+    web = _write_parquet(tmp_path / "web.parquet", {"text": docs[:20] + [None] + docs[20:]})  # a null: no document
+    mixture = data.load_mixture(_one_source_mixture(tmp_path, "m.json", {"paths": ["stack.parquet"],
+                                                                          "column": "content", "code": True}))
+    assert mixture.sources["drill"].column == "content" and mixture.sources["drill"].code
+    assert list(data._user_documents(mixture.sources["drill"])) == docs
+    assert list(data._user_documents(data.Source("web", [web]))) == docs  # "text" by default
+    (tmp_path / "stack.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    assert list(data._user_documents(data.Source("s", [str(tmp_path / "stack.jsonl")], column="content"))) == docs
+    (tmp_path / "corrupt.parquet").write_bytes(open(stack, "rb").read()[:300] + b"\x00" * 64 + b"PAR1")
+    (tmp_path / "notes.parquet").write_text("plain text, not Parquet")
+    ints = _write_parquet(tmp_path / "ints.parquet", {"text": [1, 2]})
+    for path, column, pattern in [(stack, "text", r"stack\.parquet: no column 'text' \(it has content, lang\)"),
+                                  (str(tmp_path / "corrupt.parquet"), "text", r"corrupt\.parquet: not a readable"),
+                                  (str(tmp_path / "notes.parquet"), "text", r"notes\.parquet: not a readable Parquet"),
+                                  (ints, "text", r"ints\.parquet: row 0: column 'text' holds int")]:
+        with pytest.raises(data.InputError, match=pattern) as e:
+            list(data._user_documents(data.Source("x", [path], column=column)))
+        assert "\n" not in str(e.value)
+    with pytest.raises(data.InputError, match=r"source 'drill' must be"):
+        data.load_mixture(_one_source_mixture(tmp_path, "bad.json", {"paths": ["stack.parquet"], "column": 3}))
+
+
+def test_missing_pyarrow_gives_the_install_line(tmp_path, monkeypatch):
+    path = tmp_path / "any.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(data.InputError, match=r"any\.parquet: reading Parquet needs pyarrow: pip install pyarrow"):
+        list(data._user_documents(data.Source("x", [str(path)])))
+    with pytest.raises(data.InputError, match=r"pip install pyarrow"):
+        data.load_conversations(str(path))
+
+
+def _as_parquet_row(conv):
+    """A conversation as a Parquet dataset stores one: tools and tool-call arguments as JSON strings."""
+    messages = [{**m, "tool_calls": [{**c, "arguments": json.dumps(c["arguments"])} for c in m["tool_calls"]]}
+                if "tool_calls" in m else m for m in conv["messages"]]
+    return {"chat": messages, "tools": json.dumps(conv["tools"]) if "tools" in conv else None,
+            "reasoning": conv.get("reasoning")}
+
+
+def test_sft_parquet_conversations_equal_their_jsonl(tmp_path):
+    convs = [_tool_conversation(), {"messages": _thinking_conversation(2)},
+             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+              "reasoning": "Two and two."}] * 3
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    rows = [_as_parquet_row(c) for c in convs]
+    _write_parquet(tmp_path / "chats.parquet", {k: [r[k] for r in rows] for k in rows[0]}, row_group_size=4)
+    assert data.load_conversations(str(tmp_path / "chats.parquet"), "chat") == convs
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": {"j": {"paths": ["chats.jsonl"]}, "p": {"paths": ["*.parquet"],
+                                                                                  "column": "chat"}},
+                               "weights": {"j": 1, "p": 1}}))
+    got = sft.conversations(sft.load_sft_mixture(str(mix), 4, {}), seed=0)
+    assert got["p"] == got["j"] == convs
+    tok = _tok(256)
+    for variant in ("instruct", "thinking"):
+        assert ([(s.ids, s.mask) for s in sft.build_samples(tok, {"p": got["p"]}, variant)[0]]
+                == [(s.ids, s.mask) for s in sft.build_samples(tok, {"j": got["j"]}, variant)[0]])
+    with pytest.raises(data.InputError, match=r"chats\.parquet: no column 'messages' \(it has chat, tools, reasoning"):
+        data.load_conversations(str(tmp_path / "chats.parquet"))
+    bad = [{"chat": [{"role": "bot", "content": "x"}]}]
+    _write_parquet(tmp_path / "bad.parquet", {"chat": [r["chat"] for r in bad]})
+    with pytest.raises(data.InputError, match=r"bad\.parquet: row 0: messages\[0\]\.role is 'bot'"):
+        data.load_conversations(str(tmp_path / "bad.parquet"), "chat")
+
+
+def test_tracked_scalars_flatten_rl_records():
+    record = {"step": 7, "reward": 0.5, "mfu": None, "pass_rate": {"chain": 0.25, "python": 1.0},
+              "eval": {"chain": {"greedy_acc": 0.5, "greedy_acc_se": 0.1, "greedy_acc_by_task": {"3": 1.0},
+                                 "n_tasks": 2}}}
+    assert train.tracked_scalars(record) == {"reward": 0.5, "pass_rate/chain": 0.25, "pass_rate/python": 1.0,
+                                             "eval/chain/greedy_acc": 0.5, "eval/chain/greedy_acc_se": 0.1,
+                                             "eval/chain/n_tasks": 2}
+
+
+def test_tensorboard_logs_the_keys_and_steps_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _pretrain(tmp_path, "run", "--steps", "3", "--eval-every", "2", "--tensorboard", str(tmp_path / "tb"))
+    expected = {}
+    for r in _metrics(tmp_path / "run" / "phase1" / "metrics.jsonl"):
+        for k, v in train.tracked_scalars(r).items():
+            expected.setdefault(k, []).append((r["step"], v))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    assert {"ce", "val_loss", "lr", "imbalance"} <= set(expected) and "mfu" not in expected  # None on CPU
+    for key, points in expected.items():
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in logged] == [s for s, _ in points], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in points], rel=1e-6), key  # float32 on disk
+    assert [s for s, _ in expected["val_loss"]] == [0, 2, 3]
+
+
+def test_wandb_offline_run_gets_the_records_of_metrics_jsonl(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:  # stands in for the wandb package (offline mode needs no network, but the package is large)
+        def log(self, scalars, step):
+            calls.append(("log", scalars, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _pretrain(tmp_path, "run", "--steps", "2", "--wandb", "nano")
+    phase_dir = str(tmp_path / "run" / "phase1")
+    records = _metrics(os.path.join(phase_dir, "metrics.jsonl"))
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "nano" and calls[0][1]["dir"] == phase_dir
+    assert calls[0][1]["config"]["steps"] == 2
+    assert calls[1:] == [("log", train.tracked_scalars(r), r["step"]) for r in records] + [("finish",)]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(data.InputError, match=r"--wandb needs the wandb package: pip install wandb"):
+        train.Tracker(wandb_project="nano")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(data.InputError, match=r"pip install tensorboard"):
+        train.Tracker(tensorboard_dir=str(tmp_path / "tb"))
+
+
+def test_default_install_imports_no_optional_package():
+    code = ("import sys, data, train, pretrain, extend, sft, rlvr, plot; ctx = train.Compute(None); "
+            "train.start_tracking(pretrain.parse_args(['--phase', '1']), '.', ctx); assert ctx.tracker is None; "
+            "print(sorted(m for m in ('pyarrow', 'matplotlib', 'tensorboard', 'wandb') if m in sys.modules))")
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _fm(acc, se, pass1=None):
+    m = {"greedy_acc": acc, "greedy_acc_se": se, "greedy_acc_by_task": {"1": acc}, "n_tasks": 10}
+    return m | ({"pass@1": pass1, "pass@1_se": se / 2} if pass1 is not None else {})
+
+
+def _hand_runs(tmp_path):
+    """Two pre-training phases (global steps 0-10, 10-20), an SFT run with its evaluations, an RL run."""
+    for phase, (a, b) in ((1, (0, 10)), (2, (10, 20))):
+        recs = [{"step": a, "val_loss": 5.0 - a / 10}] if a == 0 else []
+        for s in range(a + 1, b + 1):
+            recs.append(dict(step=s, ce=6.0 - s / 5, mtp=6.0, aux=1.0, z=1.0, lr=1e-2 * min(1, s / 3),
+                             grad_norm=1.0, tok_per_s=100.0, mfu=None, imbalance=3.0 - s / 10, batch=4))
+            if s % 5 == 0:
+                recs.append({"step": s, "val_loss": 5.0 - s / 10})
+        _write_jsonl(str(tmp_path / "pre" / f"phase{phase}" / "metrics.jsonl"), recs)
+    sft_dir = tmp_path / "sft" / "instruct"
+    _write_jsonl(str(sft_dir / "metrics.jsonl"), [dict(step=s, ce=2.0 / s, lr=1e-3, imbalance=2.0) for s in (1, 2, 3)])
+    _write_jsonl(str(sft_dir / "eval_base.jsonl"), [{"family": f, **_fm(0.1, 0.05)} for f in ("chain", "python")])
+    _write_jsonl(str(sft_dir / "eval_instruct.jsonl"),
+                 [{"family": f, "variant": "instruct", **_fm(0.6, 0.1)} for f in ("chain", "python")])
+    _write_jsonl(str(sft_dir / "eval_instruct_samples.jsonl"), [{"family": "chain", "text": "not a metric"}])
+    rl = [{"step": 0, "eval": {"chain": _fm(0.6, 0.1, 0.5)}}]
+    rl += [dict(step=s, reward=0.1 * s, pass_rate={"chain": 0.1 * s, "python": 0.05 * s}, lr=3e-4) for s in (1, 2)]
+    rl += [{"step": 2, "eval": {"chain": _fm(0.7, 0.1, 0.65)}}]
+    _write_jsonl(str(tmp_path / "rl" / "metrics.jsonl"), rl)
+
+
+def test_plot_figures_show_what_the_runs_logged(tmp_path):
+    pytest.importorskip("matplotlib")
+    _hand_runs(tmp_path)
+    phases = [plot.read_run(str(tmp_path / "pre" / p)) for p in ("phase1", "phase2")]
+    fig = plot.training_figure(phases)
+    loss, lr, imbalance = fig.axes
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "phase1 train CE", "phase1 val loss", "phase2 train CE", "phase2 val loss"]
+    raw, _, val, *_ = loss.lines  # per phase: the raw CE, its moving average, the val losses
+    assert list(raw.get_xdata()) == list(range(1, 11)) and list(val.get_xdata()) == [0, 5, 10]
+    assert list(val.get_ydata()) == [5.0, 4.5, 4.0]
+    for ax in fig.axes:  # the phase boundary at global step 10 on every panel
+        assert [list(ln.get_xdata()) for ln in ax.lines if ln.get_gid() == "boundary"] == [[10, 10]]
+    assert [len(ax.lines) for ax in (lr, imbalance)] == [3, 3]  # a line per phase + the boundary
+    assert lr.get_ylabel() == "learning rate" and imbalance.get_ylabel() == "max / mean expert load"
+
+    sft_run, rl_run = plot.read_run(str(tmp_path / "sft" / "instruct")), plot.read_run(str(tmp_path / "rl"))
+    assert sorted(sft_run.evals) == [0, 3]  # the base at step 0, the SFT model at its last step
+    (greedy,) = plot.accuracy_figure([sft_run]).axes  # no pass@1 without samples
+    assert len(greedy.containers) == 2 and greedy.get_ylabel() == "greedy_acc (± SE)"
+    bars = greedy.containers[0]
+    assert list(bars.lines[0].get_xdata()) == [0, 3] and list(bars.lines[0].get_ydata()) == [0.1, 0.6]
+    low, high = bars.lines[1][0].get_ydata(), bars.lines[1][1].get_ydata()  # the caps: y -/+ SE
+    assert list(low) == pytest.approx([0.05, 0.5]) and list(high) == pytest.approx([0.15, 0.7])
+    greedy, pass1 = plot.accuracy_figure([rl_run]).axes
+    assert list(pass1.containers[0].lines[0].get_ydata()) == [0.5, 0.65]
+    reward, rl_lr = plot.training_figure([rl_run]).axes  # RL: reward + rollout pass rates, no loss or imbalance
+    assert [ln.get_label() for ln in reward.lines] == ["rl reward", "chain pass rate", "python pass rate"]
+    assert plot.accuracy_figure(phases) is None
+
+    written = plot.main([str(tmp_path / "pre" / "phase2"), str(tmp_path / "pre" / "phase1" / "metrics.jsonl"),
+                         "--out", str(tmp_path / "plots")])
+    assert list(written) == ["training"]
+    written |= plot.main([str(tmp_path / "rl"), "--out", str(tmp_path / "plots-rl")])
+    for path in written.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_plot_errors_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty/metrics\.jsonl does not exist: give a stage's output directory"):
+        plot.main([str(tmp_path / "empty")])
+    _write_jsonl(str(tmp_path / "run" / "metrics.jsonl"), [{"step": 1, "ce": 1.0}])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit, match=r"plot\.py needs matplotlib: pip install matplotlib"):
+        plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "plots")])

@@ -14,6 +14,7 @@ Contents, top to bottom
   One optimizer step                         token_normaliser, forward_backward, clip_grad_norm, optimizer_step,
                                              train_step (all of it, timed, as one log record)
   whd_schedule, recipe_for, rng_state, evaluate, imbalance, log_metrics
+  Experiment tracking                        start_tracking, Tracker: metrics.jsonl mirrored to TensorBoard / W&B
   The stage command line                     add_stage_args (the flags every loop shares), micro_batches (the
                                              global-batch check), should_save, run (the entry point: expected
                                              errors become one line and exit code 2)
@@ -73,6 +74,7 @@ class Compute:
     mesh: DeviceMesh = None  # (dp, ep) when ep > 1; rank = dp_index * ep + ep_index
     mesh_ep_major: DeviceMesh = None  # the same ranks as (ep, dp): how checkpoints see the expert slices
     dtype: str = "auto"  # matmul precision: bf16 autocast, fp32, or auto (bf16 on a GPU, fp32 on a CPU)
+    tracker: "Tracker" = None  # rank 0's TensorBoard / W&B mirror of metrics.jsonl (start_tracking)
 
     @property
     def master(self):
@@ -118,6 +120,9 @@ def _meshes(device, world, ep):
 
 
 def compute_cleanup(ctx):
+    if ctx.tracker is not None:
+        ctx.tracker.close()
+        ctx.tracker = None
     if ctx.ddp and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -672,6 +677,8 @@ def log_metrics(path, record, ctx, echo=True):
         return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if ctx.tracker is not None:
+        ctx.tracker.log(record)
     if not echo:
         return
     r = record
@@ -689,6 +696,67 @@ def log_metrics(path, record, ctx, echo=True):
 
 
 # -----------------------------------------------------------------------------
+# Experiment tracking: metrics.jsonl's records mirrored to TensorBoard and/or Weights & Biases (off by default)
+
+def tracked_scalars(record):
+    """A metrics.jsonl record as the trackers log it: {"ce": x, "eval/arithmetic/greedy_acc": y, ...} without the
+    step (nested dicts joined with "/"); None (MFU on CPU) and per-task maps (*_by_task, for paired tests) left out."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if v is None or k.endswith("_by_task") or (not prefix and k == "step"):
+                continue
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float)):
+                out[f"{prefix}{k}"] = v
+    walk(record, "")
+    return out
+
+
+class Tracker:
+    """TensorBoard event files in tensorboard_dir and/or a W&B run of wandb_project (its files under out_dir/wandb):
+    each record logged at its own step, so phases and resumed runs continue one global-step curve."""
+
+    def __init__(self, tensorboard_dir=None, wandb_project=None, out_dir=None, config=None):
+        self.writer = self.run = None
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise data.InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(tensorboard_dir)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise data.InputError("--wandb needs the wandb package: pip install wandb") from e
+            self.run = wandb.init(project=wandb_project, dir=out_dir, config=config)
+
+    def log(self, record):
+        scalars = tracked_scalars(record)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.run is not None:
+            self.run.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def start_tracking(args, out_dir, ctx):
+    """Open rank 0's tracker for --tensorboard / --wandb (nothing is imported without them); log_metrics then
+    forwards every record to it and compute_cleanup closes it."""
+    if ctx.master and (args.tensorboard or args.wandb):
+        ctx.tracker = Tracker(args.tensorboard, args.wandb, out_dir, vars(args))
+
+
+# -----------------------------------------------------------------------------
 # The stage command line
 
 def add_stage_args(ap, ckpt_every, parallel_help="auto: FSDP2 above 2B parameters, DDP below"):
@@ -697,6 +765,10 @@ def add_stage_args(ap, ckpt_every, parallel_help="auto: FSDP2 above 2B parameter
     ap.add_argument("--stop-after", type=int, default=None, help="train this many steps, checkpoint and exit "
                     "(for time-limited job slots; continue with --resume)")
     ap.add_argument("--log-every", type=int, default=1)
+    ap.add_argument("--tensorboard", metavar="DIR", default=None, help="also log metrics.jsonl's records as "
+                    "TensorBoard scalars in DIR (needs `pip install tensorboard`)")
+    ap.add_argument("--wandb", metavar="PROJECT", default=None, help="also log them to a Weights & Biases run of "
+                    "PROJECT (needs `pip install wandb`; WANDB_MODE=offline logs without a network)")
     # --- runtime
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="matmul precision: bf16 "
