@@ -3856,12 +3856,12 @@ def test_eval_parse_turns_and_format_on_fixed_strings():
 
 # --- sandbox: each adversarial program must be contained
 
-def _uid_processes(uid):
+def _uid_processes(uids):
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                if any(ln.startswith("Uid:") and ln.split()[1] == str(uid) for ln in f):
+                if any(ln.startswith("Uid:") and int(ln.split()[1]) in uids for ln in f):
                     out.append(pid)
         except OSError:
             pass
@@ -3871,10 +3871,13 @@ def _uid_processes(uid):
 def test_sandbox_runs_code_and_reports_errors():
     r = sandbox.run_python("import sys\nprint(sum(range(10)))\nprint('oops', file=sys.stderr)\nsys.exit(3)")
     assert (r.stdout, r.stderr, r.returncode, r.timed_out) == ("45\n", "oops\n", 3, False)
+    r = sandbox.run_python("def f():\n    1 / 0\nf()")  # the traceback of the program's own lines, exit status 1
+    assert r.returncode == 1 and r.stderr.startswith("Traceback") and r.stderr.count('File "main.py"') == 2
     info = sandbox.sandbox_info()
     if os.geteuid() == 0:  # the child is never root (RLIMIT_NPROC would not apply)
-        assert sandbox.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())").stdout == \
-            f"{sandbox.SANDBOX_UID} {sandbox.SANDBOX_UID} []\n"
+        r = sandbox.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())")
+        uid, gid, groups = r.stdout.split(" ")
+        assert int(uid) in sandbox.SANDBOX_UIDS and gid == uid and groups == "[]\n"
     assert info["namespaces"] or not os.path.exists("/usr/bin/unshare"), "unshare is present but failed"
 
 
@@ -3896,13 +3899,14 @@ def test_sandbox_memory_disk_output_and_environment():
     r = sandbox.run_python("while True: print('x' * 1000)", max_output=1000, timeout_s=2)
     assert len(r.stdout) == 1000
     os.environ["NM_EVAL_SECRET"] = "hunter2"
-    try:
-        r = sandbox.run_python(f"import os\nprint(dict(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())")
+    try:  # its own environment, and its parent's (the judge, which is not dumpable)
+        r = sandbox.run_python("import os\nprint(dict(os.environ))\n"
+                               "print(open(f'/proc/{os.getppid()}/environ').read())")
     finally:
         del os.environ["NM_EVAL_SECRET"]
     assert "hunter2" not in r.stdout + r.stderr
     if os.geteuid() == 0:
-        assert "Permission denied" in r.stderr  # another user's /proc/PID/environ
+        assert "Permission denied" in r.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root trainer drops the child to another uid (see eval.py)")
@@ -3953,7 +3957,7 @@ def test_sandbox_contains_fork_bombs_and_escaped_grandchildren():
     import time
     time.sleep(0.5)
     if os.geteuid() == 0:
-        assert _uid_processes(sandbox.SANDBOX_UID) == []
+        assert _uid_processes(sandbox.SANDBOX_UIDS) == []
     if os.geteuid() == 0:  # the process limit applies to the unprivileged child
         r = sandbox.run_python("import os\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
                          "            import time; time.sleep(3); os._exit(0)\n        n += 1\nexcept OSError:\n"
