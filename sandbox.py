@@ -30,7 +30,7 @@ What it guarantees (against a program that is arbitrary Python, with ctypes)
   defined, a builtin subclass that overrides comparison) makes the test fail; between plain values Python's ==
   stands (4 == 4.0). The tests are not in the program's memory, files, argv or environment.
 - The program sees the host's files read-only; it can write only its scratch tmpfs (disk_mb), which vanishes with
-  it. It sees only its own processes, has no network and no host sockets (no abstract ones in a new network
+  it. It sees only the sandbox's processes, has no network and no host sockets (no abstract ones in a new network
   namespace; /run and /tmp, where the host's usually are, are hidden), and is bound by CPU time, memory, file
   size, open files, processes (per sandbox) and output. Every descendant dies with the sandbox. When the machine
   runs out of memory the kernel kills sandbox processes first (oom_score_adj 1000), not the trainer.
