@@ -405,6 +405,9 @@ def sandbox_info():
                   site.getusersitepackages()]
     hide = [d for d in dict.fromkeys(map(os.path.realpath, candidates)) if os.path.isdir(d) and
             not (stdlib + "/").startswith(d + "/") and not d.startswith("/tmp/")]
+    # a directory inside another hidden one is hidden with it (and cannot be mounted over once its parent is
+    # empty): a virtual environment inside the project, as the README's commands make one
+    hide = [d for d in hide if not any(d.startswith(h + "/") for h in hide)]
     drop_to = f"{SANDBOX_UIDS[0]}..{SANDBOX_UIDS[-1]}, one per sandbox" if root else None
     return {"python": python, "namespaces": namespaces, "drop_to": drop_to, "prefix": prefix, "hide": hide}
 

@@ -4350,6 +4350,25 @@ def test_sandbox_cannot_write_anywhere_on_the_host():
 
 
 @pytest.mark.skipif(not sandbox.sandbox_info()["namespaces"], reason="no pid namespace here (unshare unavailable)")
+def test_sandbox_runs_with_the_trainers_packages_inside_the_project(monkeypatch):
+    # the README's commands put .venv inside the clone: its site-packages is hidden with the project, not mounted
+    # over a second time inside an already empty directory (which failed every program)
+    project, inner = "/nm-project", "/nm-project/.venv/lib/python3/site-packages"
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(sandbox.site, "getsitepackages", lambda: [inner])
+    monkeypatch.setattr(sandbox, "__file__", project + "/sandbox.py")
+    monkeypatch.setattr(sandbox.os.path, "isdir", lambda p: p in (project, inner) or real_isdir(p))
+    sandbox.sandbox_info.cache_clear()
+    try:
+        hide = sandbox.sandbox_info()["hide"]
+    finally:
+        sandbox.sandbox_info.cache_clear()
+    assert project in hide and inner not in hide
+    assert not any(d.startswith(h + "/") for d in hide for h in hide)
+    monkeypatch.undo()
+    assert sandbox.run_python("print(6 * 7)").stdout == "42\n"  # this checkout's own layout
+
+
 def test_sandbox_sees_only_its_own_processes():
     code = ("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(len(pids))\nfor p in pids:\n"
             "    try:\n        print(open(f'/proc/{p}/cmdline', 'rb').read())\n    except OSError:\n        pass\n")
