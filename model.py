@@ -463,19 +463,22 @@ class Mellum(nn.Module):
         self.mtp = MTP(config) if config.num_mtp_layers else None
 
     @torch.no_grad()
-    def init_weights(self, seed=None):
+    def init_weights(self, seed=None, prefix=None):
         """Normal(0, initializer_range) for every matrix, ones for norms (as the reference implementation).
         Our choice of random streams: every matrix, and every expert of a 3-D stack, draws from its own generator
         seeded by (seed, name[, global expert index]). So a rank that holds an FSDP2 shard or an EP slice of
         experts (train.build_model materialises it from the meta device) computes exactly the values the
         one-process model has there, generating at most one matrix (one rank's experts) at a time.
-        seed=None draws the seed from torch's global generator."""
+        seed=None draws the seed from torch's global generator. prefix: only the parameters under that module
+        (sft.py --mtp-only draws a fresh "mtp" block beside a trained backbone), with the values a whole init gives."""
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         std = self.config.initializer_range
         for mod_name, mod in self.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
+                if prefix is not None and not name.startswith(prefix + "."):
+                    continue
                 full = torch.empty(p.shape)  # the one temporary: this parameter (this rank's experts), whole
                 if p.dim() == 1:
                     full.fill_(1.0)

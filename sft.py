@@ -27,6 +27,19 @@ oversampling; a fraction keeps a seeded share). JSON or TOML:
 Samples are best-fit packed into rows of --seq-len tokens (data.pack_best_fit); a sample longer than a row is
 dropped and counted, never truncated. The rows are packed once and visited in a new seeded order every epoch.
 
+A draft for a checkpoint that ships none (--mtp-only): the released checkpoints carry no MTP weights, and a fine-tune
+made with transformers loses any draft it had. --mtp-only trains the MTP block alone on the frozen model: backbone,
+embedding and head take no gradient and have no optimizer state; the block (fresh, or --mtp-init continue: the
+model's own) learns the main head's own distribution at the next position as a soft target (self-distillation:
+the prediction its drafts are verified against), on the stage's conversations or (--mtp-data self) on the model's
+own continuations of their prompts. It writes a stage checkpoint and a Hugging Face directory (MTP under mtp.*,
+which transformers ignores), and the greedy draft acceptance before / after on held-out prompts (acceptance.json):
+    python sft.py --mtp-only --from out/hf/instruct                   # a Hugging Face directory without MTP weights
+    python sft.py --mtp-only --from out/sft/instruct --mtp-data self --out-dir out/sft/instruct-mtp
+    python sample.py --ckpt out/sft/mtp/hf --speculative --temperature 0
+On a GPU the frozen backbone is held in bf16; torchrun replicates it on every rank and averages the block's
+gradients (no DDP / FSDP wrapping).
+
 Checkpoints, metrics, --resume and --stop-after are train.py's: out/sft/{variant}/, metrics.jsonl. At the end the
 final model is evaluated with eval.py on held-out test seeds of every built-in family it trained on, against the
 base on the same prompts (eval_base.jsonl, measured once before training), and its column of the report card
@@ -40,7 +53,10 @@ Contents, top to bottom
   SFTLoader                       packed rows, a seeded order per epoch, split across ranks, exactly resumable
   default_source                  the base to start from when --from is not given
   eval_table                      base vs SFT greedy accuracy, the gain in paired standard errors, as markdown
+  --mtp-only pieces               mtp_distill_loss (soft targets, chunked: _SoftTargetCE), prepare_mtp_only (freeze,
+                                  fresh block), mtp_only_step, self_generated (--mtp-data self), draft_acceptance
   main                            arguments, compute, base, data, model, optimizer, loop, save, evaluation
+  main_mtp_only                   the same skeleton for --mtp-only, plus the Hugging Face directory
 
 Footguns
 - The optimizer state of the base is not reused: a fresh Muon + AdamW. The base's state belongs to another loss
@@ -52,27 +68,34 @@ Footguns
   masks keep their loss apart.
 - Resuming checks the loader's data fingerprint: changing the mixture, the tokenizer, --seq-len or the seed refuses
   to resume.
+- --mtp-only keeps the recipe's rows (for tiny: 512 tokens) and records their length as the context, like SFT; the
+  backbone's weights are untouched, so its logits equal the base's. Its LR is the recipe's mtp_lr (pre-training's
+  peak: the block is new), not SFT's. The stage checkpoint holds the whole model (the frozen part included).
 - Generation of the evaluation runs on rank 0 alone after the other ranks have left (it reads the final checkpoint
   back with train.load_model, so it works the same after DDP and FSDP2).
 """
 import argparse
+import contextlib
 import copy
 import glob
 import hashlib
 import json
 import math
 import os
+import time
 import tomllib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
 import eval as E
 import model as M
 import muon
+import sample as S
 import train
 
 # -----------------------------------------------------------------------------
@@ -94,6 +117,8 @@ class Recipe:
     eval_tasks: int         # held-out test tasks per family at the end
     aux_coef: float         # balancing loss per MoE layer: the base's pre-training coefficient / 10 (the report's
     #                         1e-3 -> 1e-4); tiny's router, pre-trained at 0.1, collapses at 1e-4
+    mtp_lr: float           # --mtp-only: peak LR of the MTP block, pre-training's peak (our choice: a fresh block
+    #                         learns from scratch; SFT's LR is for weights that are trained already)
 
 
 RECIPES = {
@@ -101,7 +126,8 @@ RECIPES = {
     # (131,072). Batch size unpublished: 32 rows of 128K (4M tokens) is our choice.
     "mellum2-12b": Recipe(lr=3e-5, warmup=100, epochs=3, micro_batch=1, global_batch=32, min_seq_len=0,
                           tasks_per_family=dict.fromkeys(FAMILIES, 100_000),
-                          weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200, aux_coef=1e-4),
+                          weights=dict.fromkeys(FAMILIES, 1) | {"identity": 3}, eval_tasks=200, aux_coef=1e-4,
+                          mtp_lr=3e-4),
     # CPU-sized, measured on `tiny` (RESULTS.md): peak 1e-2, a third of pre-training's 3e-2 (3e-3 learned too slowly
     # for a 10-minute run), rows of 512 so tool conversations fit. Batches of 4 rows: at equal tokens, 258 steps of
     # 4 rows took the Thinking trace of `chain` to 76% where 129 steps of 8 rows reached 14%. The families tiny can
@@ -110,7 +136,7 @@ RECIPES = {
     "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=4, min_seq_len=512,
                       tasks_per_family=dict.fromkeys(FAMILIES, 400) | {"chain": 3000, "python": 800, "identity": 100},
                       weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100,
-                      aux_coef=0.01),
+                      aux_coef=0.01, mtp_lr=3e-2),
 }
 
 
@@ -294,16 +320,214 @@ def eval_table(base, tuned, variant):
 
 
 # -----------------------------------------------------------------------------
+# --mtp-only: a speculative-decoding draft for a checkpoint that ships none. The MTP block alone learns to agree
+# with the frozen model: at position t (reading h_t and token t+1) its distribution for token t+2 is pulled towards
+# the main head's own distribution at t+1, the very prediction a draft is verified against (self-distillation).
+
+SOFT_CE_ELEMENTS = 1 << 26  # logits per chunk of the soft cross-entropy: 256 MB in fp32, whatever the vocabulary
+MTP_EVAL_TASKS = 10         # --mtp-only: held-out prompts per family for the acceptance table (default)
+SELF_MAX_NEW_TOKENS = 128   # --mtp-data self: tokens per continuation, as many as the evaluation generates
+SELF_SAMPLING = dict(temperature=0.6, top_k=20, top_p=0.95)  # the report's recommended sampling
+
+
+def _teacher_student(g, h, W):
+    """(p, log q) over the rows of W: the teacher p = softmax(h W^T), the student log q = log_softmax(g W^T), both
+    fp32, the matmuls in W's dtype (bf16 for a backbone frozen in bf16) whatever the surrounding autocast."""
+    with torch.autocast(g.device.type, enabled=False):
+        p = (h.to(W.dtype) @ W.T).float().softmax(-1)
+        logq = (g.to(W.dtype) @ W.T).float().log_softmax(-1)
+    return p, logq
+
+
+class _SoftTargetCE(torch.autograd.Function):
+    """(sum over rows n of -sum_v p_nv log q_nv (_teacher_student), the same sum of the teacher's entropies
+    -sum_v p_nv log p_nv: the difference is the KL, 0 for a perfect draft), `chunk` rows at a time: the (N, V)
+    teacher and student never exist whole (at mellum2-12b's 98,304 ids they take 0.4 MB per position each in fp32,
+    50 GB for a 128K row). The gradient is made in the same pass, d/dg = (q - p) W since p sums to 1, and kept
+    (N, D): three matmuls with W in all, as plain autograd would do, without its (N, V) saved tensors. W is the
+    frozen head: no gradient for it or for h."""
+
+    @staticmethod
+    def forward(ctx, g, h, W, chunk):
+        total, entropy, grad_g = torch.zeros((), device=g.device), torch.zeros((), device=g.device), torch.empty_like(g)
+        for i in range(0, len(g), chunk):
+            p, logq = _teacher_student(g[i:i + chunk], h[i:i + chunk], W)
+            total -= (p * logq).sum()
+            entropy -= torch.special.xlogy(p, p).sum()
+            with torch.autocast(g.device.type, enabled=False):
+                grad_g[i:i + chunk] = ((logq.exp() - p).to(W.dtype) @ W).to(g.dtype)
+        ctx.save_for_backward(grad_g)
+        ctx.mark_non_differentiable(entropy)
+        return total, entropy
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (grad_g,) = ctx.saved_tensors
+        return grad_g * grad.to(grad_g.dtype), None, None, None
+
+
+def mtp_moe(model):
+    return [m for m in model.mtp.modules() if isinstance(m, M.MoE)]
+
+
+def mtp_distill_loss(model, x, mask, norm=None, n_vocab=None):
+    """The --mtp-only loss of the inputs x (B, T): the MTP block at position t, which reads h_t and token t+1,
+    against the main head's distribution at t+1 (its prediction of the same token t+2) as a soft target, both over
+    ids < n_vocab (default: all). mask (B, T) marks the positions whose next token is a target (y != -1), as for
+    the main CE: the MTP at t counts where mask[:, t+1]. The backbone runs under no_grad; gradients reach the MTP
+    block alone (prepare_mtp_only freezes the embedding and head it shares). Returns {"mtp": the summed soft
+    cross-entropies / norm (default: their count), "entropy": the teacher's, likewise (mtp - entropy is the KL),
+    "aux", "z": the MTP block's router losses, unweighted}."""
+    V = min(n_vocab or model.config.vocab_size, model.config.vocab_size)
+    with torch.no_grad():
+        h = model.hidden(x)  # (B, T, D)
+    keep = mask[:, 1:]  # (B, T-1)
+    g = model.mtp_hidden(h[:, :-1], x[:, 1:])  # (B, T-1, D)
+    W = model.lm_head.weight[:V]
+    ce, entropy = _SoftTargetCE.apply(g[keep], h[:, 1:][keep], W, max(1, SOFT_CE_ELEMENTS // V))
+    aux, z = model.router_losses(mtp_moe(model), g)
+    norm = keep.sum().clamp(min=1) if norm is None else norm
+    return {"mtp": ce / norm, "entropy": entropy / norm, "aux": aux, "z": z}
+
+
+def prepare_mtp_only(model, init, seed, source):
+    """The model --mtp-only trains, in place: its own MTP block (init "continue") or a fresh one drawn as
+    Mellum.init_weights draws it ("fresh"), and every other parameter frozen (requires_grad False: no gradient
+    reaches them, and muon.param_groups leaves them out of the optimizer, so they get no optimizer state)."""
+    if init == "continue" and model.mtp is None:
+        raise data.InputError(f"--mtp-init continue: {source} has no MTP weights (no mtp.* tensors; released Mellum 2 "
+                              "checkpoints ship none): use --mtp-init fresh")
+    if init == "fresh":
+        model.config.num_mtp_layers = 1
+        model.mtp = M.MTP(model.config).to(model.lm_head.weight.device)
+        model.init_weights(seed, prefix="mtp")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("mtp."))
+    return model
+
+
+def mtp_only_step(ctx, raw, optimizer, batches, lr_mult, step, n_vocab, aux_coef, z_coef=1e-3, grad_clip=1.0):
+    """One --mtp-only optimizer step; returns its log record (train.train_step's, the loss being the distillation).
+    The model runs unwrapped on every rank (the frozen backbone replicated: 24 GB in bf16 for mellum2-12b), so the
+    MTP block's gradients are averaged over the ranks here. Soft CE is summed over the step's MTP targets and
+    divided by their global count (train.token_normaliser), aux and z averaged over the micro-batches."""
+    t0 = time.perf_counter()
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_mult
+    norm = train.token_normaliser(batches, ctx)[1]
+    raw.reset_router_counts()
+    parts = torch.zeros(4, device=ctx.device)
+    for x, y in batches:
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with ctx.autocast():
+            losses = mtp_distill_loss(raw, x, y != -1, norm, n_vocab)
+            loss = losses["mtp"] + (aux_coef * losses["aux"] + z_coef * losses["z"]) / len(batches)
+        loss.backward()
+        parts += torch.stack([losses["mtp"], losses["entropy"], losses["aux"] / len(batches),
+                              losses["z"] / len(batches)]).detach()
+    if ctx.ddp:
+        for p in raw.mtp.parameters():
+            if p.grad is None:  # a block that saw no target on this rank still joins the all-reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world_size
+        dist.all_reduce(parts)
+        parts /= ctx.world_size
+    if not torch.isfinite(parts).all():
+        raise FloatingPointError(f"non-finite loss at step {step} (mtp, entropy, aux, z = {parts.tolist()}); "
+                                 "stopping. Lower --lr or check the data.")
+    grad_norm = train.optimizer_step(raw, optimizer, grad_clip)
+    tps = sum(x.numel() for x, _ in batches) * ctx.world_size / (time.perf_counter() - t0)
+    mtp, entropy, aux, z = parts.tolist()
+    return dict(step=step + 1, mtp=mtp, kl=mtp - entropy, aux=aux, z=z, lr=optimizer.param_groups[0]["lr"],
+                grad_norm=grad_norm, tok_per_s=tps, imbalance=train.imbalance(raw))
+
+
+def self_generated(model, tok, convs, seq_len, ctx, seed, batch=32):
+    """--mtp-data self: ChatSamples of the model's own continuations of the stage's prompts (every conversation up
+    to its first assistant turn, with its tools; SELF_SAMPLING, up to SELF_MAX_NEW_TOKENS or <|im_end|>), the
+    continuation trained. Each rank generates every world_size-th prompt; all ranks end with all samples."""
+    prompts = []
+    for c in (c for cs in convs.values() for c in cs):
+        first = next((i for i, m in enumerate(c["messages"]) if m["role"] == "assistant"), None)
+        ids = data.render_prompt(tok, c["messages"][:first], c.get("tools")) if first else []
+        if 0 < len(ids) < seq_len:
+            prompts.append(ids)
+    mine = sorted(range(ctx.rank, len(prompts), ctx.world_size), key=lambda i: len(prompts[i]))  # less padding
+    gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+    stops = (tok.special[data.CHAT_STOP], tok.eot)
+    out = []
+    for j in tqdm(range(0, len(mine), batch), desc="self-generated data", disable=not ctx.master):
+        rows = mine[j:j + batch]
+        room = min(SELF_MAX_NEW_TOKENS, seq_len + 1 - len(prompts[rows[-1]]),
+                   model.config.max_position_embeddings - len(prompts[rows[-1]]))
+        done = S.generate_batch(model, [prompts[i] for i in rows], room, generator=gen, stop_tokens=stops,
+                                n_vocab=tok.n_vocab, **SELF_SAMPLING)
+        out += [(i, prompts[i] + c.tokens, len(prompts[i])) for i, c in zip(rows, done)]
+    if ctx.ddp:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, out)
+        out = [s for part in everyone for s in part]
+    return [data.ChatSample(ids, [False] * n + [True] * (len(ids) - n)) for _, ids, n in sorted(out)]
+
+
+@contextlib.contextmanager
+def one_dtype(model):
+    """The model in one dtype for generation (a KV cache holds one): beside a backbone frozen in bf16, a bf16 copy of
+    the MTP block stands in for its fp32 master weights."""
+    mtp, dtype = model.mtp, model.lm_head.weight.dtype
+    if mtp is not None and mtp.norm.weight.dtype != dtype:
+        with torch.device("meta"):
+            model.mtp = M.MTP(model.config)
+        model.mtp.to_empty(device=model.lm_head.weight.device).to(dtype).load_state_dict(mtp.state_dict())
+    try:
+        yield model
+    finally:
+        model.mtp = mtp
+
+
+def draft_acceptance(model, tok, families, n_tasks, max_new_tokens):
+    """{family: {drafted, accepted, rate}}: greedy MTP speculative decoding of n_tasks held-out test prompts per
+    family (chat template, stop at <|im_end|>), drafts over all ids < n_vocab."""
+    device, context = next(model.parameters()).device, model.config.max_position_embeddings
+    out = {}
+    for f in families:
+        drafted = accepted = 0
+        for seed in E.task_seeds(f, "test", n_tasks):
+            task = E.make_task(f, seed)
+            ids = data.render_prompt(tok, task.messages, task.tools)
+            if len(ids) >= context - 1:
+                continue
+            _, st = S.generate(model, torch.tensor([ids], device=device), min(max_new_tokens, context - len(ids)),
+                               temperature=0, stop_token=tok.special[data.CHAT_STOP], speculative=True,
+                               n_vocab=tok.n_vocab)
+            drafted, accepted = drafted + st["drafted"], accepted + st["accepted"]
+        out[f] = dict(drafted=drafted, accepted=accepted, rate=accepted / max(drafted, 1))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # The script
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     # --- run
-    ap.add_argument("--variant", choices=("instruct", "thinking"), required=True)
+    ap.add_argument("--variant", choices=("instruct", "thinking"), default=None, help="required, except with "
+                    "--mtp-only (default instruct there: how the stage's conversations are rendered)")
     ap.add_argument("--from", dest="base", default=None, help="base checkpoint: a training stage's directory or a "
                     f"Hugging Face directory (default: the first of {', '.join(SOURCES)} that exists)")
-    ap.add_argument("--out-dir", default=None, help="default: out/sft/{variant}")
+    ap.add_argument("--out-dir", default=None, help="default: out/sft/{variant}, out/sft/mtp with --mtp-only")
     ap.add_argument("--resume", action="store_true", help="continue from --out-dir's latest checkpoint")
+    # --- --mtp-only: train a speculative-decoding draft (the MTP block) on the frozen model
+    ap.add_argument("--mtp-only", action="store_true", help="train only the MTP block, self-distilled from the "
+                    "frozen model (module docstring); writes a stage checkpoint and a Hugging Face directory")
+    ap.add_argument("--mtp-init", choices=("fresh", "continue"), default="fresh", help="fresh: a newly drawn MTP "
+                    "block (the only choice for released checkpoints, which ship none); continue: the base's own")
+    ap.add_argument("--mtp-data", choices=("stage", "self"), default="stage", help="stage: the mixture's "
+                    "conversations; self: the model's own continuations of their prompts (sampled at 0.6 / top-k 20 "
+                    "/ top-p 0.95)")
+    ap.add_argument("--export-hf", default=None, help="with --mtp-only: the Hugging Face directory written at the end "
+                    "(default: {out-dir}/hf)")
     # --- data (defaults: the recipe for the base, RECIPES)
     ap.add_argument("--mixture", default=None, help="JSON/TOML SFT mixture: JSONL sources and per-source weights "
                     "(default: the built-in task families with the recipe's weights, identity 3x)")
@@ -324,11 +548,15 @@ def parse_args(argv=None):
                     "(default: the recipe's, pre-training's / 10: the report's 1e-4 for mellum2-12b, 0.01 on tiny)")
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-tasks", type=int, default=None, help="held-out test tasks per family at the end (0: no "
-                    "evaluation)")
+                    f"evaluation); --mtp-only: prompts per family for draft acceptance (default {MTP_EVAL_TASKS})")
     ap.add_argument("--eval-max-new-tokens", type=int, default=128)
     ap.add_argument("--report-card", default=E.REPORT_CARD)
     train.add_stage_args(ap, 100)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.variant is None and not args.mtp_only:
+        ap.error("the following arguments are required: --variant (or --mtp-only)")
+    args.variant = args.variant or "instruct"
+    return args
 
 
 def main(argv=None):
@@ -336,11 +564,11 @@ def main(argv=None):
     ctx = train.compute_init(args.device, dtype=args.dtype)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
-    out_dir = args.out_dir or os.path.join("out", "sft", args.variant)
+    out_dir = args.out_dir or os.path.join("out", "sft", "mtp" if args.mtp_only else args.variant)
 
     # --- the base, its recipe and the config SFT trains at
     base_dir = args.base or default_source()
-    base, tok, _ = train.load_model(base_dir)
+    base, tok, base_meta = train.load_model(base_dir)
     if not isinstance(tok, data.Tokenizer):
         raise data.InputError(f"--from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint of "
                               f"this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
@@ -359,7 +587,12 @@ def main(argv=None):
     # --- data: every rank renders and packs the same rows (deterministic, seconds), then keeps its share
     tasks = dict.fromkeys(FAMILIES, args.tasks_per_family) if args.tasks_per_family else recipe.tasks_per_family
     mixture = load_sft_mixture(args.mixture, tasks, recipe.weights)
-    samples, stats = build_samples(tok, conversations(mixture, args.seed), args.variant)
+    convs = conversations(mixture, args.seed)
+    samples, stats = build_samples(tok, convs, args.variant)
+    if args.mtp_only:
+        base.config.max_position_embeddings = config.max_position_embeddings  # in place: the modules share it
+        return main_mtp_only(args, ctx, log, out_dir, base_dir, base, base_meta, tok, mixture, convs, samples, stats,
+                             T, B, global_batch, n_micro, recipe, aux_coef)
     loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     steps = args.steps or max(1, epochs * len(loader) // global_batch)
     warmup = min(args.warmup if args.warmup is not None else recipe.warmup, steps)
@@ -424,6 +657,103 @@ def main(argv=None):
     print(f"\n{args.variant}-SFT at step {final}, greedy accuracy on {eval_tasks} held-out test tasks per family "
           f"(%, ± standard error):\n\n{eval_table(base_results, results, args.variant)}\n\nreport card: {card}")
     return results
+
+
+def main_mtp_only(args, ctx, log, out_dir, base_dir, raw, base_meta, tok, mixture, convs, samples, stats, T, B,
+                  global_batch, n_micro, recipe, aux_coef):
+    """sft.py --mtp-only: the MTP block (fresh, or the base's own) trained alone on the frozen base, on the stage's
+    conversations or the model's own continuations; then the stage checkpoint, the Hugging Face directory and the
+    draft acceptance before and after on held-out prompts."""
+    # --- the model: a draft block beside the frozen backbone, in bf16 on a GPU (no master weights to keep; the MTP
+    # block keeps fp32 ones), cast before it moves there; the draft's acceptance before training (rank 0)
+    prepare_mtp_only(raw, args.mtp_init, args.seed, f"--from {base_dir}")
+    if ctx.bf16:
+        raw.model.to(torch.bfloat16)
+        raw.lm_head.to(torch.bfloat16)
+    raw.to(ctx.device)
+    os.makedirs(out_dir, exist_ok=True)
+    families = [f for f in mixture.weights if f in FAMILIES]
+    n_eval = MTP_EVAL_TASKS if args.eval_tasks is None else args.eval_tasks
+    before_path = os.path.join(out_dir, "acceptance_before.json")
+    if ctx.master and n_eval and families and not os.path.exists(before_path):
+        with one_dtype(raw.eval()):
+            before = draft_acceptance(raw, tok, families, n_eval, args.eval_max_new_tokens)
+        E.atomic_write(before_path, json.dumps(before))
+
+    # --- data: the stage's conversations, or the model's own continuations of their prompts (cached for --resume)
+    if args.mtp_data == "self":
+        cached = os.path.join(out_dir, "self_generated.jsonl")
+        if args.resume and os.path.exists(cached):
+            with open(cached) as f:
+                samples = [data.ChatSample(**json.loads(line)) for line in f]
+        else:
+            with one_dtype(raw.eval()):
+                samples = self_generated(raw, tok, convs, T, ctx, args.seed)
+            if ctx.master:
+                E.atomic_write(cached, "".join(json.dumps(vars(s)) + "\n" for s in samples))
+    loader = SFTLoader(samples, T, B, pad=tok.eot, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
+    epochs = args.epochs or recipe.epochs
+    steps = args.steps or max(1, epochs * len(loader) // global_batch)
+    warmup = min(args.warmup if args.warmup is not None else recipe.warmup, steps)
+    log_data(stats, mixture, samples, loader, T, args.variant, log)
+    if args.mtp_data == "self":
+        log(f"sft --mtp-only: the rows are the model's own continuations of those {len(samples):,} prompts")
+
+    # --- the optimizer: the MTP block's parameters alone (the others do not require grad)
+    raw.train()
+    lr = args.lr or recipe.mtp_lr
+    opt = muon.MuonAdamW(muon.param_groups(raw, lr, 0.1))
+    step = train.resume(out_dir, raw, opt, loader, ctx, log) if args.resume else 0
+    meta = dict(stage="mtp", variant=args.variant, tokenizer=tok.name, mtp_from=os.path.abspath(base_dir),
+                base_stage=base_meta.get("stage"), args=vars(args), data=stats, dropped=loader.dropped)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    log(f"sft --mtp-only: from {base_dir}, {args.mtp_init} MTP block ({trained:,} parameters trained, the other "
+        f"{sum(p.numel() for p in raw.parameters()) - trained:,} frozen), {args.mtp_data} data at {T} tokens per "
+        f"row, {steps} steps of {global_batch} rows, {n_micro} micro-batches of {B} per rank, lr {lr:g} (warmup "
+        f"{warmup}, cosine to {lr / 10:g}), aux {aux_coef}, device {ctx.device}, world {ctx.world_size}")
+
+    # --- the loop
+    first = step
+    for step in tqdm(range(step, steps), desc="sft mtp-only", disable=not ctx.master, dynamic_ncols=True,
+                     initial=step, total=steps):
+        batches = [loader.next_batch() for _ in range(n_micro)]
+        r = mtp_only_step(ctx, raw, opt, batches, cosine_schedule(step, steps, warmup), step, tok.n_vocab, aux_coef)
+        r["targets"] = sum(int((y[:, 1:] != -1).sum()) for _, y in batches)
+        train.log_metrics(metrics, r, ctx, echo=False)
+        if ctx.master and (step + 1) % args.log_every == 0:
+            tqdm.write(f"step {r['step']:6d} | mtp soft CE {r['mtp']:.4f} | KL {r['kl']:.4f} | aux {r['aux']:.3f} | "
+                       f"z {r['z']:.3f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | {r['tok_per_s']:,.0f} "
+                       f"tok/s | imbalance {r['imbalance']:.2f}")
+        save, stop = train.should_save(step + 1, steps, first, args)
+        if save:
+            train.save_checkpoint(out_dir, step + 1, raw, opt, meta,
+                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
+        if stop:
+            log(f"sft --mtp-only: stopped at step {step + 1}; continue with --resume")
+            train.compute_cleanup(ctx)
+            return None
+    train.compute_cleanup(ctx)
+    if not ctx.master:
+        return None
+
+    # --- the Hugging Face directory (transformers loads it and ignores mtp.*), and the acceptance it gives
+    hf_dir = args.export_hf or os.path.join(out_dir, "hf")
+    train.save_pretrained(raw, hf_dir, dtype=torch.bfloat16 if ctx.bf16 else None, tokenizer=tok)
+    log(f"sft --mtp-only: wrote {hf_dir} (Hugging Face format, MTP under mtp.*): python sample.py --ckpt {hf_dir} "
+        "--speculative")
+    if not os.path.exists(before_path):
+        return None
+    with open(before_path) as f, one_dtype(raw.eval()):
+        result = dict(before=json.load(f), after=draft_acceptance(raw, tok, families, n_eval,
+                                                                   args.eval_max_new_tokens))
+    E.atomic_write(os.path.join(out_dir, "acceptance.json"), json.dumps(result, indent=2))
+    print(f"\ngreedy draft acceptance on {n_eval} held-out test prompts per family (drafts accepted / drafted):\n")
+    print(f"| family | before ({args.mtp_init} block) | after |\n|---|---|---|")
+    for f in families:
+        print("| " + " | ".join([f] + [f"{100 * r[f]['rate']:.1f}% ({r[f]['accepted']}/{r[f]['drafted']})"
+                                        for r in (result["before"], result["after"])]) + " |")
+    return result
 
 
 def log_data(stats, mixture, samples, loader, T, variant, log):
