@@ -3890,7 +3890,7 @@ def test_rlvr_default_mixture_keeps_the_families_sft_trained():
     # python 22 and chain 8 are the report's shares (code 22%; math 25% over math, arithmetic and chain); the user
     # source "mine" and the family SFT never saw are not drawn; function_call's prompts do not fit 128 positions
     trained = {"chain": {}, "python": {}, "function_call": {}, "mine": {}}
-    assert rlvr.default_mixture(tok, 512, trained) == {"python": 22, "chain": 8, "function_call": 6.5}
+    assert rlvr.default_mixture(tok, 512, trained) == {"python": 22, "chain": 8, "function_call": 3.25}
     assert rlvr.default_mixture(tok, 128, trained) == {"python": 22, "chain": 8}
     assert set(rlvr.default_mixture(tok, 512)) == {f for f in E.FAMILIES if f not in E.EVAL_ONLY}
 
@@ -4337,6 +4337,25 @@ def test_eval_agentic_code_runs_model_code_only_in_the_sandbox(monkeypatch):
     assert not hasattr(builtins, "NM_RAN_HERE")
     monkeypatch.setattr(sandbox, "run_tests", lambda code, tests, **kw: 0.25)  # the reward is the sandbox's verdict
     assert E.score(task, text).reward == 0.25
+
+
+def test_eval_episode_families_fit_sft_rows_and_the_rl_mixture():
+    tok = _tok(16000)
+    for family in ("kv_store", "agentic_code"):
+        assert family in sft.FAMILIES and sft.RECIPES["default"].weights[family] == 1 and family in rlvr.RL_MIXTURE
+        for s in E.task_seeds(family, "train", 100):
+            conv = E.reference_conversation(E.make_task(family, s))
+            instruct, thinking = data.render_chat(tok, conv, "instruct"), data.render_chat(tok, conv, "thinking")
+            assert len(instruct[0].ids) <= 513 and max(len(x.ids) for x in thinking) <= 513  # a 512-token row + 1
+            assert len(thinking) == sum(m["role"] == "assistant" for m in conv["messages"])  # every step is trained
+    # the default RL mixture leaves out families whose reference episodes exceed the length cap
+    trained = {f: {} for f in ("chain", "kv_store", "agentic_code")}
+    assert rlvr.default_mixture(tok, 512, trained, max_new=64) == {"chain": 8}
+    assert rlvr.default_mixture(tok, 512, trained, max_new=256) == {"chain": 8, "kv_store": 3.25, "agentic_code": 3.25}
+    task = E.make_task("kv_store", 0)
+    turns = [m for m in task.reference if m["role"] == "assistant"]
+    think = sum(len(tok.encode(f"<think>\n{m['reasoning']}\n</think>\n\n")) for m in turns)
+    assert rlvr.reference_tokens(tok, task, "thinking") == rlvr.reference_tokens(tok, task, "instruct") + think
 
 
 def test_eval_pass_at_k_matches_brute_force():
