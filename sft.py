@@ -132,11 +132,12 @@ RECIPES = {
     # for a 10-minute run), rows of 512 so tool conversations fit. Batches of 4 rows: at equal tokens, 258 steps of
     # 4 rows took the Thinking trace of `chain` to 76% where 129 steps of 8 rows reached 14%. The families tiny can
     # learn in 10 CPU minutes, with as many conversations as fit: arithmetic (3-digit numbers are single tokens),
-    # math and calculator measured ~0 after SFT (RESULTS.md) and are left out.
+    # math and calculator measured ~0 after SFT (RESULTS.md) and are left out. The two episode families (kv_store,
+    # agentic_code: 280-500 tokens with their tool schemas, about a row each) cost more steps than the rest together.
     "default": Recipe(lr=1e-2, warmup=10, epochs=3, micro_batch=4, global_batch=4, min_seq_len=512,
                       tasks_per_family=dict.fromkeys(FAMILIES, 400) | {"chain": 3000, "python": 800, "identity": 100},
-                      weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3}, eval_tasks=100,
-                      aux_coef=0.01, mtp_lr=3e-2),
+                      weights={"chain": 1, "function_call": 1, "python": 1, "identity": 3, "kv_store": 1,
+                               "agentic_code": 1}, eval_tasks=100, aux_coef=0.01, mtp_lr=3e-2),
 }
 
 
@@ -549,7 +550,8 @@ def parse_args(argv=None):
     # --- evaluation, checkpoints, logging
     ap.add_argument("--eval-tasks", type=int, default=None, help="held-out test tasks per family at the end (0: no "
                     f"evaluation); --mtp-only: prompts per family for draft acceptance (default {MTP_EVAL_TASKS})")
-    ap.add_argument("--eval-max-new-tokens", type=int, default=128)
+    ap.add_argument("--eval-max-new-tokens", type=int, default=256, help="tool results included: an "
+                    "agentic_code episode takes ~170 on tiny")
     ap.add_argument("--report-card", default=E.REPORT_CARD)
     train.add_stage_args(ap, 100)
     args = ap.parse_args(argv)

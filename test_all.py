@@ -4060,7 +4060,7 @@ def test_rlvr_default_mixture_keeps_the_families_sft_trained():
     # python 22 and chain 8 are the report's shares (code 22%; math 25% over math, arithmetic and chain); the user
     # source "mine" and the family SFT never saw are not drawn; function_call's prompts do not fit 128 positions
     trained = {"chain": {}, "python": {}, "function_call": {}, "mine": {}}
-    assert rlvr.default_mixture(tok, 512, trained) == {"python": 22, "chain": 8, "function_call": 6.5}
+    assert rlvr.default_mixture(tok, 512, trained) == {"python": 22, "chain": 8, "function_call": 3.25}
     assert rlvr.default_mixture(tok, 128, trained) == {"python": 22, "chain": 8}
     assert set(rlvr.default_mixture(tok, 512)) == {f for f in E.FAMILIES if f not in E.EVAL_ONLY}
 
@@ -4289,6 +4289,243 @@ def test_eval_tool_hook_injects_calculator_results():
     assert hook(fc) is None  # a function_call call ends the rollout
     plain = S.Completion(0, 1, tok.encode("#### 3") + [tok.special[E.IM_END]], [], [], False)
     assert hook(plain) is None
+
+
+# -----------------------------------------------------------------------------
+# environments: multi-turn episodes with state (kv_store, agentic_code)
+
+def _drive(hook, comp, turns):
+    """generate_batch's tool loop with a scripted model: each turn's ids (ending with <|im_end|>) are sampled
+    (trained), then the hook either injects ids (not trained) or ends the row."""
+    for ids in turns:
+        comp.tokens += ids
+        comp.trained += [True] * len(ids)
+        injected = hook(comp)
+        if injected is None:
+            comp.finished = True
+            break
+        comp.tokens += injected
+        comp.trained += [False] * len(injected)
+    return comp
+
+
+def _turn(tok, *calls_or_answer):
+    """The ids of one assistant turn: tool calls (dicts) or a final answer (a string)."""
+    body = "\n".join(c if isinstance(c, str) else f"<tool_call>\n{json.dumps(c)}\n</tool_call>"
+                     for c in calls_or_answer)
+    return tok.encode(body) + [tok.special[E.IM_END]]
+
+
+def _play(tok, task, turns, max_tool_turns=4, sample_index=0, hook=None):
+    """(completion text, Completion) of a scripted episode; turns are lists of calls or a final answer string."""
+    hook = hook or E.make_tool_hook(tok, [task], max_tool_turns)
+    comp = _drive(hook, S.Completion(0, sample_index, [], [], [], False),
+                  [_turn(tok, *(t if isinstance(t, list) else [t])) for t in turns])
+    return tok.decode(comp.tokens), comp
+
+
+def _kv_task(store, calls, request="(a request)"):
+    return E.Task("kv_store", 0, [{"role": "user", "content": request}], E.KV_TOOLS, [], None,
+                  {"store": store, "calls": calls})
+
+
+def test_eval_kv_store_state_transitions_by_hand():
+    step, call = E.ENVS["kv_store"].step, E._call
+    s0 = {"color": "red", "size": "small"}
+    assert step(s0, call("set", key="owner", value="bob")) == ("ok", {"color": "red", "size": "small", "owner": "bob"})
+    assert step(s0, call("set", key="color", value="blue")) == ("ok", {"color": "blue", "size": "small"})
+    assert step(s0, call("get", key="size")) == ("small", s0)
+    assert step(s0, call("delete", key="color")) == ("ok", {"size": "small"})
+    assert step(s0, call("list")) == ("color, size", s0) and step({}, call("list")) == ("(empty)", {})
+    assert s0 == {"color": "red", "size": "small"}  # a step returns a new state, never edits its input
+    # calls the store cannot run: an error result the model can read and act on, the state unchanged
+    for bad, error in ((call("get", key="owner"), "error: no key 'owner'"),
+                       (call("delete", key="owner"), "error: no key 'owner'"),
+                       (call("put", key="a", value="b"),
+                        "error: unknown tool 'put'; the tools are set, get, delete, list"),
+                       (call("set", key="a", value=5), "error: set takes key (string), value (string)"),
+                       (call("set", key="a"), "error: set takes key (string), value (string)"),
+                       (call("get", key="size", default="x"), "error: get takes key (string)"),
+                       (call("list", key="size"), "error: list takes no arguments")):
+        assert step(s0, bad) == (error, s0), bad
+
+
+def test_eval_kv_store_reward_is_the_replayed_final_state():
+    tok, call = _tok(16000), E._call
+    get, delete = call("get", key="color"), call("delete", key="color")
+    set_shade = call("set", key="shade", value="red")
+    rename = _kv_task({"color": "red", "size": "small"}, [get, set_shade, delete], "Rename color to shade.")
+    score = lambda task, *turns, **kw: E.score(task, _play(tok, task, turns, **kw)[0])
+    assert score(rename, [get], [set_shade, delete], "Done.") == E.Score(1.0, True, True)
+    assert score(rename, [get], [delete, set_shade], "Done.").correct  # independent writes commute
+    assert score(rename, [call("list"), get], [set_shade], [delete], "Done.").correct  # extra reads, more turns
+    # error recovery: the unknown tool and the bad argument change nothing, their retries do
+    assert score(rename, [get], [set_shade, call("remove", key="color")], [call("delete", id="color")], [delete],
+                 "Done.").correct
+    swap = _kv_task({"color": "red", "size": "small"}, [call("get", key="color"), call("get", key="size"),
+                                                        call("set", key="color", value="small"),
+                                                        call("set", key="size", value="red")], "Swap color and size.")
+    wrong = {  # final states that differ from the ground truth's: every one scores 0, none is un-scoreable
+        "skips the delete": (rename, [get], [set_shade], "Done."),
+        "unknown tool, no retry": (rename, [get], [set_shade, call("remove", key="color")], "Done."),
+        "bad argument, no retry": (rename, [get], [call("set", key="shade", value=["red"]), delete], "Done."),
+        "wrong value": (rename, [get], [call("set", key="shade", value="blue"), delete], "Done."),
+        "wrong key": (rename, [get], [call("set", key="colour", value="red"), delete], "Done."),
+        "an extra write": (rename, [get], [set_shade, delete, call("set", key="size", value="large")], "Done."),
+        "no calls": (rename, "Done."),
+        # writes color before reading it: the value it then reads and copies is already the new one
+        "wrong order": (swap, [call("get", key="size")], [call("set", key="color", value="small")],
+                        [call("get", key="color")], [call("set", key="size", value="small")], "Done."),
+    }
+    for why, (task, *turns) in wrong.items():
+        assert score(task, *turns) == E.Score(0.0, False, True), why
+    assert score(swap, [call("get", key="color"), call("get", key="size")],
+                 [call("set", key="color", value="small"), call("set", key="size", value="red")], "Done.").correct
+    # an episode that never answers (the turn limit stopped it before its writes ran) and bad call JSON score 0
+    assert score(rename, [get], [set_shade, delete], "Done.", max_tool_turns=1) == E.Score(0.0, False, True)
+    text, comp = _play(tok, rename, [[get], '<tool_call>\n{"name": "set", "arguments": {"key": }\n</tool_call>'])
+    assert comp.finished and E.score(rename, text) == E.Score(0.0, False, False)
+
+
+def test_eval_kv_store_references_lose_their_reward_without_any_write():
+    # generated tasks: the reference scores 1; leaving out any write, or renaming its tool, scores 0
+    tok = _tok(16000)
+    kinds = set()
+    for s in E.task_seeds("kv_store", "train", 40) + E.task_seeds("kv_store", "test", 20):
+        task = E.make_task("kv_store", s)
+        kinds.add(task.messages[-1]["content"].split()[0])
+        rounds = [m["tool_calls"] for m in task.reference if m.get("tool_calls")]
+        assert len(rounds) >= 1 and sum(map(len, rounds)) >= 2
+        assert E.score(task, _play(tok, task, rounds + ["Done."])[0]).correct
+        for r, calls in enumerate(rounds):
+            for i, c in enumerate(calls):
+                if c["name"] in ("set", "delete"):
+                    for other in ([*calls[:i], *calls[i + 1:]], [*calls[:i], {**c, "name": "put"}, *calls[i + 1:]]):
+                        turns = [*rounds[:r], other, *rounds[r + 1:]]
+                        assert E.score(task, _play(tok, task, [t for t in turns if t] + ["Done."])[0]).reward == 0, \
+                            (s, c)
+    assert kinds == {"Set", "Copy", "Rename", "Swap", "Delete"}
+
+
+def test_eval_tool_hook_drives_a_scripted_episode_token_for_token():
+    # the scripted model emits exactly the SFT sample's trained tokens; everything else must come from the hook:
+    # the rollout's tokens and trained flags equal the SFT sample's ids and loss mask (tool results never trained)
+    tok = _tok(16000)
+    end = tok.special[E.IM_END]
+    for family in ("kv_store", "agentic_code"):
+        task = E.make_task(family, E.task_seeds(family, "train", 3)[2])
+        chat = data.render_chat(tok, E.reference_conversation(task))[0]
+        n = len(data.render_prompt(tok, task.messages, task.tools))
+        ids, mask = chat.ids[n:-1], chat.mask[n:-1]  # the "\n" after the last <|im_end|> is never generated
+        hook = E.make_tool_hook(tok, [task], max_tool_turns=4)
+        comp, i = S.Completion(0, 0, [], [], [], False), 0
+        while i < len(ids) and not comp.finished:
+            j = ids.index(end, i) + 1
+            assert all(mask[i:j])
+            _drive(hook, comp, [ids[i:j]])
+            i = len(comp.tokens)
+        assert comp.finished and comp.tokens == ids and comp.trained == mask, family
+        assert hook.calls == sum(len(m.get("tool_calls") or ()) for m in task.reference) >= 3 and hook.seconds > 0
+        assert E.score(task, tok.decode(comp.tokens)) == E.Score(1.0, True, True)
+
+
+def test_eval_tool_hook_keeps_one_episode_per_prompt_and_sample():
+    tok, call = _tok(16000), E._call
+    task = _kv_task({"color": "red"}, [call("set", key="size", value="large")])
+    hook = E.make_tool_hook(tok, [task])
+    _play(tok, task, [[call("set", key="size", value="large")], "Done."], hook=hook, sample_index=0)
+    text, _ = _play(tok, task, [[call("get", key="size")], "Done."], hook=hook, sample_index=1)
+    assert "error: no key 'size'" in text  # sample 1 never saw sample 0's write
+    text, _ = _play(tok, task, [[call("get", key="size")], "Done."], hook=hook, sample_index=0)
+    assert "<tool_response>\nlarge\n</tool_response>" in text  # sample 0's episode goes on where it stopped
+
+
+def _code_task(bug, entries=("add_k", "times_k", "shift_all")):
+    return next(t for t in map(functools.partial(E.make_task, "agentic_code"), range(500))
+                if t.target["bug"] == bug and t.target["entry"] in entries)
+
+
+def test_eval_agentic_code_steps_and_hidden_test_reward():
+    tok, call = _tok(16000), E._call
+    step = E.ENVS["agentic_code"].step
+    for bug in E._BUGS:
+        task = _code_task(bug)
+        files, hidden = task.target["files"], task.target["tests"]
+        assert files[E.CODE_FILE].count("\n") == 3 and files[E.TEST_FILE].count("\n") == 2
+        assert not any(t in files[E.TEST_FILE] or t in task.messages[-1]["content"] for t in hidden)
+        # read, patch, test: the transitions by hand
+        listing, same = step(files, call("read_file", path=E.CODE_FILE))
+        assert same == files and listing.splitlines()[0] == "1: " + files[E.CODE_FILE].splitlines()[0]
+        fix = next(m for m in task.reference if m.get("tool_calls", [{}])[0].get("name") == "replace_line")
+        fixed_line = fix["tool_calls"][0]["arguments"]["text"]
+        ok, patched = step(files, fix["tool_calls"][0])
+        assert ok == "ok" and patched[E.CODE_FILE].splitlines() == [*files[E.CODE_FILE].splitlines()[:2], fixed_line]
+        error = {"constant": "AssertionError", "name": "NameError", "stub": "NotImplementedError"}[bug]
+        first = files[E.TEST_FILE].splitlines()[0]
+        assert step(files, call("run_tests"))[0].endswith(f"tests passed; first failure: {first} ({error})")
+        assert step(patched, call("run_tests"))[0] == "2 of 2 tests passed"
+        for bad in (call("read_file", path="x.py"), call("replace_line", path=E.CODE_FILE, line=4, text="x"),
+                    call("replace_line", path=E.CODE_FILE, line="3", text="x"), call("run_tests", path=E.TEST_FILE),
+                    call("write_file", path=E.CODE_FILE, text="x")):
+            result, state = step(files, bad)
+            assert result.startswith("error: ") and state == files, bad
+        def score(*turns, task=task):
+            return E.score(task, _play(tok, task, turns)[0])
+        read, patch = call("read_file", path=E.CODE_FILE), fix["tool_calls"][0]
+        assert score([read], [patch], [call("run_tests")], "Fixed.") == E.Score(1.0, True, True)
+        assert score([patch], "Fixed.").correct  # the tests are not required, the final file is judged
+        nothing = score("Fixed.")
+        assert nothing.well_formed and nothing.reward < 1 and (nothing.reward == 0 or bug == "constant")
+        # hard-coding the visible test, or editing the test file, passes run_tests but not the hidden tests
+        want = re.match(r"assert \w+\(.*\) == (.*)", first).group(1)
+        hard = call("replace_line", path=E.CODE_FILE, line=3, text=f"    return {want}")
+        assert step(step(files, hard)[1], call("run_tests"))[0].startswith("1 of 2")
+        assert score([hard], "Fixed.").reward == 0
+        cheat = call("replace_line", path=E.TEST_FILE, line=1, text="assert True")
+        assert score([cheat], [call("run_tests")], "Fixed.").reward == nothing.reward
+        breaks = call("replace_line", path=E.CODE_FILE, line=1, text="def (")
+        assert step(step(patched, breaks)[1], call("run_tests"))[0].startswith("error: SyntaxError")
+        assert score([patch, breaks], "Fixed.").reward == 0
+
+
+def test_eval_agentic_code_runs_model_code_only_in_the_sandbox(monkeypatch):
+    import builtins
+    tok, call = _tok(16000), E._call
+    task = _code_task("stub")
+    patch = next(c for m in task.reference for c in m.get("tool_calls") or () if c["name"] == "replace_line")
+    head = task.target["files"][E.CODE_FILE].split("\n")[0]
+    mark = call("replace_line", path=E.CODE_FILE, line=1,  # marks whichever process runs the module
+                text=f"import builtins; builtins.NM_RAN_HERE = True\n{head}")
+    programs, real = [], sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda code, **kw: programs.append(code) or real(code, **kw))
+    E._run_visible_tests.cache_clear()
+    text, _ = _play(tok, task, [[patch], [mark], [call("run_tests")], "Fixed."])
+    assert "<tool_response>\n2 of 2 tests passed\n</tool_response>" in text and len(programs) == 1
+    assert E.score(task, text) == E.Score(1.0, True, True)
+    # the hidden tests ran in a second sandboxed program; replaying run_tests reused the first one's result
+    assert len(programs) == 2 and all("builtins.NM_RAN_HERE = True" in p for p in programs)
+    assert not hasattr(builtins, "NM_RAN_HERE")
+    monkeypatch.setattr(sandbox, "run_tests", lambda code, tests, **kw: 0.25)  # the reward is the sandbox's verdict
+    assert E.score(task, text).reward == 0.25
+
+
+def test_eval_episode_families_fit_sft_rows_and_the_rl_mixture():
+    tok = _tok(16000)
+    for family in ("kv_store", "agentic_code"):
+        assert family in sft.FAMILIES and sft.RECIPES["default"].weights[family] == 1 and family in rlvr.RL_MIXTURE
+        for s in E.task_seeds(family, "train", 100):
+            conv = E.reference_conversation(E.make_task(family, s))
+            instruct, thinking = data.render_chat(tok, conv, "instruct"), data.render_chat(tok, conv, "thinking")
+            assert len(instruct[0].ids) <= 513 and max(len(x.ids) for x in thinking) <= 513  # a 512-token row + 1
+            assert len(thinking) == sum(m["role"] == "assistant" for m in conv["messages"])  # every step is trained
+    # the default RL mixture leaves out families whose reference episodes exceed the length cap
+    trained = {f: {} for f in ("chain", "kv_store", "agentic_code")}
+    assert rlvr.default_mixture(tok, 512, trained, max_new=64) == {"chain": 8}
+    assert rlvr.default_mixture(tok, 512, trained, max_new=256) == {"chain": 8, "kv_store": 3.25, "agentic_code": 3.25}
+    task = E.make_task("kv_store", 0)
+    turns = [m for m in task.reference if m["role"] == "assistant"]
+    think = sum(len(tok.encode(f"<think>\n{m['reasoning']}\n</think>\n\n")) for m in turns)
+    assert rlvr.reference_tokens(tok, task, "thinking") == rlvr.reference_tokens(tok, task, "instruct") + think
 
 
 def test_eval_pass_at_k_matches_brute_force():
