@@ -4496,8 +4496,10 @@ def test_eval_agentic_code_runs_model_code_only_in_the_sandbox(monkeypatch):
     head = task.target["files"][E.CODE_FILE].split("\n")[0]
     mark = call("replace_line", path=E.CODE_FILE, line=1,  # marks whichever process runs the module
                 text=f"import builtins; builtins.NM_RAN_HERE = True\n{head}")
-    programs, real = [], sandbox.run_python
+    programs, real, real_tests = [], sandbox.run_python, sandbox.run_tests
     monkeypatch.setattr(sandbox, "run_python", lambda code, **kw: programs.append(code) or real(code, **kw))
+    monkeypatch.setattr(sandbox, "run_tests", lambda code, tests, **kw: programs.append(code)
+                        or real_tests(code, tests, **kw))
     E._run_visible_tests.cache_clear()
     text, _ = _play(tok, task, [[patch], [mark], [call("run_tests")], "Fixed."])
     assert "<tool_response>\n2 of 2 tests passed\n</tool_response>" in text and len(programs) == 1
