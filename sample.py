@@ -553,9 +553,9 @@ class _StreamPrinter:
 def chat(tok, tool_names, context, device, complete):
     """--chat: read user turns from stdin, answer through the chat template; tool calls the model makes are run
     (run_chat_tool) and their results go back in a user turn, up to MAX_TOOL_TURNS rounds per message."""
-    if not isinstance(tok, data.Tokenizer):
-        sys.exit(f"sample.py: --chat needs nanoMellum's tokenizer (this checkpoint has {tok.name}): the chat "
-                 "template's tags must be single tokens")
+    if not data.renders_chat(tok):
+        sys.exit(f"sample.py: --chat needs a tokenizer whose chat tags are single tokens (this checkpoint has "
+                 f"{tok.name})")
     stop = tok.special[data.CHAT_STOP]
     tools = [CHAT_TOOLS[name] for name in tool_names or ()] or None
     print(f"chat through the chat template (tools offered: {', '.join(tool_names or ()) or 'none'}; tool calls "

@@ -37,8 +37,10 @@ which transformers ignores), and the greedy draft acceptance before / after on h
     python sft.py --mtp-only --from out/hf/instruct                   # a Hugging Face directory without MTP weights
     python sft.py --mtp-only --from out/sft/instruct --mtp-data self --out-dir out/sft/instruct-mtp
     python sample.py --ckpt out/sft/mtp/hf --speculative --temperature 0
+One GPU, a released checkpoint (its own tokenizer.json is read by `tokenizers` and copied to the output):
+    python sft.py --mtp-only --from Mellum2-12B-A2.5B-Instruct --seq-len 8192 --out-dir out/instruct-mtp
 On a GPU the frozen backbone is held in bf16; torchrun replicates it on every rank and averages the block's
-gradients (no DDP / FSDP wrapping).
+gradients (no DDP / FSDP wrapping). Rows of 8K suffice: the MTP layer attends over a window of 1,024.
 
 Checkpoints, metrics, --resume and --stop-after are train.py's: out/sft/{variant}/, metrics.jsonl. At the end the
 final model is evaluated with eval.py on held-out test seeds of every built-in family it trained on, against the
@@ -571,9 +573,10 @@ def main(argv=None):
     # --- the base, its recipe and the config SFT trains at
     base_dir = args.base or default_source()
     base, tok, base_meta = train.load_model(base_dir)
-    if not isinstance(tok, data.Tokenizer):
-        raise data.InputError(f"--from {base_dir}: the chat template needs nanoMellum's tokenizer (a checkpoint of "
-                              f"this project, or a Hugging Face directory with its tokenizer.json); got {tok.name}")
+    if not data.renders_chat(tok):
+        raise data.InputError(f"--from {base_dir}: the chat template needs a tokenizer whose <|im_start|> and "
+                              "<|im_end|> are single tokens (nanoMellum's, or a released checkpoint's tokenizer.json); "
+                              f"got {tok.name if tok else 'none'}")
     recipe = train.recipe_for(RECIPES, base.config)
     context = base.config.max_position_embeddings
     T = args.seq_len or max(context, recipe.min_seq_len)

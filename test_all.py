@@ -3667,6 +3667,35 @@ def test_mtp_only_round_trip_from_and_to_a_hugging_face_directory(tmp_path):
 
 
 
+def test_mtp_only_from_a_checkpoint_with_its_own_tokenizer_json(tmp_path):
+    # a released checkpoint's tokenizer.json is not one we wrote: it is read by `tokenizers` (data.HFTokenizer),
+    # renders the chat template to the same ids and masks, and is copied as it is into the output directory
+    pytest.importorskip("tokenizers")
+    tok = data.get_tokenizer("cl100k_base:384")
+    train.save_pretrained(_tiny_model(seed=3, vocab_size=512, num_mtp_layers=0), str(tmp_path / "hf"), tokenizer=tok)
+    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": tok.n_vocab, "content": "<|extra|>"})
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
+    _, released, _ = train.load_model(str(tmp_path / "hf"))
+    assert isinstance(released, data.HFTokenizer) and data.renders_chat(released)
+    for family in ("function_call", "chain"):
+        conv = E.reference_conversation(E.make_task(family, 5))
+        for variant in ("instruct", "thinking"):
+            want, got = data.render_chat(tok, conv, variant), data.render_chat(released, conv, variant)
+            assert [(s.ids, s.mask) for s in got] == [(s.ids, s.mask) for s in want], (family, variant)
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"weights": {"identity": 1}}))
+    sft.main(["--mtp-only", "--from", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "mtp"), "--mixture", str(mix),
+              "--tasks-per-family", "24", "--seq-len", "128", "--batch-size", "2", "--global-batch", "4",
+              "--steps", "2", "--eval-tasks", "1", "--eval-max-new-tokens", "4", "--log-every", "1000",
+              "--device", "cpu"])
+    tokenizer_json = "tokenizer.json"
+    assert (tmp_path / "mtp" / "hf" / tokenizer_json).read_bytes() == (tmp_path / "hf" / tokenizer_json).read_bytes()
+    for path in ("mtp", "mtp/hf"):  # the stage directory records the base's tokenizer.json and reads it back
+        model, got, _ = train.load_model(str(tmp_path / path))
+        assert isinstance(got, data.HFTokenizer) and model.mtp is not None, path
+    assert json.loads((tmp_path / "mtp" / "hf" / "config.json").read_text())["eos_token_id"] == released.eot
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mtp_data", ["stage", "self"])
 def test_mtp_only_interrupted_run_resumes_exactly(tmp_path, mtp_data):

@@ -169,11 +169,16 @@ def config_from_hf(d, source="config.json"):
     return M.Config(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "generation_config.json")
+
+
 def save_pretrained(model, path, max_shard_bytes=5 * 2**30, dtype=None, tokenizer=None):
     """config.json + model(-0000i-of-0000n).safetensors (+ index), written to a temp dir then renamed.
     Experts are written one 2-D tensor each (`experts.{e}.gate_proj.weight`, ...), the on-disk layout of
     the released checkpoints and of transformers. tokenizer (a data.Tokenizer): also write its Hugging Face
-    files and the chat stop token as eos_token_id, so transformers and sample.py can use the directory alone."""
+    files and the chat stop token as eos_token_id, so transformers and sample.py can use the directory alone; a
+    data.HFTokenizer (a released checkpoint's): copy its directory's tokenizer files and token ids."""
     from safetensors.torch import save_file
     tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +201,14 @@ def save_pretrained(model, path, max_shard_bytes=5 * 2**30, dtype=None, tokenize
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     hf = config_to_hf(model.config)
-    if tokenizer is not None:
+    if isinstance(tokenizer, data.HFTokenizer):  # a released checkpoint's tokenizer: its files and ids, as they were
+        src = os.path.dirname(tokenizer.name)
+        for name in HF_TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), tmp)
+        with open(os.path.join(src, "config.json")) as f:
+            hf.update({k: v for k, v in json.load(f).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    elif tokenizer is not None:
         data.save_hf_tokenizer(tokenizer, tmp)
         hf.update(eos_token_id=tokenizer.special[data.CHAT_STOP], pad_token_id=tokenizer.eot, bos_token_id=None)
     with open(os.path.join(tmp, "config.json"), "w") as f:
