@@ -352,9 +352,11 @@ def _kv_request(rng, store):
             ([_call("get", key=a), _call("get", key=b)], f"I read {a} and {b} first."),
             ([_call("set", key=a, value=store[b]), _call("set", key=b, value=store[a])],
              f"{a} is {store[a]} and {b} is {store[b]}: each gets the other's value.")]
-    return f"Delete every key except {a}.", [
+    keep = [a] if len(held) == 2 or rng.random() < 0.5 else [a, b]  # two kept keys: 12 prompts would all be train
+    but = " and ".join(keep)
+    return f"Delete every key except {but}.", [
         ([_call("list")], "I list the keys to know which to delete."),
-        ([_call("delete", key=k) for k in held if k != a], f"Every key but {a} goes.")]
+        ([_call("delete", key=k) for k in held if k not in keep], f"Every key but {but} goes.")]
 
 
 def _episode(step, state, rounds, answer, reasoning):
