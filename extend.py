@@ -482,7 +482,8 @@ def main(argv=None):
     val = [(r[:, :-1], r[:, 1:]) for r in rows.split(B)]
     parallel = train.choose_parallel(args.parallel, config)
     model = train.wrap_model(ctx, raw, parallel)
-    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1, adamw_only=args.optimizer == "adamw"))
+    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1, adamw_only=args.optimizer == "adamw"),
+                         ns_dtype=ctx.ns_dtype)
     step = train.resume(args.out_dir, raw, opt, loader, ctx, log) if args.resume else 0
     meta = dict(stage="extend", tokenizer=tok.name, extended_from=os.path.abspath(args.base),
                 factor=yarn["factor"], args=vars(args))

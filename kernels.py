@@ -10,6 +10,8 @@ Sections, top to bottom:
                  pass, fp32 accumulation promoted every 128-wide K tile. Quantisation kernels (1x128 row tiles,
                  128x128 weight blocks, 128x1 column tiles per expert for the weight gradient), grouped GEMMs,
                  `fp8_grouped_linear` / `fp8_linear` (autograd; Triton or the PyTorch emulation) and `*_ref`s
+  head           `head_logprobs`: the LM head's log-probabilities of given tokens without materialising the
+                 (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`
   bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
                  `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
 
@@ -674,6 +676,91 @@ def fp8_linear(x, w, use_triton=None):
     x_RI = x.reshape(-1, x.size(-1))
     offs_E = torch.full((1,), x_RI.size(0), device=x.device, dtype=torch.int32)
     return fp8_grouped_linear(x_RI, w.unsqueeze(0), offs_E, use_triton).view(*x.shape[:-1], w.size(0))
+
+
+# -----------------------------------------------------------------------------
+# The LM head's log-probabilities without the (N, V) logits
+#
+# log p(t | h) = z_t - logsumexp_v z_v with z = h W^T. The plain path materialises the logits and then
+# log_softmax and its backward read and write them several times: with V = 16K and N = 512 rows that is 32 MB per
+# pass, most of a tiny model's step on a CPU, and 6 GB for mellum2-12b's micro-batch on a GPU. Here the vocabulary
+# is walked in blocks small enough to stay in cache (HEAD_BLOCK logits): the forward keeps a running max and sum
+# per row (online logsumexp) and picks z_t from the block that holds t; the backward recomputes each block's
+# logits from h and the saved lse and forms d z = -g (softmax - onehot) there, as the plain path does (the
+# one-hot is subtracted before any cast, so p_t ~ 1 loses nothing to cancellation). Cost: one extra matmul.
+
+HEAD_BLOCK = {"cpu": 2 ** 19, "cuda": 2 ** 27}  # logits per vocabulary block: ~2 MB fp32 (a core's L2) on a CPU
+
+
+def _head_dtype(device):
+    """The matmul dtype: autocast's when it is on (as F.linear under autocast), else fp32."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+
+def _head_blocks(t_N, V, block):
+    """(first id, W rows, each row's target column in the block (clamped), whether the target is in it)."""
+    for j in range(0, V, block):
+        width = min(block, V - j)
+        yield j, width, (t_N - j).clamp(0, width - 1)[:, None], ((t_N >= j) & (t_N < j + width))[:, None]
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, t_N, dtype, with_entropy):
+        N, V = h_ND.size(0), w_VD.size(0)
+        block = max(1, HEAD_BLOCK.get(h_ND.device.type, HEAD_BLOCK["cuda"]) // max(N, 1))
+        hc = h_ND.to(dtype)
+        m = h_ND.new_full((N, 1), -math.inf, dtype=torch.float32)  # running max, sum exp(z - m), sum exp(z - m) z
+        s, sz, z_t = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+        for j, width, col, inb in _head_blocks(t_N, V, block):
+            z = (hc @ w_VD[j:j + width].to(dtype).T).float()
+            z_t = torch.where(inb, z.gather(1, col), z_t)
+            m_new = torch.maximum(m, z.amax(dim=1, keepdim=True))
+            rescale = (m - m_new).exp()
+            e = (z - m_new).exp_()
+            s = s * rescale + e.sum(dim=1, keepdim=True)
+            if with_entropy:
+                sz = sz * rescale + (e * z).sum(dim=1, keepdim=True)
+            m = m_new
+        lse = m + s.log()
+        ctx.save_for_backward(h_ND, w_VD, t_N, lse)
+        ctx.dtype, ctx.block = dtype, block
+        entropy = (lse - sz / s)[:, 0] if with_entropy else torch.zeros_like(lse[:, 0])
+        ctx.mark_non_differentiable(entropy)
+        return (z_t - lse)[:, 0], entropy
+
+    @staticmethod
+    def backward(ctx, g_N, _):
+        h_ND, w_VD, t_N, lse = ctx.saved_tensors
+        dtype, block = ctx.dtype, ctx.block
+        hc, g = h_ND.to(dtype), g_N.float()[:, None]
+        dh = torch.zeros(h_ND.shape, dtype=torch.float32, device=h_ND.device)
+        dw = torch.empty(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        for j, width, col, inb in _head_blocks(t_N, w_VD.size(0), block):
+            w_j = w_VD[j:j + width].to(dtype)
+            p = (hc @ w_j.T).float().sub_(lse).exp_()  # softmax of the block's logits
+            dz = p.scatter_add_(1, col, -inb.float()).mul_(-g).to(dtype)  # d logp / d z = onehot - softmax
+            dh += (dz @ w_j).float()
+            dw[j:j + width] = dz.T @ hc
+        return dh.to(h_ND.dtype), dw.to(w_VD.dtype), None, None, None
+
+
+def head_logprobs(h_ND, w_VD, t_N, entropy=False):
+    """(log softmax(h W^T)[t] per row, fp32 (N,); the rows' entropies (N,), no gradient, zeros unless asked) for
+    hidden rows h (N, D), head weight W (V, D), token ids t (N,). Differentiable w.r.t. h and W; under autocast
+    the matmuls run in its dtype, the softmax in fp32, as F.linear + float() + log_softmax would."""
+    if h_ND.dim() != 2 or w_VD.dim() != 2 or h_ND.size(1) != w_VD.size(1) or t_N.shape != h_ND.shape[:1]:
+        raise ValueError(f"kernels.py head_logprobs: want h (N, D), W (V, D), t (N,); got {tuple(h_ND.shape)}, "
+                         f"{tuple(w_VD.shape)}, {tuple(t_N.shape)}")
+    dtype = _head_dtype(h_ND.device)
+    with torch.autocast(h_ND.device.type, enabled=False):  # every cast is explicit, in forward and backward
+        return _HeadLogProbs.apply(h_ND, w_VD, t_N, dtype, entropy)
+
+
+def head_logprobs_ref(h_ND, w_VD, t_N):
+    """The plain path: all N x V logits, log_softmax, gather; and the entropies."""
+    logp_NV = F.linear(h_ND, w_VD).float().log_softmax(dim=-1)
+    return logp_NV.gather(1, t_N[:, None])[:, 0], -(logp_NV.exp() * logp_NV).sum(dim=-1).detach()
 
 
 # -----------------------------------------------------------------------------

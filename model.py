@@ -354,9 +354,9 @@ class MoE(nn.Module):
         token_R = order_R // self.top_k
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
         if self.ep_group is None:
-            y_RD = self.experts(x_TD[token_R], count_E.cumsum(0).to(torch.int32))
+            y_RD = self.experts(x_TD.index_select(0, token_R), count_E.cumsum(0).to(torch.int32))
         else:
-            y_RD = self.dispatch_ep(x_TD[token_R], count_E)
+            y_RD = self.dispatch_ep(x_TD.index_select(0, token_R), count_E)
         y_RD = y_RD * topw_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         out_TD = torch.zeros_like(x_TD, dtype=y_RD.dtype).index_add_(0, token_R, y_RD)
 
@@ -448,6 +448,12 @@ class MTP(nn.Module):
 # -----------------------------------------------------------------------------
 # The model
 
+def _rows(h, mask):
+    """h[mask] for h (B, T, D) and a bool mask (B, T), as an index_select: its backward is an index_add, where
+    boolean indexing's is an accumulating index_put (~5x slower on a CPU)."""
+    return h.reshape(-1, h.size(-1)).index_select(0, mask.reshape(-1).nonzero()[:, 0])
+
+
 def _generator(*key):
     """A CPU generator seeded by a stable hash of `key` (Python's hash() of a str changes between processes)."""
     digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
@@ -529,17 +535,21 @@ class Mellum(nn.Module):
             mcache.advance(h.size(1))
         return out
 
-    def forward(self, idx, targets=None, cache=None, norm=None, at=None):
+    def forward(self, idx, targets=None, cache=None, norm=None, at=None, score=None, n_vocab=None):
         """idx (B, T) -> logits (B, T, V), or (N, V) at the N True positions of the bool mask `at` (B, T); with
-        targets (B, T): (None, the unweighted loss parts {ce, mtp, aux, z}). targets are the next tokens (-1 =
-        ignore); the MTP head at t is trained on targets[t+1]. The LM head runs only where there is a target: in SFT
-        and RL most positions are prompt, and the 16K-wide head is most of a small model's FLOPs. ce and mtp are
-        sums over their targets divided by norm = (ce targets, mtp targets): by default this batch's own counts (a
-        mean; 0, not NaN, when nothing is a target); a training step passes its global counts."""
+        `at` and score (N,), the ids to score there: (their log-probabilities, the distributions' entropies) over
+        the first n_vocab ids (default all), without the logits (RL). With targets (B, T): (None, the unweighted
+        loss parts {ce, mtp, aux, z}). targets are the next tokens (-1 = ignore); the MTP head at t is trained on
+        targets[t+1]. The LM head runs only where there is a target: in SFT and RL most positions are prompt, and
+        the 16K-wide head is most of a small model's FLOPs. ce and mtp are sums over their targets divided by
+        norm = (ce targets, mtp targets): by default this batch's own counts (a mean; 0, not NaN, when nothing is
+        a target); a training step passes its global counts."""
         moes = self.moe_layers()
         for m in moes:  # the router losses count only the MoE layers this forward runs (the MTP's may not)
             m.count_E = None
         h = self.hidden(idx, cache)
+        if score is not None:
+            return kernels.head_logprobs(_rows(h, at), self.lm_head.weight[:n_vocab], score, entropy=True)
         if targets is None:
             return self.lm_head(h if at is None else h[at]), None
         if norm is None:
@@ -553,9 +563,10 @@ class Mellum(nn.Module):
         return None, losses
 
     def _target_ce(self, h, targets):
-        """Sum of the cross-entropies of the head's logits at the positions with a target (-1 = none)."""
+        """Sum of the cross-entropies of the head at the positions with a target (-1 = none), without the
+        (N, V) logits (kernels.head_logprobs: vocabulary blocks that stay in cache)."""
         keep = targets != -1
-        return F.cross_entropy(self.lm_head(h[keep]).float(), targets[keep], reduction="sum")
+        return -kernels.head_logprobs(_rows(h, keep), self.lm_head.weight, targets[keep])[0].sum()
 
     def reset_router_counts(self):
         """Start an optimizer step: the training forwards that follow take the balancing loss's expert shares from

@@ -22,7 +22,7 @@ and five steps in bf16 are cheap). Wide form (rows <= cols) keeps X X^T the smal
 AdamW (Loshchilov & Hutter 2019) for the parameters Muon does not own, written out as torch.optim.AdamW computes it.
 
 Contents:
-  newton_schulz(G, steps)     quintic Newton-Schulz, batched over leading dims (bf16 on GPU, fp32 on CPU)
+  newton_schulz(G, steps)     quintic Newton-Schulz, batched over leading dims (bf16 on GPU and AMX CPUs, else fp32)
   param_groups(model, lr, ..) which parameter goes to Muon and which to AdamW (see the table there)
   MuonAdamW                   .step() for both kinds of groups; 1 process, DDP, or FSDP2 (DTensor parameters)
   python muon.py --bench      Newton-Schulz time per optimizer step for a preset's matrix shapes
@@ -60,24 +60,31 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: maximal slope 
 
 
 def ns_dtype(device):
-    # bf16 is accurate enough for an approximate orthogonalisation and is the fast path on GPU; CPUs have no fast
-    # bf16 matmul, so fp32 there (which is also what makes CPU tests tight).
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 wherever its matmul is the fast one: bf16 is accurate enough for an approximate orthogonalisation.
+    That is a GPU, or a CPU with AMX tiles (Intel Sapphire Rapids and later: bf16 GEMMs at 2-4x fp32's rate on
+    these shapes, RESULTS.md); other CPUs have no fast bf16 matmul, so fp32 there."""
+    if device.type == "cuda" or (device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)()):
+        return torch.bfloat16
+    return torch.float32
 
 
-def newton_schulz(G, steps=5):
-    """Approximate orthogonal factor of each matrix in G (..., rows, cols), computed in ns_dtype."""
+def newton_schulz(G, steps=5, dtype=None):
+    """Approximate orthogonal factor of each matrix in G (..., rows, cols), computed in `dtype` (default
+    ns_dtype of G's device)."""
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: expected (..., rows, cols), got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
     X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1; 0 stays 0
-    X = X.to(ns_dtype(G.device))
+    X = X.to(dtype or ns_dtype(G.device))
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
+    shape, X = X.shape, X.reshape(-1, *X.shape[-2:])  # one batch dim: baddbmm folds each scale-and-add into a GEMM
     for _ in range(steps):
         A = X @ X.mT  # (rows, rows) Gram matrix, the small side
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    X = X.view(shape)
     return X.mT if tall else X
 
 
@@ -146,10 +153,12 @@ class MuonAdamW(torch.optim.Optimizer):
     """Groups carry kind="muon" or "adamw", lr and weight_decay (param_groups() builds them); Muon groups may carry
     split=k: the rows of each matrix are k stacked matrices, orthogonalised separately."""
 
-    def __init__(self, param_groups, momentum=0.95, nesterov=True, ns_steps=5, betas=(0.9, 0.95), eps=1e-8):
+    def __init__(self, param_groups, momentum=0.95, nesterov=True, ns_steps=5, betas=(0.9, 0.95), eps=1e-8,
+                 ns_dtype=None):
         defaults = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=betas, eps=eps,
                         weight_decay=0.0)
         super().__init__(param_groups, defaults)
+        self.ns_dtype = ns_dtype  # Newton-Schulz's dtype; None: ns_dtype(device), bf16 where its matmul is fast
         for i, group in enumerate(self.param_groups):
             if group.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"MuonAdamW: param group {i} has kind={group.get('kind')!r}; every group needs "
@@ -188,7 +197,11 @@ class MuonAdamW(torch.optim.Optimizer):
                  for name, p in zip(self._names(group), group["params"]) if p.grad is not None]
         if not named:
             return
-        bad = torch.stack([~torch.isfinite(g).all() for _, g in named]).int()
+        grads = [g for _, g in named]
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))  # one fused pass over all gradients
+        if bad.any():  # a norm also overflows when huge finite values are squared: judge those by their elements
+            bad = torch.stack([~torch.isfinite(g).all() for g in grads])
+        bad = bad.int()
         if _rank_world()[1] > 1:  # under FSDP2 a NaN may sit in one rank's shard only: all ranks must agree
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.any():
@@ -219,9 +232,9 @@ class MuonAdamW(torch.optim.Optimizer):
             for i, (p, group) in enumerate(chunk):
                 U = self._momentum(p, group)  # every rank: the buffer update is cheap, full_tensor() collective
                 if i == rank:
-                    mine = newton_schulz(self._as_matrices(U, group["split"]), group["ns_steps"])
+                    mine = newton_schulz(self._as_matrices(U, group["split"]), group["ns_steps"], self.ns_dtype)
             params = [p for p, _ in chunk]
-            for (p, group), O in zip(chunk, self._all_gather(mine, params, world, pg)):
+            for (p, group), O in zip(chunk, self._all_gather(mine, params, world, pg, self.ns_dtype)):
                 rows, cols = p.shape[-2] // group["split"], p.shape[-1]
                 if isinstance(p, DTensor):  # keep this rank's shard; every rank holds O, so no communication
                     O = distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None).to_local()
@@ -249,13 +262,13 @@ class MuonAdamW(torch.optim.Optimizer):
         return U.unflatten(-2, (split, U.size(-2) // split))
 
     @staticmethod
-    def _all_gather(mine, params, world, pg):
+    def _all_gather(mine, params, world, pg, dtype=None):
         """Every rank's orthogonalised matrix of this round, each reshaped to its parameter's full shape."""
         if world == 1:
             return [mine.reshape(params[0].shape)]
         size = max(p.numel() for p in params)
         device = _local(params[0]).device
-        send = torch.zeros(size, dtype=ns_dtype(device), device=device)
+        send = torch.zeros(size, dtype=dtype or ns_dtype(device), device=device)
         if mine is not None:  # ranks past the end of a short last round send padding
             send[:mine.numel()] = mine.flatten()
         recv = [torch.empty_like(send) for _ in range(world)]

@@ -352,7 +352,8 @@ def main(argv=None):
     model, raw = train.build_model(config, ctx, parallel, args.seed)  # meta device -> shards -> init: no full copy
     if args.fp8:
         raw.set_fp8(True)
-    opt = muon.MuonAdamW(muon.param_groups(model, plan.lr, args.weight_decay, adamw_only=args.optimizer == "adamw"))
+    opt = muon.MuonAdamW(muon.param_groups(model, plan.lr, args.weight_decay, adamw_only=args.optimizer == "adamw"),
+                         ns_dtype=ctx.ns_dtype)
     if resume_step is not None:
         step = train.resume(phase_dir, raw, opt, loader, ctx, log)
     else:

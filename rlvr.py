@@ -331,13 +331,10 @@ def reward(rows, tasks, variant, workers, overlong):
 def token_logprobs(model, x, tgt, n_vocab, mask):
     """log pi(tgt | x) at the positions in `mask` (B, T) over ids < n_vocab at temperature 1 (the sampler's
     distribution), 0 elsewhere; and their summed entropy (detached). The head runs at the masked positions only."""
-    logits, _ = model(x, at=mask)
-    logp_all = logits[:, :n_vocab].float().log_softmax(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum().item()
-    logp = torch.zeros(x.shape, dtype=logp_all.dtype, device=x.device)
-    logp[mask] = logp_all.gather(-1, tgt[mask][:, None])[:, 0]
-    return logp, entropy
+    logp_N, entropy_N = model(x, at=mask, score=tgt[mask], n_vocab=n_vocab)
+    logp = torch.zeros(x.shape, dtype=logp_N.dtype, device=x.device)
+    logp[mask] = logp_N
+    return logp, entropy_N.sum().item()
 
 
 def micro_batches(rows, size, device):

@@ -619,7 +619,7 @@ def main(argv=None):
     raw.train()
     parallel = train.choose_parallel(args.parallel, config)
     model = train.wrap_model(ctx, raw, parallel)
-    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1))
+    opt = muon.MuonAdamW(muon.param_groups(model, lr, 0.1), ns_dtype=ctx.ns_dtype)
     step = train.resume(out_dir, raw, opt, loader, ctx, log) if args.resume else 0
     meta = dict(stage="sft", variant=args.variant, tokenizer=tok.name, sft_from=os.path.abspath(base_dir),
                 args=vars(args), data=stats, dropped=loader.dropped)
@@ -707,7 +707,7 @@ def main_mtp_only(args, ctx, log, out_dir, base_dir, raw, base_meta, tok, mixtur
     # --- the optimizer: the MTP block's parameters alone (the others do not require grad)
     raw.train()
     lr = args.lr or recipe.mtp_lr
-    opt = muon.MuonAdamW(muon.param_groups(raw, lr, 0.1))
+    opt = muon.MuonAdamW(muon.param_groups(raw, lr, 0.1), ns_dtype=ctx.ns_dtype)
     step = train.resume(out_dir, raw, opt, loader, ctx, log) if args.resume else 0
     meta = dict(stage="mtp", variant=args.variant, tokenizer=tok.name, mtp_from=os.path.abspath(base_dir),
                 base_stage=base_meta.get("stage"), args=vars(args), data=stats, dropped=loader.dropped)

@@ -701,6 +701,105 @@ def test_fp8_grouped_linear_rejects_bad_offsets():
     with pytest.raises(ValueError, match="int32"):
         kernels.fp8_grouped_linear(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([2, 4]))
 
+
+# -----------------------------------------------------------------------------
+# The LM head without its logits (kernels.head_logprobs)
+
+def _head_ref64(h, w, t):
+    """log p(t) and entropy of softmax(h W^T) in float64, the formula written out."""
+    z = h.double() @ w.double().T
+    lse = z.logsumexp(dim=-1)
+    p = (z - lse[:, None]).exp()
+    return z.gather(1, t[:, None])[:, 0] - lse, lse - (p * z).sum(dim=-1)
+
+
+@pytest.mark.parametrize("block", [7, 10, 10_000])  # 6 blocks (a ragged last one), 4 blocks, one block
+def test_head_logprobs_match_the_formula_and_its_gradients(monkeypatch, block):
+    N, V, D = 5, 37, 8
+    monkeypatch.setitem(kernels.HEAD_BLOCK, "cpu", block * N)  # `block` vocabulary rows per block
+    gen = torch.Generator().manual_seed(0)
+    # later vocabulary rows larger: the running max changes from block to block (the online rescale is exercised)
+    w = (torch.randn(V, D, generator=gen) * torch.linspace(0.1, 3, V)[:, None]).requires_grad_()
+    h = torch.randn(N, D, generator=gen, requires_grad=True)
+    t = torch.tensor([0, 36, 36, 17, 5])  # first, last, a repeated target
+    g = torch.randn(N, generator=gen)  # per-row weights, as RL's advantages
+    logp, ent = kernels.head_logprobs(h, w, t, entropy=True)
+    (logp * g).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logp64, ent64 = _head_ref64(h64, w64, t)
+    (logp64 * g.double()).sum().backward()
+    torch.testing.assert_close(logp.double(), logp64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ent64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    assert not ent.requires_grad and torch.equal(kernels.head_logprobs(h, w, t)[1], torch.zeros(N))
+
+
+def test_head_logprobs_under_bf16_autocast_follow_the_plain_head():
+    """Under autocast the blocks' matmuls run in bf16 as F.linear would, the softmax in fp32: the same values as
+    the plain path under the same autocast, up to summation order; gradients arrive in the inputs' fp32."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 16, generator=gen, requires_grad=True)
+    w = (torch.randn(50, 16, generator=gen) * 0.5).requires_grad_()
+    t = torch.randint(0, 50, (6,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = kernels.head_logprobs(h, w, t)[0]
+        ref = kernels.head_logprobs_ref(h, w, t)[0]
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp, ref, rtol=1e-3, atol=1e-3)
+    logp.sum().backward()
+    dh, dw = h.grad, w.grad
+    h.grad = w.grad = None
+    ref.sum().backward()
+    assert dh.dtype == dw.dtype == torch.float32
+    torch.testing.assert_close(dh, h.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw, w.grad, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="head_logprobs"):
+        kernels.head_logprobs(h, w, t[:3])
+
+
+def test_head_logprobs_gradient_of_a_confident_row_keeps_its_precision():
+    """p_t ~ 0.999: d logp / d h = w_t - sum_v p_v w_v is a small difference of large terms. It must be formed
+    from (onehot - softmax) before the bf16 cast, as the plain path does; adding the one-hot part separately in
+    fp32 to a bf16 softmax part would leave an error of ~0.4% of |w_t| in a gradient of ~0.1% of it."""
+    gen = torch.Generator().manual_seed(4)
+    V, D = 64, 32
+    w = torch.randn(V, D, generator=gen)
+    t = torch.arange(4)
+    h = (2.5 * w[t] / w[t].norm(dim=1, keepdim=True)).requires_grad_()  # z_t ~ 14, the rest ~ N(0, 2.5^2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = kernels.head_logprobs(h, w, t)[0]
+    logp.sum().backward()
+    h64 = h.detach().double().requires_grad_()
+    _head_ref64(h64, w.double(), t)[0].sum().backward()
+    assert (1 - logp.exp()).max() < 2e-2 and (1 - logp.exp()).min() > 1e-5, logp.exp()  # the regime under test
+    err = (h.grad.double() - h64.grad).norm(dim=1) / h64.grad.norm(dim=1)
+    assert err.max() < 0.1, err
+
+
+def test_model_losses_and_rl_scores_equal_the_plain_logits():
+    """The model's CE / MTP losses and RL's per-token scores go through head_logprobs; the plain logits the
+    model returns without targets must give the same numbers through F.cross_entropy / log_softmax."""
+    model = _tiny_model(seed=3)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (2, 12), generator=gen)
+    y = torch.randint(0, 256, (2, 12), generator=gen)
+    y[0, :4] = -1
+    with torch.no_grad():
+        _, losses = model(x, y)
+        logits = model(x)[0]
+    keep = y != -1
+    torch.testing.assert_close(losses["ce"], F.cross_entropy(logits[keep], y[keep]), rtol=1e-5, atol=1e-5)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 5:] = True
+    tok = y[mask].clamp(min=0) % 200
+    with torch.no_grad():
+        logp, ent = model(x, at=mask, score=tok, n_vocab=200)
+        ref = model(x, at=mask)[0][:, :200].log_softmax(-1)
+    torch.testing.assert_close(logp, ref.gather(1, tok[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), rtol=1e-4, atol=1e-4)
+
+
 # =============================================================================
 # muon.py
 
@@ -781,6 +880,11 @@ def _poly(s):
     return _A * s + _B * s ** 3 + _C * s ** 5
 
 
+# Comparisons with fp32 references and across world sizes pin Newton-Schulz to fp32: in bf16 (the default on an
+# AMX CPU) a rounding flip from another summation order moves an update by 2^-8 of itself.
+_NS32 = torch.float32
+
+
 def _ns_ref(M):
     """Newton-Schulz on one matrix, the polynomial written out term by term."""
     tall = M.shape[0] > M.shape[1]
@@ -847,7 +951,7 @@ def test_newton_schulz_singular_values(rows, cols):
     # would need more than 5 steps to climb into the band: slope 3.4445 per step near 0.
     s = torch.logspace(-1, 1, k)
     G = _matrix_with_spectrum(rows, cols, s, gen)
-    out = torch.linalg.svdvals(newton_schulz(G))
+    out = torch.linalg.svdvals(newton_schulz(G, dtype=torch.float32))
     # In exact arithmetic NS maps each singular value s of G/||G||_F through the polynomial 5 times.
     want = (s / s.norm()).double()
     for _ in range(5):
@@ -860,11 +964,13 @@ def test_newton_schulz_singular_values(rows, cols):
     assert lo - 1e-4 <= out.min() and out.max() <= hi + 1e-4, (out.min(), out.max())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 path runs on GPU only")
-def test_newton_schulz_bf16_on_gpu_stays_in_band():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_newton_schulz_in_bf16_stays_in_band(device):
+    """bf16 is ns_dtype on a GPU and on an AMX CPU: its rounding must keep the singular values near the band."""
     gen = torch.Generator().manual_seed(0)
-    G = _matrix_with_spectrum(256, 768, torch.logspace(-1, 1, 256), gen).cuda()
-    X = newton_schulz(G)
+    G = _matrix_with_spectrum(256, 768, torch.logspace(-1, 1, 256), gen).to(device)
+    X = newton_schulz(G, dtype=torch.bfloat16)
     assert X.dtype == torch.bfloat16
     out = torch.linalg.svdvals(X.float())
     assert 0.68 - 0.05 <= out.min() and out.max() <= 1.21 + 0.05, (out.min(), out.max())  # bf16 rounding: 0.05
@@ -872,9 +978,11 @@ def test_newton_schulz_bf16_on_gpu_stays_in_band():
 
 def test_newton_schulz_batched_equals_loop_over_experts():
     G = torch.randn(5, 12, 20, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(newton_schulz(G), torch.stack([_ns_ref(M) for M in G]), rtol=1e-5, atol=1e-5)
+    fp32 = torch.float32
+    torch.testing.assert_close(newton_schulz(G, dtype=fp32), torch.stack([_ns_ref(M) for M in G]), rtol=1e-5,
+                               atol=1e-5)
     G4 = torch.randn(2, 3, 20, 12, generator=torch.Generator().manual_seed(1))  # tall, two leading dims
-    torch.testing.assert_close(newton_schulz(G4), torch.stack([torch.stack([_ns_ref(M) for M in Gs])
+    torch.testing.assert_close(newton_schulz(G4, dtype=fp32), torch.stack([torch.stack([_ns_ref(M) for M in Gs])
                                                                for Gs in G4]), rtol=1e-5, atol=1e-5)
 
 
@@ -903,7 +1011,7 @@ def test_param_groups_classification_and_wrapper_prefixes():
 
 def test_step_matches_naive_muon_and_torch_adamw():
     model = _toy_model()
-    opt = MuonAdamW(param_groups(model, lr=_LR, weight_decay=_WD))
+    opt = MuonAdamW(param_groups(model, lr=_LR, weight_decay=_WD), ns_dtype=_NS32)
     _run(model, opt, range(3))
     want = _reference_run(range(3))
     for name, p in model.named_parameters():
@@ -1015,7 +1123,7 @@ def _dist_worker(rank, world, tmp):
     # DDP-style: replicated parameters and the identical gradients DDP's all-reduce leaves on every rank.
     calls = []
     ns = muon.newton_schulz
-    muon.newton_schulz = lambda G, steps=5: (calls.append(G.shape), ns(G, steps))[1]
+    muon.newton_schulz = lambda G, steps=5, dtype=None: (calls.append(G.shape), ns(G, steps, dtype))[1]
     model = _toy_model()
     _run(model, MuonAdamW(param_groups(model, lr=_LR)), range(3))
     muon.newton_schulz = ns
@@ -2320,11 +2428,11 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 def test_ddp_two_processes_match_one_process(tmp_path):
     import subprocess
     import sys
-    _pretrain(tmp_path, "one", "--phase", "1", "--steps", "4")  # builds the shards too
+    _pretrain(tmp_path, "one", "--phase", "1", "--steps", "4", "--dtype", "fp32")  # builds the shards too
     common = ["--preset", "test", "--tokenizer", "cl100k_base:256", "--mixture", _mixture_file(tmp_path),
               "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
               "--seq-len", "32", "--eval-every", "1000", "--ckpt-every", "1000", "--eval-batches", "2",
-              "--phase", "1", "--steps", "4", "--device", "cpu"]
+              "--phase", "1", "--steps", "4", "--device", "cpu", "--dtype", "fp32"]
     port = str(29500 + os.getpid() % 1000)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
@@ -2431,7 +2539,7 @@ def _fsdp_ckpt_worker(rank, world, port, tmp):
     out = {}
     model, _ = train.build_model(M.get_config("test"), ctx, "fsdp", seed=0)
     out["init"] = {n: _full(p) for n, p in model.named_parameters()}
-    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt = MuonAdamW(param_groups(model, lr=_LR), ns_dtype=_NS32)
     _ckpt_steps(model, opt, range(2), rank)
     train.save_checkpoint(f"{tmp}/ckpt", 2, model, opt, {"stage": "test"}, {"rank": rank}, ctx)
     with torch.no_grad():
@@ -2439,7 +2547,7 @@ def _fsdp_ckpt_worker(rank, world, port, tmp):
     _ckpt_steps(model, opt, range(2, 4), rank)
     out["straight"] = {n: _full(p) for n, p in model.named_parameters()}
     model, _ = train.build_model(M.get_config("test"), ctx, "fsdp", seed=1)
-    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt = MuonAdamW(param_groups(model, lr=_LR), ns_dtype=_NS32)
     out["rank_state"] = train.resume_checkpoint(f"{tmp}/ckpt", 2, model, opt, ctx)
     _ckpt_steps(model, opt, range(2, 4), rank)
     out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
@@ -2464,11 +2572,14 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes(tmp_path):
             torch.testing.assert_close(r["resumed"][name], r["straight"][name], rtol=0, atol=0, msg=name)
     # resumed in one process from the 2-rank checkpoint (weights and optimizer resharded), same global batches
     model = M.Mellum(M.get_config("test")).init_weights(1)
-    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt = MuonAdamW(param_groups(model, lr=_LR), ns_dtype=_NS32)
     assert train.resume_checkpoint(str(tmp_path / "ckpt"), 2, model, opt) is None  # other world: no rank state
     _ckpt_steps(model, opt, range(2, 4), world=2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), results[0]["straight"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+_EPS_EP = 1e-6  # AdamW's eps in the EP comparison: lm_head grads of ~4e-8 differ by ~3e-8 across reduction orders
 
 
 def _ep_worker(rank, world, port, tmp, ep):
@@ -2481,7 +2592,7 @@ def _ep_worker(rank, world, port, tmp, ep):
     out["loss"] = loss.item()
     out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
     out["norm"] = train.clip_grad_norm(model, 1e9).item()
-    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt = MuonAdamW(param_groups(model, lr=_LR), ns_dtype=_NS32, eps=_EPS_EP)
     opt.step()
     out["stepped"] = {n: _full(p) for n, p in model.named_parameters()}
     train.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
@@ -2502,7 +2613,7 @@ def test_expert_parallel_matches_one_process(tmp_path, world, ep):
     loss = _train_loss(model, *_global_batch(world, 0), balance=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-    opt = MuonAdamW(param_groups(model, lr=_LR))
+    opt = MuonAdamW(param_groups(model, lr=_LR), ns_dtype=_NS32, eps=_EPS_EP)
     opt.step()
     E_local = M.get_config("test").num_experts // ep
     assert [r["first"] for r in results] == [(rank % ep) * E_local for rank in range(world)]
@@ -2515,7 +2626,7 @@ def test_expert_parallel_matches_one_process(tmp_path, world, ep):
             torch.testing.assert_close(r["init"][name], init[name][mine], rtol=0, atol=0, msg=name)
             torch.testing.assert_close(r["grads"][name], p.grad[mine], rtol=1e-4, atol=1e-6, msg=name)
             # atol 1e-5 against steps of ~lr = 2e-2: AdamW's first step is g / (|g| + eps), so a gradient of
-            # ~eps (4e-9 here) turns fp32 reduction-order noise into an update difference of ~1e-6
+            # ~eps turns fp32 reduction-order noise into a large update difference: eps = _EPS_EP (1e-6) here
             torch.testing.assert_close(r["stepped"][name], p.detach()[mine], rtol=1e-4, atol=1e-5, msg=name)
     loaded, _, _ = train.load_model(str(tmp_path / "ckpt"))  # the EP slices put back together
     for name, p in loaded.named_parameters():
@@ -3491,11 +3602,11 @@ def test_sft_interrupted_run_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_sft_two_processes_match_one_process(tmp_path):
     import subprocess
-    _sft(tmp_path, "one", "--steps", "3")
+    _sft(tmp_path, "one", "--steps", "3", "--dtype", "fp32")  # fp32 Newton-Schulz: see _NS32
     mix = tmp_path / "mix.json"
     argv = ["--variant", "instruct", "--from", str(tmp_path / "base"), "--out-dir", str(tmp_path / "two"),
             "--mixture", str(mix), "--tasks-per-family", "24", "--seq-len", "128", "--batch-size", "1",
-            "--global-batch", "4", "--eval-tasks", "0", "--device", "cpu", "--steps", "3"]
+            "--global-batch", "4", "--eval-tasks", "0", "--device", "cpu", "--steps", "3", "--dtype", "fp32"]
     port = str(29600 + os.getpid() % 1000)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     os.path.join(_REPO, "sft.py"), *argv], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -84,6 +84,12 @@ class Compute:
     def bf16(self):
         return self.dtype == "bf16" or (self.dtype == "auto" and self.device.type == "cuda")
 
+    @property
+    def ns_dtype(self):
+        """Muon's Newton-Schulz dtype: --dtype fp32 keeps it in fp32 too; else muon.ns_dtype's choice (bf16 on a
+        GPU and on an AMX CPU) or bf16 when asked."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.dtype)
+
     def autocast(self):
         """bf16 autocast when asked (--dtype bf16, on any device: how the tests run the GPU's precision on a CPU)
         and by default on a GPU; fp32 on a CPU by default (its bf16 matmuls are slower than fp32). Master weights,
@@ -784,7 +790,8 @@ def add_stage_args(ap, ckpt_every, parallel_help="auto: FSDP2 above 2B parameter
     # --- runtime
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="matmul precision: bf16 "
-                    "autocast (fp32 master weights) or fp32 (default auto: bf16 on a GPU, fp32 on a CPU)")
+                    "autocast (fp32 master weights) or fp32, Muon's Newton-Schulz included (default auto: bf16 "
+                    "autocast on a GPU, fp32 on a CPU, Newton-Schulz in bf16 where its matmul is fast)")
     ap.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto", help=parallel_help)
 
 
