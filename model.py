@@ -209,6 +209,10 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     if torch.is_autocast_enabled(x_RI.device.type):  # _grouped_mm has no autocast rule: cast by hand
         dtype = torch.get_autocast_dtype(x_RI.device.type)
         x_RI, w_EOI = x_RI.to(dtype), w_EOI.to(dtype)
+    if x_RI.device.type == "cpu":  # one GEMM per group on a CPU, empty ones too: decoding fills 8 of 64
+        used = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).nonzero()[:, 0]
+        if len(used) < len(offs_E):
+            w_EOI, offs_E = w_EOI.index_select(0, used), offs_E.index_select(0, used)
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
@@ -322,7 +326,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router, kept in high precision
         self.experts = Experts(config)
         # router statistics of the last forward, turned into the balancing losses by Mellum.router_losses
-        self.count_E = self.probs_E = self.z = None
+        self.count_E = self.logits_TE = self.probs_TE = None
         self.step_count_E = None  # counts summed over the step's micro-batches and ranks (after a reset)
         self.load = None  # the counts the balancing loss used (E,), for logging
         self.ep_group = None  # expert parallelism: the process group whose ranks hold a slice of experts each
@@ -361,12 +365,22 @@ class MoE(nn.Module):
         out_TD = torch.zeros_like(x_TD, dtype=y_RD.dtype).index_add_(0, token_R, y_RD)
 
         # Router statistics: every routed position counts, padding included (it takes expert slots like any token).
-        # z-loss (ST-MoE, https://arxiv.org/abs/2202.08906): mean over tokens of logsumexp(logits)^2, which keeps
-        # router logits small. The micro-batches of a step have equal token counts, so the mean of their means is
-        # the step's token mean.
-        self.count_E, self.probs_E = count_E, probs_TE.mean(dim=0)
-        self.z = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        # probs_E and z are computed from these only when a loss asks for them (not while decoding).
+        self.count_E, self.logits_TE, self.probs_TE = count_E, logits_TE, probs_TE
         return out_TD.view(B, T, D).to(x.dtype)
+
+    @property
+    def probs_E(self):
+        """Mean router probability of each expert over the last forward's tokens (fp32)."""
+        return self.probs_TE.mean(dim=0)
+
+    @property
+    def z(self):
+        """z-loss (ST-MoE, https://arxiv.org/abs/2202.08906) of the last forward: mean over tokens of
+        logsumexp(logits)^2, which keeps router logits small. The micro-batches of a step have equal token counts,
+        so the mean of their means is the step's token mean."""
+        with torch.autocast(self.logits_TE.device.type, enabled=False):
+            return torch.logsumexp(self.logits_TE, dim=-1).square().mean()
 
     def dispatch_ep(self, x_RD, count_E):
         """Expert parallelism (GShard, https://arxiv.org/abs/2006.16668): rows sorted by global expert are already
