@@ -34,6 +34,7 @@ Footguns
 - Under FSDP2 + EP, state_dict() holds this rank's expert slice only: save/resume go through DCP with the expert
   tensors viewed whole ([E, ...]), so a checkpoint reads back at any EP size.
 """
+import argparse
 import contextlib
 import json
 import os
@@ -47,6 +48,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -828,3 +830,64 @@ def run(main, name):
             print(e.code if e.code.startswith(name) else f"{name}: {e.code}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python train.py --bench-transformers
+
+def bench_vs_transformers(preset="tiny", batch=4, seq_len=256, repeats=5, seed=0):
+    """Tokens/s of one training step's forward + backward (CE + balancing loss, no MTP: transformers' class trains
+    none) of ours against transformers' MellumForCausalLM on the same weights and batch, interleaved, best of
+    `repeats` each (other work may share the machine), and the ratio, all in one run."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("train.py --bench-transformers compares against transformers: pip install transformers")
+    import tempfile
+    config = M.get_config(preset, num_mtp_layers=0)
+    ours = M.Mellum(config).init_weights(seed).train()
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(ours, d)
+        hf = transformers.MellumForCausalLM.from_pretrained(d, torch_dtype=torch.float32).train()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen)
+    idx, y = x[:, :-1], x[:, 1:]
+    coef = config.router_aux_loss_coef
+
+    def step_ours():
+        ours.zero_grad(set_to_none=True)
+        _, losses = ours(idx, y)
+        (losses["ce"] + coef * losses["aux"]).backward()
+        return losses["ce"].item()
+
+    def step_hf():
+        hf.zero_grad(set_to_none=True)
+        out = hf(input_ids=idx, output_router_logits=True)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+        (ce + coef * out.aux_loss).backward()
+        return ce.item()
+
+    steps = {"ours": step_ours, "transformers": step_hf}
+    best = {name: (float("inf"), fn()) for name, fn in steps.items()}  # warm-up; CE on the same weights
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = (min(best[name][0], time.perf_counter() - t0), best[name][1])
+    print(f"{preset}: forward + backward of {batch} x {seq_len} tokens, CE + balancing loss, fp32, "
+          f"{torch.get_num_threads()} threads, best of {repeats}")
+    for name, (dt, ce) in best.items():
+        print(f"  {name:<13} {batch * seq_len / dt:>9,.0f} tok/s   {dt * 1000:7.1f} ms   CE {ce:.4f}")
+    print(f"  ours / transformers: {best['transformers'][0] / best['ours'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="train.py is the stages' toolkit; run alone it benchmarks a step")
+    ap.add_argument("--bench-transformers", action="store_true", help="a tiny training step against transformers' "
+                    "MellumForCausalLM on the same weights (needs transformers)")
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args()
+    if args.bench_transformers:
+        bench_vs_transformers(args.preset)
+    else:
+        ap.print_help()
