@@ -508,12 +508,7 @@ def main(argv=None):
         train.log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             train.log_metrics(metrics, dict(step=step + 1, val_loss=train.evaluate(model, val, ctx)), ctx)
-        save, stop = train.should_save(step + 1, steps, first, args)
-        if save:
-            train.save_checkpoint(args.out_dir, step + 1, raw, opt, meta,
-                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
-        if stop:
-            log(f"extend: stopped at step {step + 1}; continue with --resume")
+        if train.save_if_due(ctx, args.out_dir, step + 1, steps, first, args, raw, opt, meta, loader, log, "extend"):
             break
     step = train.latest_step(args.out_dir)
 

@@ -394,12 +394,8 @@ def main(argv=None):
         if (step + 1) % args.eval_every == 0 or step + 1 == end:
             val_loss = train.evaluate(model, val, ctx)
             train.log_metrics(metrics, dict(step=step + 1, val_loss=val_loss), ctx)
-        save, stop = train.should_save(step + 1, end, first, args)
-        if save:
-            train.save_checkpoint(phase_dir, step + 1, raw, opt, meta,
-                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
-        if stop:
-            log(f"phase{args.phase}: stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
+        if train.save_if_due(ctx, phase_dir, step + 1, end, first, args, raw, opt, meta, loader, log,
+                             f"phase{args.phase}"):
             break
     bar.close()
     packing = loader.stats()

@@ -574,12 +574,7 @@ def main(argv=None):
         if ctx.master and (step + 1) % args.log_every == 0:
             tqdm.write(log_line(record))
         bar.set_postfix(reward=f"{record['reward']:.3f}")
-        save, stop = train.should_save(step + 1, steps, first, args)
-        if save:
-            train.save_checkpoint(out_dir, step + 1, raw, opt, meta, {"rng": train.rng_state()}, ctx)
-        if stop:
-            if ctx.master:
-                tqdm.write(f"rlvr: stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
+        if train.save_if_due(ctx, out_dir, step + 1, steps, first, args, raw, opt, meta, None, log, "rlvr"):
             break
     bar.close()
 

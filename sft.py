@@ -639,12 +639,8 @@ def main(argv=None):
                                   1.0, fpt, mtp_weight=args.mtp_weight, aux_coef=aux_coef)
         record["targets"] = sum(int((y != -1).sum()) for _, y in batches)
         train.log_metrics(metrics, record, ctx, echo=(step + 1) % args.log_every == 0)
-        save, stop = train.should_save(step + 1, steps, first, args)
-        if save:
-            train.save_checkpoint(out_dir, step + 1, raw, opt, meta,
-                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
-        if stop:
-            log(f"sft {args.variant}: stopped at step {step + 1}; continue with --resume")
+        if train.save_if_due(ctx, out_dir, step + 1, steps, first, args, raw, opt, meta, loader, log,
+                             f"sft {args.variant}"):
             train.compute_cleanup(ctx)
             return None
     train.compute_cleanup(ctx)
@@ -730,12 +726,8 @@ def main_mtp_only(args, ctx, log, out_dir, base_dir, raw, base_meta, tok, mixtur
             tqdm.write(f"step {r['step']:6d} | mtp soft CE {r['mtp']:.4f} | KL {r['kl']:.4f} | aux {r['aux']:.3f} | "
                        f"z {r['z']:.3f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | {r['tok_per_s']:,.0f} "
                        f"tok/s | imbalance {r['imbalance']:.2f}")
-        save, stop = train.should_save(step + 1, steps, first, args)
-        if save:
-            train.save_checkpoint(out_dir, step + 1, raw, opt, meta,
-                                  {"loader": loader.state_dict(), "rng": train.rng_state()}, ctx)
-        if stop:
-            log(f"sft --mtp-only: stopped at step {step + 1}; continue with --resume")
+        if train.save_if_due(ctx, out_dir, step + 1, steps, first, args, raw, opt, meta, loader, log,
+                             "sft --mtp-only"):
             train.compute_cleanup(ctx)
             return None
     train.compute_cleanup(ctx)

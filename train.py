@@ -16,7 +16,7 @@ Contents, top to bottom
   whd_schedule, recipe_for, rng_state, evaluate, imbalance, log_metrics
   Experiment tracking                        start_tracking, Tracker: metrics.jsonl mirrored to TensorBoard / W&B
   The stage command line                     add_stage_args (the flags every loop shares), micro_batches (the
-                                             global-batch check), should_save, run (the entry point: expected
+                                             global-batch check), save_if_due, run (the entry point: expected
                                              errors become one line and exit code 2)
 
 Checkpoints: <dir>/step_{N:06d}/ holds the model and optimizer state as a torch.distributed.checkpoint (DCP)
@@ -806,11 +806,17 @@ def micro_batches(global_batch, micro_batch, world_size, flag="--global-batch"):
     return global_batch // unit
 
 
-def should_save(step, end, first, args):
-    """(save, stop) after the step that makes `step` steps: a checkpoint every --ckpt-every steps, at the end, and
-    when --stop-after steps have run since `first` (the run then stops: continue with --resume)."""
+def save_if_due(ctx, out_dir, step, end, first, args, raw, opt, meta, loader=None, log=print, name="train"):
+    """After the step that makes `step` steps: checkpoint every --ckpt-every steps, at the end, and when
+    --stop-after steps have run since `first` (with the loader's position, if any, and the RNG state, so a
+    resumed run continues exactly). Returns True when the run should stop there (continue with --resume)."""
     stop = args.stop_after is not None and step - first >= args.stop_after and step < end
-    return step % args.ckpt_every == 0 or step == end or stop, stop
+    if step % args.ckpt_every == 0 or step == end or stop:
+        rank_state = {"rng": rng_state()} if loader is None else {"loader": loader.state_dict(), "rng": rng_state()}
+        save_checkpoint(out_dir, step, raw, opt, meta, rank_state, ctx)
+    if stop and log is not None:
+        log(f"{name}: stopped after {args.stop_after} steps at step {step}; continue with --resume")
+    return stop
 
 
 def run(main, name):
