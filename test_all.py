@@ -4205,6 +4205,16 @@ def test_rlvr_default_mixture_keeps_the_families_sft_trained():
     assert set(rlvr.default_mixture(tok, 512)) == {f for f in E.FAMILIES if f not in E.EVAL_ONLY}
 
 
+def test_sft_and_rl_balance_the_router_at_pretrainings_coefficient_over_ten():
+    """The report's ratio (pre-training 1e-3, SFT 1e-4) applied per preset, and RL keeps SFT's: at the report's
+    1e-4, tiny's SFT collapsed its router (imbalance 6.6-6.9, RESULTS.md), where tiny pre-trains at 0.1."""
+    for preset, sft_recipe in (("mellum2-12b", "mellum2-12b"), ("tiny", "default")):
+        want = pretrain.RECIPES[preset].aux_coef / 10
+        assert sft.RECIPES[sft_recipe].aux_coef == pytest.approx(want), preset
+        assert rlvr.RL_RECIPES[preset].aux_coef == pytest.approx(want), preset
+        assert rlvr.RL_RECIPES[preset].z_coef > 0, preset
+
+
 def test_rlvr_dry_run_prints_the_reports_recipe(tmp_path, capsys):
     init = _rl_checkpoint(tmp_path)
     rlvr.main(["--from", init, "--preset", "mellum2-12b", "--dry-run", "--out-dir", str(tmp_path / "rl")])
