@@ -2976,6 +2976,24 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
 
 
+def test_chat_samples_at_the_reports_recommended_settings(tmp_path, monkeypatch):
+    """--chat defaults to the report's temperature 0.6 / top-k 20 / top-p 0.95; plain completion keeps 0.8 / 50 / 1."""
+    pytest.importorskip("safetensors")
+    tok = data.get_tokenizer("cl100k_base:384")
+    train.save_pretrained(_tiny_model(seed=3, vocab_size=512), str(tmp_path / "hf"), tokenizer=tok)
+    seen = []
+
+    def fake_generate(model, idx, max_new, **kw):
+        seen.append({k: kw[k] for k in ("temperature", "top_k", "top_p")})
+        return idx[:, :0], dict(tokens=0, seconds=1.0, tokens_per_s=0.0, kv_cache_bytes=0)
+    monkeypatch.setattr(S, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    with redirect_stdout(io.StringIO()):
+        S.main(["--ckpt", str(tmp_path / "hf"), "--chat", "--max-new-tokens", "4"])
+        S.main(["--ckpt", str(tmp_path / "hf"), "--prompt", "x", "--max-new-tokens", "4"])
+    assert seen == [dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=0.8, top_k=50, top_p=1.0)]
+
+
 def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
     # the model is scripted: a calculator call, then the answer; the second prompt must carry the result in a
     # tool_response user turn, the system turn the offered schemas
