@@ -29,6 +29,7 @@ Footguns:
 - Without Triton installed (e.g. macOS) the module still imports; the *_ref paths work, launches raise.
 """
 import argparse
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -692,9 +693,25 @@ def fp8_linear(x, w, use_triton=None):
 HEAD_BLOCK = {"cpu": 2 ** 19, "cuda": 2 ** 27}  # logits per vocabulary block: ~2 MB fp32 (a core's L2) on a CPU
 
 
+_head_matmuls = torch.float32  # outside autocast; train.Compute.autocast sets bf16 on an AMX CPU (head_matmuls)
+
+
+@contextlib.contextmanager
+def head_matmuls(dtype):
+    """Run head_logprobs's matmuls in `dtype` when autocast is off (the softmax stays fp32). On a CPU with AMX the
+    head's bf16 GEMMs run ~4x fp32's rate, while bf16 autocast of the whole model is slower than fp32 there
+    (oneDNN compiles a kernel for every new expert-group shape): train.Compute.autocast uses this instead."""
+    global _head_matmuls
+    old, _head_matmuls = _head_matmuls, dtype
+    try:
+        yield
+    finally:
+        _head_matmuls = old
+
+
 def _head_dtype(device):
-    """The matmul dtype: autocast's when it is on (as F.linear under autocast), else fp32."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+    """The matmul dtype: autocast's when it is on (as F.linear under autocast), else head_matmuls' (fp32)."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else _head_matmuls
 
 
 def _head_blocks(t_N, V, block):
@@ -710,19 +727,22 @@ class _HeadLogProbs(torch.autograd.Function):
         N, V = h_ND.size(0), w_VD.size(0)
         block = max(1, HEAD_BLOCK.get(h_ND.device.type, HEAD_BLOCK["cuda"]) // max(N, 1))
         hc = h_ND.to(dtype)
-        m = h_ND.new_full((N, 1), -math.inf, dtype=torch.float32)  # running max, sum exp(z - m), sum exp(z - m) z
+        # running max m, sum exp(z - m), sum exp(z - m) z; without the entropy m is the running logsumexp itself
+        m = h_ND.new_full((N, 1), -math.inf, dtype=torch.float32)
         s, sz, z_t = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
         for j, width, col, inb in _head_blocks(t_N, V, block):
             z = (hc @ w_VD[j:j + width].to(dtype).T).float()
             z_t = torch.where(inb, z.gather(1, col), z_t)
+            if not with_entropy:  # logsumexp fuses max, exp and sum: two passes over the block instead of four
+                m = torch.logaddexp(m, torch.logsumexp(z, dim=1, keepdim=True))
+                continue
             m_new = torch.maximum(m, z.amax(dim=1, keepdim=True))
             rescale = (m - m_new).exp()
             e = (z - m_new).exp_()
             s = s * rescale + e.sum(dim=1, keepdim=True)
-            if with_entropy:
-                sz = sz * rescale + (e * z).sum(dim=1, keepdim=True)
+            sz = sz * rescale + (e * z).sum(dim=1, keepdim=True)
             m = m_new
-        lse = m + s.log()
+        lse = m + s.log() if with_entropy else m
         ctx.save_for_backward(h_ND, w_VD, t_N, lse)
         ctx.dtype, ctx.block = dtype, block
         entropy = (lse - sz / s)[:, 0] if with_entropy else torch.zeros_like(lse[:, 0])
@@ -733,16 +753,18 @@ class _HeadLogProbs(torch.autograd.Function):
     def backward(ctx, g_N, _):
         h_ND, w_VD, t_N, lse = ctx.saved_tensors
         dtype, block = ctx.dtype, ctx.block
-        hc, g = h_ND.to(dtype), g_N.float()[:, None]
+        g = g_N.float()[:, None]
+        # d logp / d z = onehot - softmax = -P: dh = -g * (P @ W), dW = P.T @ (-g * h); g scales the (N, D) side
+        hc, hg = h_ND.to(dtype), (-g * h_ND.float()).to(dtype)
         dh = torch.zeros(h_ND.shape, dtype=torch.float32, device=h_ND.device)
         dw = torch.empty(w_VD.shape, dtype=torch.float32, device=w_VD.device)
         for j, width, col, inb in _head_blocks(t_N, w_VD.size(0), block):
             w_j = w_VD[j:j + width].to(dtype)
             p = (hc @ w_j.T).float().sub_(lse).exp_()  # softmax of the block's logits
-            dz = p.scatter_add_(1, col, -inb.float()).mul_(-g).to(dtype)  # d logp / d z = onehot - softmax
-            dh += (dz @ w_j).float()
-            dw[j:j + width] = dz.T @ hc
-        return dh.to(h_ND.dtype), dw.to(w_VD.dtype), None, None, None
+            p = p.scatter_add_(1, col, -inb.float()).to(dtype)  # softmax - onehot, formed before any cast
+            dh += (p @ w_j).float()
+            dw[j:j + width] = p.T @ hg
+        return (-g * dh).to(h_ND.dtype), dw.to(w_VD.dtype), None, None, None
 
 
 def head_logprobs(h_ND, w_VD, t_N, entropy=False):

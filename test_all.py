@@ -758,6 +758,42 @@ def test_head_logprobs_under_bf16_autocast_follow_the_plain_head():
         kernels.head_logprobs(h, w, t[:3])
 
 
+def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs():
+    """kernels.head_matmuls(bf16) (the default head of training on an AMX CPU): the GEMMs take bf16 inputs and
+    give bf16 logits (as F.linear under autocast), the softmax is fp32: log-probabilities are the float64 formula
+    on those rounded logits, to fp32 accuracy (not merely close to the fp32 head); gradients within bf16's
+    rounding of the softmax."""
+    gen = torch.Generator().manual_seed(5)
+    N, V, D = 7, 300, 32
+    h = torch.randn(N, D, generator=gen, requires_grad=True)
+    w = (torch.randn(V, D, generator=gen) * 0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    g = torch.randn(N, generator=gen)
+    with kernels.head_matmuls(torch.bfloat16):
+        logp = kernels.head_logprobs(h, w, t)[0]
+    assert kernels._head_dtype(h.device) == torch.float32  # restored on exit
+    (logp * g).sum().backward()
+    h16, w16 = (x.detach().bfloat16().double().requires_grad_() for x in (h, w))
+    z16 = (h16.detach() @ w16.detach().T).bfloat16().double()  # the logits as bf16 GEMMs return them
+    ref16 = z16.gather(1, t[:, None])[:, 0] - z16.logsumexp(dim=-1)
+    torch.testing.assert_close(logp.double(), ref16, rtol=1e-5, atol=1e-5)
+    (_head_ref64(h16, w16, t)[0] * g.double()).sum().backward()
+    assert (logp.double() - _head_ref64(h.detach(), w.detach(), t)[0]).abs().max() > 1e-4  # it did round
+    for got, want in ((h.grad, h16.grad), (w.grad, w16.grad)):
+        assert ((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("amx,dtype,want", [(True, "auto", torch.bfloat16), (False, "auto", torch.float32),
+                                            (True, "fp32", torch.float32)])
+def test_a_cpu_stage_runs_its_head_in_bf16_only_by_default_on_an_amx_cpu(monkeypatch, amx, dtype, want):
+    monkeypatch.setattr(muon, "_CPU_AMX", amx)
+    ctx = train.Compute(torch.device("cpu"), dtype=dtype)
+    with ctx.autocast():
+        assert not torch.is_autocast_enabled("cpu")  # the rest of the model stays fp32
+        assert kernels._head_dtype(torch.device("cpu")) == want
+    assert kernels._head_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_head_logprobs_gradient_of_a_confident_row_keeps_its_precision():
     """p_t ~ 0.999: d logp / d h = w_t - sum_v p_v w_v is a small difference of large terms. It must be formed
     from (onehot - softmax) before the bf16 cast, as the plain path does; adding the one-hot part separately in
@@ -2232,7 +2268,9 @@ def test_the_rl_update_in_bf16_is_close_to_fp32():
 # pretrain.py
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
-_CPU = train.Compute(torch.device("cpu"))
+# Hand computations and fp32 references run the whole step in fp32: by default an AMX CPU runs the LM head's
+# matmuls in bf16 (train.Compute.autocast), tested against its own reference in test_head_matmuls_in_bf16_*.
+_CPU = train.Compute(torch.device("cpu"), dtype="fp32")
 
 
 def _mixture_file(tmp_path, tokens=(4000, 2000, 2000)):
@@ -4136,7 +4174,7 @@ def test_rlvr_oversamples_and_trains_exactly_the_informative_groups(tmp_path, mo
 
 def _rlvr_ddp_worker(rank, world, tmp, rows):
     _gloo(rank, world, tmp)
-    ctx = train.Compute(torch.device("cpu"), rank, rank, world, ddp=True)
+    ctx = train.Compute(torch.device("cpu"), rank, rank, world, ddp=True, dtype="fp32")  # as _CPU
     raw = _rl_model().train()
     model = train.wrap_model(ctx, raw, "ddp")
     opt = torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=1.0)
