@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import functools
 import gzip
+import itertools
 import json
 import math
 import operator
@@ -853,8 +854,10 @@ def atomic_write(path, text):
 
 
 def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batch_size, gen, sampling, log):
-    """(task index, Completion) for every (task, sample). Prompts are batched by length and each batch gets at most
-    the context left after its longest prompt; a prompt that fills the context gets empty completions (score 0)."""
+    """(task index, Completion) for every (task, sample). Each prompt gets up to max_new_tokens, at most the context
+    left after it; a prompt that fills the context gets empty completions (score 0). Prompts with the same budget
+    are decoded together, batch_size rows (prompts x samples) at a time, shortest first: batched generation gains
+    ~3x from batch 16 to 128 on a CPU (RESULTS.md), and a row finishes as it would alone."""
     ctx = model.config.max_position_embeddings
     prompts = [data.render_prompt(tok, t.messages, tools=t.tools) for t in tasks]
     fits = sorted((i for i, p in enumerate(prompts) if len(p) < ctx), key=lambda i: len(prompts[i]))
@@ -863,10 +866,11 @@ def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batc
     if out and log:
         log(f"{tasks[0].family}: {len(out) // n_samples} of {len(tasks)} prompts do not fit the model's context of "
             f"{ctx} tokens: they score 0")
-    for b in range(0, len(fits), batch_size):
-        batch = fits[b:b + batch_size]
-        new = min(max_new_tokens, ctx - len(prompts[batch[-1]]))
-        for c in sample.generate_batch(model, [prompts[i] for i in batch], new, n_samples=n_samples,
+    budget = {i: min(max_new_tokens, ctx - len(prompts[i])) for i in fits}
+    per_batch = max(1, batch_size // n_samples)
+    batches = [list(g) for _, g in itertools.groupby(fits, key=budget.get)]
+    for batch in (b[k:k + per_batch] for b in batches for k in range(0, len(b), per_batch)):
+        for c in sample.generate_batch(model, [prompts[i] for i in batch], budget[batch[0]], n_samples=n_samples,
                                        temperature=temperature, generator=gen, stop_tokens=(tok.special[IM_END],),
                                        n_vocab=tok.n_vocab, tool_hook=make_tool_hook(tok, [tasks[i] for i in batch]),
                                        **sampling):
@@ -875,7 +879,7 @@ def _completions(model, tok, tasks, n_samples, temperature, max_new_tokens, batc
 
 
 def evaluate(model, tok, families, n_tasks, n_samples, variant="instruct", *, max_new_tokens=256, temperature=0.6,
-             top_k=20, top_p=0.95, seed=0, batch_size=16, workers=4, out_dir=None, log=tqdm.write):
+             top_k=20, top_p=0.95, seed=0, batch_size=128, workers=4, out_dir=None, log=tqdm.write):
     """Per family over n_tasks test tasks: a greedy completion each (greedy accuracy, reward) and n_samples sampled
     ones (pass@1, pass@n); format rate and mean length over all. The sampling defaults are the report's recommended
     ones. Returns {family: metrics}; with out_dir, writes eval_{variant}.jsonl (one line per family) and
@@ -970,7 +974,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--batch-size", type=int, default=128, help="rows (prompts x samples) decoded together")
     p.add_argument("--workers", type=int, default=4, help="sandboxes running at once")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -5173,6 +5173,26 @@ def test_eval_evaluate_end_to_end_on_a_random_model(tmp_path):
     assert m["mean_len"] == 0 and m["format_rate"] == 0 and any("3 of 3 prompts do not fit" in ln for ln in logged)
 
 
+def test_eval_batches_rows_without_changing_a_greedy_completion_and_each_prompt_keeps_its_own_budget():
+    """_completions decodes up to batch_size rows together, but only prompts with the same budget: every greedy
+    completion equals the prompt decoded alone for min(max_new_tokens, context - its length) tokens. (Batches of
+    16 sorted prompts used to cut the whole batch to the budget of its longest prompt.)"""
+    tok = data.get_tokenizer("cl100k_base:256")
+    model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=48)).init_weights(1)
+    model.eval()
+    tasks = [E.make_task("chain", s) for s in range(12)]  # prompts of 37, 41 and 45 tokens: budgets 8, 7 and 3
+    prompts = [data.render_prompt(tok, t.messages, tools=t.tools) for t in tasks]
+    assert {len(p) for p in prompts} == {37, 41, 45}
+    stop = tok.special[E.IM_END]
+    want = [S.generate(model, torch.tensor([p]), min(8, 48 - len(p)), temperature=0, stop_token=stop,
+                            n_vocab=tok.n_vocab)[0][0] for p in prompts]
+    assert {8, 7, 3} <= {len(w) for w in want}  # every budget is reached by some prompt: a cut is visible
+    for batch_size in (128, 5, 1):
+        got = E._completions(model, tok, tasks, 1, 0.0, 8, batch_size, None, {}, None)
+        assert [i for i, _ in got] == list(range(12))
+        assert [c.tokens for _, c in got] == want, batch_size
+
+
 @pytest.mark.slow
 def test_eval_command_line_prints_the_table(tmp_path, capsys):
     _eval_checkpoint(tmp_path)
