@@ -299,21 +299,25 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
     is then repeated n_samples times, so samples of a prompt share one prefill. Rows leave the batch when they
     finish. When a row samples one of stop_tokens, tool_hook(completion) decides: None ends the row, a list of ids
     is fed to the row (one per step, not trained, logprob 0.0) and sampling resumes after it. max_new_tokens
-    bounds every token after the prompt, injected ones included. Greedy rows equal generate() on the row alone."""
+    (one number, or one per prompt) bounds every token after the prompt, injected ones included; a prompt and its
+    budget must fit the context, but prompts of different lengths share a batch (a row sees only its own tokens).
+    Greedy rows equal generate() on the row alone."""
     config, device = model.config, next(model.parameters()).device
     if not prompts or not all(len(p) > 0 for p in prompts):
         raise ValueError("generate_batch: give at least one prompt, each with at least one token")
-    if max_new_tokens < 1 or n_samples < 1:
-        raise ValueError(f"generate_batch: max_new_tokens={max_new_tokens}, n_samples={n_samples}: both must be >= 1")
+    budget = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budget) != len(prompts) or min(budget) < 1 or n_samples < 1:
+        raise ValueError(f"generate_batch: max_new_tokens={max_new_tokens}, n_samples={n_samples}: both must be >= 1, "
+                         "max_new_tokens a number or one per prompt")
+    if any(len(p) + b > config.max_position_embeddings for p, b in zip(prompts, budget)):
+        raise ValueError(f"a prompt + its max_new_tokens exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens: shorten one")
     P, T = len(prompts), max(len(p) for p in prompts)
-    if T + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"the longest prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {config.max_position_embeddings} tokens: shorten one")
     greedy, stop_tokens = temperature == 0, set(stop_tokens)
     n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)
-    cache = KVCache(config, P, T + max_new_tokens, device=device, dtype=next(model.parameters()).dtype, pad=pad)
+    cache = KVCache(config, P, T + max(budget), device=device, dtype=next(model.parameters()).dtype, pad=pad)
     h = model.hidden(idx, cache)[:, -1]
     rows = torch.arange(P, device=device).repeat_interleave(n_samples)
     cache.select(rows)
@@ -340,7 +344,7 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
                     comp.finished = True
                 else:
                     forced[c] = [int(i) for i in ids]
-            if not comp.finished and len(comp.tokens) < max_new_tokens:
+            if not comp.finished and len(comp.tokens) < budget[comp.prompt_index]:
                 keep.append(r)
                 feed.append(t)
         if not keep:

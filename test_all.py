@@ -5174,9 +5174,9 @@ def test_eval_evaluate_end_to_end_on_a_random_model(tmp_path):
 
 
 def test_eval_batches_rows_without_changing_a_greedy_completion_and_each_prompt_keeps_its_own_budget():
-    """_completions decodes up to batch_size rows together, but only prompts with the same budget: every greedy
-    completion equals the prompt decoded alone for min(max_new_tokens, context - its length) tokens. (Batches of
-    16 sorted prompts used to cut the whole batch to the budget of its longest prompt.)"""
+    """_completions decodes up to batch_size rows together, prompts of different budgets in one generate_batch:
+    every greedy completion equals the prompt decoded alone for min(max_new_tokens, context - its length) tokens.
+    (Batches of 16 sorted prompts used to cut the whole batch to the budget of its longest prompt.)"""
     tok = data.get_tokenizer("cl100k_base:256")
     model = M.Mellum(M.get_config("test", vocab_size=tok.vocab_size, max_position_embeddings=48)).init_weights(1)
     model.eval()
@@ -5191,6 +5191,10 @@ def test_eval_batches_rows_without_changing_a_greedy_completion_and_each_prompt_
         got = E._completions(model, tok, tasks, 1, 0.0, 8, batch_size, None, {}, None)
         assert [i for i, _ in got] == list(range(12))
         assert [c.tokens for _, c in got] == want, batch_size
+    with pytest.raises(ValueError, match="one per prompt"):
+        S.generate_batch(model, prompts[:2], [3])
+    with pytest.raises(ValueError, match="exceeds the model's context of 48"):
+        S.generate_batch(model, prompts[:2], [11, 8])  # 37 + 11 fits, 45 + 8 does not
 
 
 @pytest.mark.slow
