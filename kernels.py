@@ -2,7 +2,8 @@
 Triton kernels for nanoMellum, each next to the plain-PyTorch reference that defines what it computes.
 
 Sections, top to bottom:
-  dispatch       `ENABLED`, `use_kernels(device)`, `fp8_supported(device)`: model.py asks these, in one place
+  dispatch       `ENABLED`, `use_kernels(device)`, `fp8_supported(device)`, `bf16_matmul_fast(device)`: model.py,
+                 muon.py and train.py ask these, in one place
   attention      flash attention (causal, GQA, optional sliding window), forward + backward Triton kernels,
                  `flash_attention` (autograd) and `attention_ref`
   FP8            "hybrid" FP8 GEMMs as in DeepSeek-V3 (https://arxiv.org/abs/2412.19437, section 3.3):
@@ -11,7 +12,8 @@ Sections, top to bottom:
                  128x128 weight blocks, 128x1 column tiles per expert for the weight gradient), grouped GEMMs,
                  `fp8_grouped_linear` / `fp8_linear` (autograd; Triton or the PyTorch emulation) and `*_ref`s
   head           `head_logprobs`: the LM head's log-probabilities of given tokens without materialising the
-                 (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`
+                 (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`,
+                 `head_matmuls(dtype)` (its matmuls' dtype outside autocast: bf16 on an AMX CPU)
   bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
                  `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
 
@@ -64,6 +66,16 @@ def fp8_supported(device):
     """FP8 tensor cores: compute capability 8.9 (Ada) or newer."""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+_CPU_AMX = getattr(torch.cpu, "_is_amx_tile_supported", bool)()  # torch 2.13 has no public name for it
+
+
+def bf16_matmul_fast(device):
+    """True where a bf16 matmul beats fp32: a GPU, or a CPU with AMX tiles (Intel Sapphire Rapids and later: 2-4x
+    fp32's rate on tiny's shapes, RESULTS.md). muon.ns_dtype and train.Compute.autocast ask this."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _CPU_AMX)
 
 
 def _check_launch(name, *tensors, strided=()):

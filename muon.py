@@ -56,19 +56,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import kernels
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 while staying in ~[0.68, 1.2]
 
 
-_CPU_AMX = getattr(torch.cpu, "_is_amx_tile_supported", bool)()  # torch 2.13 has no public name for it
-
-
 def ns_dtype(device):
-    """bf16 wherever its matmul is the fast one: bf16 is accurate enough for an approximate orthogonalisation.
-    That is a GPU, or a CPU with AMX tiles (Intel Sapphire Rapids and later: bf16 GEMMs at 2-4x fp32's rate on
-    these shapes, RESULTS.md); other CPUs have no fast bf16 matmul, so fp32 there."""
-    if device.type == "cuda" or (device.type == "cpu" and _CPU_AMX):
-        return torch.bfloat16
-    return torch.float32
+    """bf16 wherever its matmul is the fast one (kernels.bf16_matmul_fast: a GPU, a CPU with AMX): bf16 is accurate
+    enough for an approximate orthogonalisation; fp32 elsewhere."""
+    return torch.bfloat16 if kernels.bf16_matmul_fast(device) else torch.float32
 
 
 def newton_schulz(G, steps=5, dtype=None):

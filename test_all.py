@@ -786,7 +786,7 @@ def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs():
 @pytest.mark.parametrize("amx,dtype,want", [(True, "auto", torch.bfloat16), (False, "auto", torch.float32),
                                             (True, "fp32", torch.float32)])
 def test_a_cpu_stage_runs_its_head_in_bf16_only_by_default_on_an_amx_cpu(monkeypatch, amx, dtype, want):
-    monkeypatch.setattr(muon, "_CPU_AMX", amx)
+    monkeypatch.setattr(kernels, "_CPU_AMX", amx)
     ctx = train.Compute(torch.device("cpu"), dtype=dtype)
     with ctx.autocast():
         assert not torch.is_autocast_enabled("cpu")  # the rest of the model stays fp32

@@ -59,7 +59,6 @@ from tqdm import tqdm
 import data
 import kernels
 import model as M
-import muon
 
 # DCP warns on every single-process save/load (sample.py, one-process training) that it assumes one process: it does.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -102,7 +101,7 @@ class Compute:
         the router and the losses run in fp32 inside (model.py)."""
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.dtype == "auto" and muon.ns_dtype(self.device) == torch.bfloat16:
+        if self.dtype == "auto" and kernels.bf16_matmul_fast(self.device):  # here: a CPU with AMX
             return kernels.head_matmuls(torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -884,7 +883,7 @@ def bench_vs_transformers(preset="tiny", batch=4, seq_len=256, repeats=5, seed=0
             return step_ours()
 
     steps = {"ours": step_ours, "transformers": step_hf}
-    if muon.ns_dtype(torch.device("cpu")) == torch.bfloat16:
+    if kernels.bf16_matmul_fast("cpu"):
         steps["ours bf16 head"] = step_ours_bf16_head
     best = {name: (float("inf"), fn()) for name, fn in steps.items()}  # warm-up; CE on the same weights
     for _ in range(repeats):
