@@ -5,7 +5,8 @@ Contents, top to bottom:
   Config + PRESETS        one dataclass; defaults are the CPU-sized `tiny` model
   RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on both types, YaRN on full layers only
   dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention)
-  Attention               GQA, QK-norm before RoPE, causal or sliding-window
+  Attention               GQA, QK-norm before RoPE, causal or sliding-window; SharedPrefix rows (one prompt read
+                          once by several completions: RL's update)
   MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM;
                           expert parallelism (all_to_all dispatch) when shard_experts() gave it a process group
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
@@ -142,7 +143,8 @@ _ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num
 
 def preset_of(config):
     """The preset whose architecture `config` has, or None. Vocabulary, context and RoPE are aside: a checkpoint keeps
-    its preset through a cut tokenizer, an extension or SFT at a longer context. Later stages pick their recipe by it."""
+    its preset through a cut tokenizer, an extension or SFT at a longer context. Later stages pick their recipe by
+    it."""
     return next((name for name in PRESETS if all(getattr(config, a) == getattr(get_config(name), a)
                                                  for a in _ARCHITECTURE)), None)
 
@@ -179,10 +181,10 @@ def _rope_frequencies_cached(head_dim, params):
 
 
 def rope_cos_sin(config, layer_type, pos, dtype):
-    """cos, sin of shape (T, head_dim) for integer positions `pos` (T,), rotate-half layout."""
+    """cos, sin of shape (*pos.shape, head_dim) for integer positions `pos`, rotate-half layout."""
     params = tuple(sorted(config.rope_parameters[layer_type].items()))
     inv_freq, scale = _rope_frequencies_cached(config.head_dim, params)
-    freqs = pos.float()[:, None] * inv_freq.to(pos.device)[None, :]
+    freqs = pos.float()[..., None] * inv_freq.to(pos.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -216,11 +218,12 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
-def attention(q, k, v, window, q_pos=None, k_pos=None, pad=None):
+def attention(q, k, v, window, q_pos=None, k_pos=None, pad=None, seg=None):
     """Causal (window=None) or sliding-window attention with GQA. q (B, H, T, hd); k, v (B, K, S, hd).
     q_pos (T,) / k_pos (S,) are absolute positions, given when decoding from a cache (k_pos < 0: empty slot).
     pad (B,): row b's first pad[b] positions are left padding, hidden from every query but their own (a query
-    that saw no key at all would turn into NaN and poison the padding's keys in the next layer)."""
+    that saw no key at all would turn into NaN and poison the padding's keys in the next layer).
+    seg (B, T) with q_pos = k_pos (B, T): a SharedPrefix layout, where segment s > 0 sees segment 0 and itself."""
     if q_pos is None:
         if kernels.use_kernels(q.device):
             return kernels.flash_attention(q, k, v, window=window)
@@ -228,13 +231,27 @@ def attention(q, k, v, window, q_pos=None, k_pos=None, pad=None):
         if window is None or window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         q_pos = k_pos = torch.arange(T, device=q.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]  # (T, S), or (B, T, S) for a SharedPrefix
+    allowed = (kp <= qp) & (kp >= 0)
     if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
+        allowed &= kp > qp - window
     if pad is not None:  # (T, S) -> (B, 1, T, S)
-        allowed = (allowed & (k_pos >= pad[:, None, None])) | (k_pos[None, :] == q_pos[:, None])
+        allowed = (allowed & (k_pos >= pad[:, None, None])) | (kp == qp)
         allowed = allowed[:, None]
+    if seg is not None:  # (B, T, T) -> (B, 1, T, T)
+        allowed = (allowed & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])))[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+
+
+@dataclass
+class SharedPrefix:
+    """Rows that hold one prompt once and the completions that continue it side by side: RL's update scores G
+    samples of a prompt at the cost of one prompt, not G. pos (B, T): each token's position in its own sequence;
+    seg (B, T): 0 the prompt, s >= 1 completion s, which sees the prompt and itself only; -1 padding. Every token
+    computes what it computes in the plain row prompt + its completion, up to rounding. No MTP or CE targets: the
+    next token of a row is not the next token of a sequence."""
+    pos: torch.Tensor
+    seg: torch.Tensor
 
 
 # -----------------------------------------------------------------------------
@@ -271,7 +288,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
         self.window = config.sliding_window if layer_type == SLIDING else None
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, shared=None):
         B, T, _ = x.shape
         hd = self.config.head_dim
         # QK-norm over head_dim before RoPE keeps attention logits bounded (Qwen3 / Mellum)
@@ -279,7 +296,9 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, -1, hd)).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if shared is not None:
+            y = attention(q, k, v, self.window, shared.pos, shared.pos, seg=shared.seg)
+        elif cache is None:
             y = attention(q, k, v, self.window)
         else:
             k, v, k_pos = cache.update(k, v)
@@ -427,8 +446,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if mlp_type == "sparse" else MLP(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, shared=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -524,17 +543,19 @@ class Mellum(nn.Module):
             if isinstance(m, (Linear, Experts)):
                 m.fp8 = enabled
 
-    def _cos_sin(self, T, start, device, dtype, layer_types):
-        pos = torch.arange(start, start + T, device=device)
-        return {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
+    def _cos_sin(self, pos, dtype, layer_types):
+        """{layer type: (cos, sin)} at positions pos (T,), or (B, T) as (B, 1, T, hd) to broadcast over heads."""
+        rope = {lt: rope_cos_sin(self.config, lt, pos, dtype) for lt in layer_types}
+        return rope if pos.dim() == 1 else {lt: (cos[:, None], sin[:, None]) for lt, (cos, sin) in rope.items()}
 
-    def hidden(self, idx, cache=None):
-        """Final (normalised) hidden states (B, T, D) of the main model."""
+    def hidden(self, idx, cache=None, shared=None):
+        """Final (normalised) hidden states (B, T, D) of the main model; shared: a SharedPrefix layout of idx."""
         x = self.model.embed_tokens(idx)
         start = cache.pos if cache else 0
-        rope = self._cos_sin(idx.size(1), start, idx.device, x.dtype, set(self.config.layer_types))
+        pos = shared.pos if shared is not None else torch.arange(start, start + idx.size(1), device=idx.device)
+        rope = self._cos_sin(pos, x.dtype, set(self.config.layer_types))
         for layer, lt in zip(self.model.layers, self.config.layer_types):
-            x = layer(x, *rope[lt], cache)
+            x = layer(x, *rope[lt], cache, shared)
         if cache is not None:
             cache.advance(idx.size(1))
         return self.model.norm(x)
@@ -543,13 +564,13 @@ class Mellum(nn.Module):
         """MTP hidden states: h (B, T, D) at positions t, next_idx (B, T) the tokens at t+1."""
         mcache = cache.mtp if cache is not None else None
         start = mcache.pos if mcache else 0
-        rope = self._cos_sin(h.size(1), start, h.device, h.dtype, [SLIDING])
+        rope = self._cos_sin(torch.arange(start, start + h.size(1), device=h.device), h.dtype, [SLIDING])
         out = self.mtp(h, self.model.embed_tokens(next_idx), *rope[SLIDING], mcache)
         if mcache is not None:
             mcache.advance(h.size(1))
         return out
 
-    def forward(self, idx, targets=None, cache=None, norm=None, at=None, score=None, n_vocab=None):
+    def forward(self, idx, targets=None, cache=None, norm=None, at=None, score=None, n_vocab=None, shared=None):
         """idx (B, T) -> logits (B, T, V), or (N, V) at the N True positions of the bool mask `at` (B, T); with
         `at` and score (N,), the ids to score there: (their log-probabilities, the distributions' entropies) over
         the first n_vocab ids (default all), without the logits (RL). With targets (B, T): (None, the unweighted
@@ -557,11 +578,14 @@ class Mellum(nn.Module):
         targets[t+1]. The LM head runs only where there is a target: in SFT and RL most positions are prompt, and
         the 16K-wide head is most of a small model's FLOPs. ce and mtp are sums over their targets divided by
         norm = (ce targets, mtp targets): by default this batch's own counts (a mean; 0, not NaN, when nothing is
-        a target); a training step passes its global counts."""
+        a target); a training step passes its global counts. shared: idx is a SharedPrefix layout (not with
+        targets: the MTP and CE read a row's next token as the sequence's)."""
+        if shared is not None and targets is not None:
+            raise ValueError("forward: a SharedPrefix layout has no next-token targets; score its positions instead")
         moes = self.moe_layers()
         for m in moes:  # the router losses count only the MoE layers this forward runs (the MTP's may not)
             m.count_E = None
-        h = self.hidden(idx, cache)
+        h = self.hidden(idx, cache, shared)
         if score is not None:
             return kernels.head_logprobs(_rows(h, at), self.lm_head.weight[:n_vocab], score, entropy=True)
         if targets is None:

@@ -197,7 +197,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=None, help="warmup steps, or a fraction of all three phases' "
                     "steps when < 1 (default: the recipe's)")
     ap.add_argument("--decay", type=float, default=None, help="steps of the final linear decay to zero, or a "
-                    "fraction when < 1 (default: the recipe's; tiny and mellum2-1b: the whole last phase, the report's shape)")
+                    "fraction when < 1 (default: the recipe's; tiny and mellum2-1b: the whole last phase, the "
+                    "report's shape)")
     ap.add_argument("--mtp-weight", type=float, default=0.1, help="weight of the MTP loss (the report's 0.1)")
     ap.add_argument("--aux-coef", type=float, default=None, help="balancing-loss coefficient per MoE layer "
                     "(default: the recipe's: the report's 1e-3; tiny 0.1, from RESULTS.md's ablation)")

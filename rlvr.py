@@ -37,7 +37,8 @@ Contents, top to bottom
   GRPO                   leave_one_out, keep_informative (dynamic sampling), policy_loss (clip + IcePop)
   Rollouts               Rollout, parse_mixture / default_mixture, draw_tasks, rollout (generate_batch),
                          reward (score_many + shaping)
-  Update                 token_logprobs, micro_batches, update (several optimizer steps per rollout batch)
+  Update                 token_logprobs, micro_batches (plain rows, or a prompt shared by its G completions),
+                         update (several optimizer steps per rollout batch)
   main                   the stage: arguments, setup, start evaluation, loop, checkpoints, final evaluation,
                          report card; comparison (the SFT -> RL table it prints)
 
@@ -49,10 +50,14 @@ Footguns
   token-level policy gradient. With k > 1 the rollout batch is split into k mini-batches, each one optimizer step;
   their pi_old is recomputed before the first step, so mini-batch j trains on data j steps stale (the report's
   asynchronous rollouts allow staleness <= 2).
+- share_prefix (tiny's default): the update reads a group's prompt once, its G completions after it in the same
+  row, each seeing the prompt and itself (model.SharedPrefix); log-probabilities and the policy gradient are those
+  of the plain rows up to rounding, but the router's balancing and z losses count each prompt token once, not G
+  times. Off for mellum2-12b: G long completions in one row would be one enormous attention mask.
 - MTP is not trained (frozen: no loss, no weight decay). The router keeps SFT's balancing and z losses (our
   choice: the report lists none for RL, and without them a small router falls back to a few experts), so the
   objective is the policy gradient plus two small regularisers of the routing.
-- The length cap of a completion is min(--max-new-tokens, context - longest prompt of its generation batch);
+- The length cap of a completion is min(--max-new-tokens, context - its prompt's length);
   prompts that leave fewer than MIN_NEW_TOKENS are never drawn (on `tiny`, context 256, function_call's tool lists
   do not fit, and calculator leaves ~70 tokens). The cap counts injected tool results: the default mixture leaves
   out families whose reference answers mostly exceed it (tiny's 64: kv_store's episodes take ~110 tokens,
@@ -105,6 +110,7 @@ class RLRecipe:
     aux_coef: float     # balancing loss per MoE layer: SFT's (pre-training's / 10), so RL keeps the router balanced
     max_tool_turns: int = 10
     z_coef: float = 1e-3
+    share_prefix: bool = False  # the update's rows hold a prompt once and its G completions (model.SharedPrefix)
 
 
 RL_RECIPES = {
@@ -112,14 +118,14 @@ RL_RECIPES = {
     # after 50 warmup iterations, up to 10 tool turns.
     "mellum2-12b": RLRecipe(prompts=256, samples=16, steps={"instruct": 500, "thinking": 100},
                             max_new_tokens={"instruct": 16_384, "thinking": 40_960}, lr=1e-6, warmup=50, updates=2,
-                            micro_batch=1, aux_coef=1e-4),
+                            micro_batch=1, aux_coef=1e-4),  # 16 x 16K-token completions: no shared rows
     # CPU minutes (our choice, measured in RESULTS.md): a 4-layer model takes a far larger LR than 12B parameters,
     # but AdamW normalises every step to ~LR whatever the signal: at 1e-3 the rollouts' noise wrecked the SFT skills
     # within 15-80 steps, at 1e-4 nothing moved in 40. 32 prompts per step halve the noise of 16; the steps fit the
     # 15-minute budget on 2 cores.
     "tiny": RLRecipe(prompts=32, samples=8, steps={"instruct": 150, "thinking": 70},
-                     max_new_tokens={"instruct": 64, "thinking": 128}, lr=3e-4, warmup=5, updates=2, micro_batch=16,
-                     aux_coef=0.01),
+                     max_new_tokens={"instruct": 64, "thinking": 128}, lr=3e-4, warmup=5, updates=2, micro_batch=32,
+                     aux_coef=0.01, share_prefix=True),
 }
 RL_RECIPES["test"] = RL_RECIPES["tiny"]
 
@@ -294,24 +300,25 @@ def draw_tasks(mixture, n, rng, tok, ctx_len, max_new):
 def rollout(model, tok, drawn, n_samples, max_new, gen, gen_batch, max_tool_turns):
     """G completions of each drawn (task, prompt), ordered by group, and the tool steps' {"seconds", "calls"}
     (environment steps, sandbox runs included, inside generation). Prompts are decoded gen_batch at a time, sorted
-    by length (less left padding); a batch's cap is what its longest prompt leaves of the context."""
+    by length (less left padding); each prompt's cap is max_new or what it leaves of the context, whichever is less
+    (its own, whatever the batch: gen_batch changes the speed, not the rollouts' caps)."""
     ctx_len = model.config.max_position_embeddings
     order = sorted(range(len(drawn)), key=lambda i: len(drawn[i][1]))
     out, tools = [], {"seconds": 0.0, "calls": 0}
     for b in range(0, len(order), gen_batch):
         idx = order[b:b + gen_batch]
         tasks = [drawn[i][0] for i in idx]
-        cap = min(max_new, ctx_len - len(drawn[idx[-1]][1]))
+        caps = [min(max_new, ctx_len - len(drawn[i][1])) for i in idx]
         hook = E.make_tool_hook(tok, tasks, max_tool_turns)
-        comps = sample.generate_batch(model, [drawn[i][1] for i in idx], cap, n_samples=n_samples, temperature=1.0,
+        comps = sample.generate_batch(model, [drawn[i][1] for i in idx], caps, n_samples=n_samples, temperature=1.0,
                                       generator=gen, stop_tokens=(tok.special[E.IM_END],), n_vocab=tok.n_vocab,
                                       tool_hook=hook)
         tools["seconds"] += hook.seconds
         tools["calls"] += hook.calls
         for c in comps:
             i = idx[c.prompt_index]
-            out.append(Rollout(drawn[i][0].family, i, drawn[i][1], c.tokens, c.logprobs, c.trained, cap,
-                               text=tok.decode(c.tokens)))
+            out.append(Rollout(drawn[i][0].family, i, drawn[i][1], c.tokens, c.logprobs, c.trained,
+                               caps[c.prompt_index], text=tok.decode(c.tokens)))
     return sorted(out, key=lambda r: r.group), tools  # stable: samples keep their order within a group
 
 
@@ -328,35 +335,65 @@ def reward(rows, tasks, variant, workers, overlong):
 # -----------------------------------------------------------------------------
 # The update
 
-def token_logprobs(model, x, tgt, n_vocab, mask):
+def token_logprobs(model, x, tgt, n_vocab, mask, shared=None):
     """log pi(tgt | x) at the positions in `mask` (B, T) over ids < n_vocab at temperature 1 (the sampler's
-    distribution), 0 elsewhere; and their summed entropy (detached). The head runs at the masked positions only."""
-    logp_N, entropy_N = model(x, at=mask, score=tgt[mask], n_vocab=n_vocab)
+    distribution), 0 elsewhere; and their summed entropy (detached). The head runs at the masked positions only.
+    shared: x is a model.SharedPrefix layout."""
+    logp_N, entropy_N = model(x, at=mask, score=tgt[mask], n_vocab=n_vocab, shared=shared)
     logp = torch.zeros(x.shape, dtype=logp_N.dtype, device=x.device)
     logp[mask] = logp_N
     return logp, entropy_N.sum().item()
 
 
-def micro_batches(rows, size, device):
-    """Right-padded tensors for rollouts `rows`, `size` sequences at a time: x (inputs), tgt (the completion's ids
-    at the positions that predict them), y (tgt where the token is trained, else -1: train.token_normaliser
-    counts it), logp_inf and adv per position."""
+def _layout(rows):
+    """One row of the update for rollouts `rows` of one prompt: the prompt once, then each completion as its own
+    segment (model.SharedPrefix). Completion token j is predicted at its segment's slot j, whose input is the token
+    before it (the prompt's last for j = 0) at position len(prompt) - 1 + j, as in the plain row prompt + completion:
+    with one rollout, this *is* that row (positions 0, 1, ..., one causal sequence)."""
+    prompt = rows[0].prompt
+    if any(r.prompt != prompt for r in rows):
+        raise ValueError("a shared-prefix row holds the rollouts of one prompt")
+    p = len(prompt) - 1
+    out = dict(x=prompt[:-1], pos=list(range(p)), seg=[0] * p, tgt=[0] * p, y=[-1] * p, logp_inf=[0.0] * p,
+               adv=[0.0] * p)
+    for s, r in enumerate(rows, 1):
+        n = len(r.tokens)
+        out["x"] += (prompt[-1:] + r.tokens)[:n]
+        out["pos"] += range(p, p + n)
+        out["seg"] += [s] * n
+        out["tgt"] += r.tokens
+        out["y"] += [t if trained else -1 for t, trained in zip(r.tokens, r.trained)]
+        out["logp_inf"] += r.logprobs
+        out["adv"] += [r.advantage] * n
+    return out
+
+
+_PAD = dict(x=0, pos=0, seg=-1, tgt=0, y=-1, logp_inf=0.0, adv=0.0)
+
+
+def micro_batches(rows, size, device, share_prefix=False):
+    """Right-padded tensors for rollouts `rows`, `size` sequences per forward, rows of similar lengths together:
+    x (inputs), tgt (the completion's ids at the positions that predict them), y (tgt where the token is trained,
+    else -1: train.token_normaliser counts it), logp_inf and adv per position, shared (None). share_prefix: one row
+    per group, its prompt once and its completions after it (`shared` the model.SharedPrefix layout), size // G
+    groups per forward: at RL's tiny shapes the prompt is ~90% of every sequence."""
+    if share_prefix:
+        groups = {}
+        for r in rows:
+            groups.setdefault(r.group, []).append(r)
+        layouts = [_layout(g) for g in groups.values()]
+        size = max(1, size // max(len(g) for g in groups.values()))
+    else:
+        layouts = [_layout([r]) for r in rows]
+    layouts.sort(key=lambda lay: len(lay["x"]))
     out = []
-    for b in range(0, len(rows), size):
-        chunk = rows[b:b + size]
-        T = max(len(r.prompt) + len(r.tokens) for r in chunk) - 1
-        x = torch.zeros(len(chunk), T, dtype=torch.long)
-        tgt, y = torch.zeros_like(x), torch.full_like(x, -1)
-        logp_inf, adv = torch.zeros(len(chunk), T), torch.zeros(len(chunk), T)
-        for i, r in enumerate(chunk):
-            seq = torch.tensor(r.prompt + r.tokens)
-            n, p = len(seq) - 1, len(r.prompt) - 1  # completion token j is predicted at position p + j
-            x[i, :n], tgt[i, p:n] = seq[:-1], seq[p + 1:]  # prompt positions: id 0, never read
-            trained = torch.tensor(r.trained, dtype=torch.bool)
-            y[i, p:n] = torch.where(trained, tgt[i, p:n], -1)
-            logp_inf[i, p:n] = torch.tensor(r.logprobs)
-            adv[i, p:n] = r.advantage
-        out.append({k: v.to(device) for k, v in dict(x=x, tgt=tgt, y=y, logp_inf=logp_inf, adv=adv).items()})
+    for b in range(0, len(layouts), size):
+        chunk = layouts[b:b + size]
+        T = max(len(lay["x"]) for lay in chunk)
+        mb = {k: torch.tensor([lay[k] + [pad] * (T - len(lay[k])) for lay in chunk]).to(device)
+              for k, pad in _PAD.items()}
+        mb["shared"] = M.SharedPrefix(mb.pop("pos"), mb.pop("seg")) if share_prefix else None
+        out.append(mb)
     return out
 
 
@@ -364,7 +401,7 @@ def _empty_micro_batch(device):
     """One token, nothing trained: a rank short of micro-batches runs it so that DDP's gradient sync still meets
     every rank (its loss, and so its gradient, is zero)."""
     z = torch.zeros(1, 1, device=device)
-    return dict(x=z.long(), tgt=z.long(), y=z.long() - 1, logp_inf=z, adv=z)
+    return dict(x=z.long(), tgt=z.long(), y=z.long() - 1, logp_inf=z, adv=z, shared=None)
 
 
 def _agree(n, ctx, op):
@@ -376,23 +413,23 @@ def _agree(n, ctx, op):
     return t.item()
 
 
-def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip, aux_coef=0.0, z_coef=0.0):
+def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip, aux_coef=0.0, z_coef=0.0, share_prefix=False):
     """`updates` optimizer steps over the rollout batch `rows` (this rank's share), split into as many mini-batches
     of whole groups. The loss is the policy loss plus, per optimizer step, the router's balancing and z losses
-    (aux_coef, z_coef: as in SFT, so that RL does not undo the balance). Returns the step's statistics (token counts
-    summed over ranks)."""
+    (aux_coef, z_coef: as in SFT, so that RL does not undo the balance). share_prefix: each group's prompt is read
+    once (micro_batches), the same log-probabilities up to rounding; the router's losses then count each prompt
+    token once, not G times. Returns the step's statistics (token counts summed over ranks)."""
     raw = train.unwrap(model)
     groups = sorted({r.group for r in rows})
     parts = [set(groups[i::updates]) for i in range(updates)]
-    by_length = sorted(rows, key=lambda r: len(r.prompt) + len(r.tokens))  # micro-batches of similar lengths pad less
-    minis = [micro_batches([r for r in by_length if r.group in part], micro, ctx.device) for part in parts]
+    minis = [micro_batches([r for r in rows if r.group in part], micro, ctx.device, share_prefix) for part in parts]
     # pi_old: the rollout policy's log-probabilities, computed before any update and in the training forward's
     # precision (ctx.autocast), so the ratio and IcePop's rho mean the same in every mini-batch. Mini-batch 0 uses
     # the live policy, detached: the same weights and precision, and then the ratio is exactly 1.
     with torch.no_grad(), ctx.autocast():
         for mbs in minis[1:]:
             for mb in mbs:
-                mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mb["y"] != -1)[0]
+                mb["logp_old"] = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mb["y"] != -1, mb["shared"])[0]
     stats = dict(icepop_masked=0.0, clipped=0.0, valid=0.0, entropy=0.0, loss=0.0, aux=0.0, grad_norm=0.0)
     for mbs in minis:
         n_micro = int(_agree(len(mbs), ctx, dist.ReduceOp.MAX))
@@ -404,7 +441,7 @@ def update(ctx, model, opt, rows, n_vocab, updates, micro, grad_clip, aux_coef=0
             mb = mbs[i] if i < len(mbs) else _empty_micro_batch(ctx.device)
             with train.grad_sync(model, i == n_micro - 1), ctx.autocast():
                 mask = mb["y"] != -1
-                logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask)
+                logp, entropy = token_logprobs(model, mb["x"], mb["tgt"], n_vocab, mask, mb["shared"])
                 logp_old = mb.get("logp_old", logp.detach())
                 loss, s = policy_loss(logp, logp_old, mb["logp_inf"], mb["adv"], mask, norm)
                 aux, z = raw.router_losses([m for m in raw.moe_layers() if m.count_E is not None], logp)
@@ -453,6 +490,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--updates", type=int, default=None, help="optimizer steps per rollout batch (1: plain PG)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward in the update")
+    ap.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="the update reads each prompt once for its G completions (default: the recipe's; tiny on)")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     # --- checkpoints, evaluation
@@ -490,6 +529,7 @@ def main(argv=None):
     max_new = args.max_new_tokens or recipe.max_new_tokens[variant]
     lr, warmup = args.lr or recipe.lr, recipe.warmup if args.warmup is None else args.warmup
     updates, micro = args.updates or recipe.updates, args.micro_batch or recipe.micro_batch
+    share_prefix = recipe.share_prefix if args.share_prefix is None else args.share_prefix
     ctx_len = raw.config.max_position_embeddings
     mixture = (parse_mixture(args.tasks) if args.tasks
                else default_mixture(tok, ctx_len, meta0.get("data"), max_new, variant))
@@ -509,9 +549,11 @@ def main(argv=None):
         raise data.InputError(f"--out-dir {out_dir} is the starting checkpoint's directory; the reference checkpoint "
                               "stays untouched: choose another --out-dir")
     if ctx.master:
+        shared = " (each prompt read once)" if share_prefix else ""
         print(f"rlvr {variant} from {args.init} ({preset} recipe): {steps} steps x {P} prompts x {G} samples "
-              f"(oversampled {OVERSAMPLE}x), cap {max_new} new tokens, {updates} update(s) per batch, AdamW lr {lr} "
-              f"(warmup {warmup}), tasks {mixture}, tokenizer {tok.name}, world {ctx.world_size}, device {ctx.device}")
+              f"(oversampled {OVERSAMPLE}x), cap {max_new} new tokens, {updates} update(s) per batch{shared}, AdamW "
+              f"lr {lr} (warmup {warmup}), tasks {mixture}, tokenizer {tok.name}, world {ctx.world_size}, device "
+              f"{ctx.device}")
     if args.dry_run:
         return train.compute_cleanup(ctx)
 
@@ -566,7 +608,7 @@ def main(argv=None):
             for r, a in zip(groups[i], adv.tolist()):
                 r.advantage = a
         stats = update(ctx, model, opt, [r for i in kept for r in groups[i]], tok.n_vocab, updates, micro,
-                       args.grad_clip, recipe.aux_coef, recipe.z_coef)
+                       args.grad_clip, recipe.aux_coef, recipe.z_coef, share_prefix)
         t3 = time.perf_counter()
         record = step_record(ctx, raw, step, rows, groups, kept, dropped, stats, families, lr * lr_mult,
                              (t0, t1, t2, t3), tools)

@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import sysconfig
+import types
 from contextlib import redirect_stdout
 from fractions import Fraction
 
@@ -2933,7 +2934,8 @@ def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monk
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
     shapes = []
     hidden = model.hidden
-    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: shapes.append(tuple(idx.shape)) or hidden(idx, cache))
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None, shared=None: shapes.append(tuple(idx.shape))
+                        or hidden(idx, cache, shared))
     gen = torch.Generator().manual_seed(0)
     out = S.generate_batch(model, prompts, 6, n_samples=4, temperature=0.7, top_k=5, generator=gen, n_vocab=200)
     assert shapes[0] == (2, 7)  # one prefill of the two prompts, not of the 8 rows
@@ -3974,16 +3976,20 @@ def _rl_model(seed=0):
     return model
 
 
-def test_rlvr_one_update_is_the_plain_policy_gradient():
+@pytest.mark.parametrize("share_prefix, micro", [(False, 5), (True, 4), (True, 12)])
+def test_rlvr_one_update_is_the_plain_policy_gradient(share_prefix, micro):
+    # prompts longer than the test model's sliding window (8): a shared row's window counts positions in each
+    # completion's own sequence, not slots of the row; micro 12 puts three groups' rows of unequal lengths (padding)
+    # in one forward
     model = _rl_model()
-    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
-    rows = _rl_rows(model, prompts, G=4, n_vocab=40, seed=1)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8], [9, 10, 11]]
+    rows = _rl_rows(model, prompts, G=4, n_vocab=40, seed=1, new_tokens=7)
     rows[0].trained[1] = False  # an injected token: never trained
     rows[1].logprobs[0] += 0.3  # a sampler that disagrees a little: rho = exp(-0.3), kept and weighted
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     model.train()
-    rlvr.update(_CPU, model, opt, rows, 40, updates=1, micro=5, grad_clip=1e9)
+    rlvr.update(_CPU, model, opt, rows, 40, updates=1, micro=micro, grad_clip=1e9, share_prefix=share_prefix)
     # reference: -(1/N) sum over trained tokens of rho * A * log pi(token), rho = pi_theta / pi_inf (detached)
     ref = _rl_model()
     ref.train()
@@ -4002,6 +4008,21 @@ def test_rlvr_one_update_is_the_plain_policy_gradient():
             moved = before[name] - dict(model.named_parameters())[name].detach()
             torch.testing.assert_close(moved, p.grad, rtol=1e-4, atol=1e-7, msg=name)
     assert any(p.grad.abs().sum() > 0 for p in ref.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("gen_batch", [1, 3])
+def test_rlvr_rollout_caps_each_prompt_by_its_own_length_whatever_the_batch(gen_batch):
+    # context 64, cap 20: the prompt of 55 tokens leaves 9, the others the whole 20; a batch's longest prompt used to
+    # cut every neighbour to its own 9
+    model = _rl_model()
+    tok = types.SimpleNamespace(special={E.IM_END: 255}, n_vocab=256, decode=lambda ids: "")
+    lengths = [10, 40, 55]
+    drawn = [(types.SimpleNamespace(family="none"), list(range(1, n + 1))) for n in lengths]
+    rows, _ = rlvr.rollout(model, tok, drawn, 4, 20, torch.Generator().manual_seed(0), gen_batch, 0)
+    assert [r.group for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
+    for r in rows:
+        assert r.cap == min(20, 64 - len(r.prompt)) and len(r.tokens) <= r.cap
+    assert max(len(r.tokens) for r in rows if r.group == 0) > 9
 
 
 def test_rlvr_trainer_recomputes_the_samplers_logprobs():
@@ -4075,7 +4096,8 @@ def _naive_pg_grad(ref, rows, logp_old_of, n_vocab=40):
     return clipped
 
 
-def test_rlvr_two_mini_batches_clip_and_icepop_against_a_hand_computation():
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_rlvr_two_mini_batches_clip_and_icepop_against_a_hand_computation(share_prefix):
     # updates=2: mini-batch 1 (groups 1, 3) is trained after the step on mini-batch 0 (groups 0, 2), against the
     # rollout policy pi_old: SGD at lr 20 moves the policy so far that clipping must fire there. Some sampler
     # log-probabilities are made to disagree so that IcePop masks two tokens and weighs one.
@@ -4094,7 +4116,7 @@ def test_rlvr_two_mini_batches_clip_and_icepop_against_a_hand_computation():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=20.0)
     model.train()
-    stats = rlvr.update(_CPU, model, opt, rows, 40, updates=2, micro=2, grad_clip=1e9)
+    stats = rlvr.update(_CPU, model, opt, rows, 40, updates=2, micro=2, grad_clip=1e9, share_prefix=share_prefix)
     ref.train()
     ref_params = [p for p in ref.parameters() if p.requires_grad]
     for part in (0, 1):  # the reference's own two SGD steps
@@ -4115,9 +4137,9 @@ def test_rlvr_pi_old_in_the_training_forwards_precision(monkeypatch):
     seen = []
     real = rlvr.token_logprobs
 
-    def spy(model, x, tgt, n_vocab, mask):
+    def spy(model, x, tgt, n_vocab, mask, shared=None):
         seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
-        return real(model, x, tgt, n_vocab, mask)
+        return real(model, x, tgt, n_vocab, mask, shared)
 
     monkeypatch.setattr(rlvr, "token_logprobs", spy)
     model = _rl_model()
