@@ -382,7 +382,7 @@ def micro_batches(rows, size, device, share_prefix=False):
         for r in rows:
             groups.setdefault(r.group, []).append(r)
         layouts = [_layout(g) for g in groups.values()]
-        size = max(1, size // max(len(g) for g in groups.values()))
+        size = max(1, size // max(map(len, groups.values()), default=1))
     else:
         layouts = [_layout([r]) for r in rows]
     layouts.sort(key=lambda lay: len(lay["x"]))

@@ -10,12 +10,13 @@ CPU or one GPU (a training stage's output directory, latest step, or a Hugging F
     python sample.py --ckpt out/sft/thinking --chat --tools calculator python   # offer tools; calls are run
     python sample.py --ckpt out/pretrain/phase1 --bench    # tokens/s: no cache, cache, cache + speculative
     python sample.py --ckpt out/sft/instruct --bench --chat --prompt "Compute 3 + 4."   # the same on a chat prompt
-    python sample.py --ckpt out/pretrain/phase1 --bench-batch --temperature 0.6   # tokens/s at batch 1, 8, 32
+    python sample.py --ckpt out/pretrain/phase1 --bench-batch --temperature 0.6   # tokens/s at batch 1, 8, 32, 128
 
 Contents, top to bottom
   LayerCache, KVCache    the KV cache (model.py's cache interface): full layers grow, sliding layers keep a ring of
                          `window + slack` positions; rows may be left-padded (pad) and selected or repeated (select)
   probabilities          logits -> sampling distribution (temperature, top-k, top-p); greedy = argmax of logits
+  _pick, _sample         one token per row: a two-level inverse CDF; with its untruncated log-probability
   accept_or_resample     the speculative-sampling rule (Leviathan et al. 2023, https://arxiv.org/abs/2211.17192;
                          Chen et al. 2023, https://arxiv.org/abs/2302.01318): keeps the output distribution exact
   generate               prefill once, then one token per step through the KV cache (or, for the benchmark, a
@@ -66,6 +67,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 
 import data
 import model as M
@@ -162,7 +164,7 @@ def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     """(..., V) logits -> (..., V) float32 probabilities at temperature > 0 (greedy decoding takes the argmax of
     the logits instead). top_k keeps the k most likely tokens; top_p the smallest set whose mass reaches p
     (nucleus sampling, Holtzman et al. 2019, https://arxiv.org/abs/1904.09751); both renormalise."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):  # the nucleus, if any, lies inside the k: sort only those
         vals, ids = logits.topk(top_k, dim=-1)
         return torch.zeros_like(logits).scatter_(-1, ids, probabilities(vals, 1.0, None, top_p))
@@ -176,21 +178,43 @@ def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     return probs
 
 
-def _pick(dist, greedy, gen):
-    """One token per row of (B, V) logits (greedy) or probabilities -> (B,). Sampling inverts the CDF: on CPU,
-    torch.multinomial costs ~1 ms per row at V=16k (measured), 30x more than cumsum + searchsorted."""
+def _pick(dist, greedy, gen, block=128):
+    """One token per row of (B, V) logits (greedy) or probabilities -> (B,). Sampling inverts the CDF in two levels,
+    a block of `block` ids by the blocks' masses, then an id inside it by its own uniform: exactly the distribution,
+    and the cumulative sums run over V / block + block values, not V (on CPU, torch.multinomial costs ~1 ms per row
+    at V = 16K; a cumsum over 128 x 16K, 2.5 ms per decoding step)."""
     if greedy:
         return dist.argmax(-1)
-    cdf = dist.cumsum(-1)
-    u = torch.rand(dist.size(0), 1, generator=gen, device=dist.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(dist.size(-1) - 1)  # right: p = 0 never drawn
+    B, V = dist.shape
+    blocks = (F.pad(dist, (0, -V % block)) if V % block else dist).view(B, -1, block)
+    cdf = blocks.sum(-1).cumsum(-1)  # (B, blocks)
+    u = torch.rand(B, 2, generator=gen, device=dist.device)
+    b = torch.searchsorted(cdf, u[:, :1] * cdf[:, -1:], right=True).clamp_max(cdf.size(-1) - 1)  # right: p = 0 never
+    inner = blocks[torch.arange(B, device=dist.device), b[:, 0]].cumsum(-1)  # (B, block)
+    j = torch.searchsorted(inner, u[:, 1:] * inner[:, -1:], right=True).clamp_max(block - 1)
+    return (b * block + j)[:, 0]
+
+
+def _sample(logits, temperature, top_k, top_p, gen):
+    """One token per row of (R, V) logits, and its log-probability under the *untruncated* distribution at the
+    temperature (the sampler's, which RL's IcePop compares with the trainer's). With top_k the draw runs over the k
+    largest only: the other ids have probability 0, and past the top-k a step costs O(k), not O(V)."""
+    scaled = logits if temperature in (0, 1) else logits / temperature
+    if temperature == 0:
+        x = logits.argmax(-1)
+    elif top_k is not None and top_k < logits.size(-1):
+        vals, ids = scaled.topk(top_k, dim=-1)
+        x = ids.gather(-1, _pick(probabilities(vals, 1.0, None, top_p), False, gen)[:, None])[:, 0]
+    else:
+        x = _pick(probabilities(scaled, 1.0, None, top_p), False, gen)
+    return x, scaled.gather(-1, x[:, None])[:, 0] - scaled.logsumexp(-1)
 
 
 def _logits(model, h, rows=None):
-    """lm_head on (R, D) rows as W @ h.T: one pass over the (V, D) weight whatever R is. On CPU, F.linear with
-    2-3 rows runs a GEMM that costs R times one row (measured: 1 row 7 ms, 2 rows 14 ms, W @ h.T 2 rows 6 ms for
-    V=100352, D=128, one thread), which would eat the speculative gain: the verify step needs two rows."""
-    return (model.lm_head.weight[:rows] @ h.T).T
+    """lm_head on (R, D) rows, the logits of ids < rows, (R, rows) and contiguous. (W @ h.T).T, once chosen here
+    for 2-3 rows, hands the softmax a transposed (R, V) whose rows are strided: at R = 128, V = 16K it cost 10 ms
+    per decoding step against 1-2 ms (measured on 2 threads, torch 2.13, where F.linear is as fast at any R)."""
+    return F.linear(h, model.lm_head.weight[:rows])
 
 
 def accept_or_resample(p, q, draft, gen=None):
@@ -313,7 +337,7 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
         raise ValueError(f"a prompt + its max_new_tokens exceeds the model's context of "
                          f"{config.max_position_embeddings} tokens: shorten one")
     P, T = len(prompts), max(len(p) for p in prompts)
-    greedy, stop_tokens = temperature == 0, set(stop_tokens)
+    stop_tokens = set(stop_tokens)
     n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)
@@ -326,11 +350,8 @@ def generate_batch(model, prompts, max_new_tokens, *, n_samples=1, temperature=1
     active = list(range(len(out)))  # the completion each cache row decodes
     forced = {}                     # completion -> injected ids still to feed
     while True:
-        logits = _logits(model, h, n_vocab).float()  # (R, V)
-        x = _pick(logits if greedy else probabilities(logits, temperature, top_k, top_p), greedy, generator)
-        scaled = logits if greedy else logits / temperature
-        logp = (scaled.gather(-1, x[:, None])[:, 0] - scaled.logsumexp(-1)).tolist()
-        x = x.tolist()
+        x, logp = _sample(_logits(model, h, n_vocab).float(), temperature, top_k, top_p, generator)
+        x, logp = x.tolist(), logp.tolist()
         keep, feed = [], []
         for r, c in enumerate(active):
             comp = out[c]
@@ -437,7 +458,7 @@ def bench(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, n_
               f"({every / windowed:.2f}x)")
 
 
-def bench_batch(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, n_vocab, batches=(1, 8, 32),
+def bench_batch(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, n_vocab, batches=(1, 8, 32, 128),
                 repeats=3):
     """Tokens/s of generate_batch at each batch size (the same prompt in every row, no stop token, so every row
     decodes max_new_tokens), with the ratio to batch 1 measured in the same run."""
@@ -610,7 +631,8 @@ def main(argv=None):
                     "tools in the system turn (calls the model makes are run whether offered or not)")
     ap.add_argument("--bench", action="store_true", help="tokens/s without cache, with cache, with speculative "
                     "(with --chat: --prompt as a user turn through the chat template)")
-    ap.add_argument("--bench-batch", action="store_true", help="tokens/s of batched generation at batch 1, 8, 32")
+    ap.add_argument("--bench-batch", action="store_true",
+                    help="tokens/s of batched generation at batch 1, 8, 32, 128 (eval and RL decode 128 rows)")
     # --- decoding
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the report's "

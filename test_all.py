@@ -3011,9 +3011,9 @@ def test_chat_and_bench_batch_command_line(tmp_path, monkeypatch):
     out = io.StringIO()
     with redirect_stdout(out):
         S.main(["--ckpt", str(tmp_path / "hf"), "--bench-batch", "--max-new-tokens", "4", "--prompt", "x"])
-    rows = [line.split() for line in out.getvalue().splitlines()[-3:]]
-    assert [r[0] for r in rows] == ["1", "8", "32"] and rows[0][-1] == "1.00x"
-    assert [int(r[1]) for r in rows] == [4, 32, 128]  # every row decodes all its tokens
+    rows = [line.split() for line in out.getvalue().splitlines()[-4:]]
+    assert [r[0] for r in rows] == ["1", "8", "32", "128"] and rows[0][-1] == "1.00x"
+    assert [int(r[1]) for r in rows] == [4, 32, 128, 512]  # every row decodes all its tokens
 
 
 def test_chat_samples_at_the_reports_recommended_settings(tmp_path, monkeypatch):
@@ -3069,11 +3069,13 @@ def test_chat_runs_tool_calls_and_feeds_results_back(tmp_path, monkeypatch):
     assert seen == ["<|im_start|>user\nCompute 3 + 4.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_pick_samples_the_distribution():
+@pytest.mark.parametrize("block", [128, 2, 1])
+def test_pick_samples_the_distribution(block):
     # N = 1M draws per row; standard error per bin <= 5e-4, tolerance 3e-3. Zero-probability ids are never drawn.
+    # block 2: three blocks of the two-level inverse CDF, the last one padded, a block of zero mass (ids 2, 3, row 1)
     p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.1, 0.0, 0.0, 0.9]])
     N = 1_000_000
-    x = S._pick(p.repeat_interleave(N, 0), False, torch.Generator().manual_seed(0)).view(2, N)
+    x = S._pick(p.repeat_interleave(N, 0), False, torch.Generator().manual_seed(0), block).view(2, N)
     freq = torch.stack([torch.bincount(r, minlength=5).float() / N for r in x])
     torch.testing.assert_close(freq, p, atol=3e-3, rtol=0)
     assert (freq[p == 0] == 0).all()
@@ -4008,6 +4010,12 @@ def test_rlvr_one_update_is_the_plain_policy_gradient(share_prefix, micro):
             moved = before[name] - dict(model.named_parameters())[name].detach()
             torch.testing.assert_close(moved, p.grad, rtol=1e-4, atol=1e-7, msg=name)
     assert any(p.grad.abs().sum() > 0 for p in ref.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_rlvr_micro_batches_of_no_rollouts_are_none(share_prefix):
+    # a rank or a mini-batch whose groups were all dropped (zero variance) has no rows: no micro-batch, no error
+    assert rlvr.micro_batches([], 4, "cpu", share_prefix) == []
 
 
 @pytest.mark.parametrize("gen_batch", [1, 3])
