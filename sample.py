@@ -79,32 +79,37 @@ import train
 
 class LayerCache:
     """K/V of one attention layer. Full layers: a buffer of `capacity` positions. Sliding layers: a ring of
-    `window + slack` slots; position p lives in slot p % size. The slack lets speculative decoding rewind a few
-    rejected positions without losing keys still inside the window."""
+    `window + slack` slots; position p lives in slot p % size, and slot_pos says which position each slot holds
+    (-1: none yet). The slack lets speculative decoding rewind a few rejected positions without losing keys
+    still inside the window, and lets a step of up to slack + 1 new tokens attend over the ring itself."""
 
     def __init__(self, B, K, hd, size, ring, device, dtype):
         self.k = torch.zeros(B, K, size, hd, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.size, self.ring = size, ring
+        self.slot_pos = torch.full((size,), -1, device=device)
 
-    def update(self, pos, k_new, v_new):
+    def update(self, pos, k_new, v_new, window):
         """Store positions pos..pos+T-1; return the keys/values/positions attention should see."""
         T, dev = k_new.size(2), k_new.device
+        new_pos = torch.arange(pos, pos + T, device=dev)
         if not self.ring:
             if pos + T > self.size:
                 raise ValueError(f"KV cache full: {pos + T} positions > capacity {self.size}")
             self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k_new, v_new
             return self.k[:, :, :pos + T], self.v[:, :, :pos + T], torch.arange(pos + T, device=dev)
-        # ring: attend over (cached slots) + (new keys), then keep the newest `size` positions
-        slot = torch.arange(self.size, device=dev)
-        old_pos = pos - 1 - (pos - 1 - slot) % self.size  # newest position < pos stored in each slot
-        old_pos = torch.where(old_pos >= 0, old_pos, -1)
+        keep = min(T, self.size)  # the newest `size` new positions go into their slots
+        slot = new_pos[T - keep:] % self.size
+        if T <= self.size - window + 1:  # the ring still holds every key in the first new query's window
+            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k_new, v_new, new_pos
+            return self.k, self.v, self.slot_pos
+        # a long step (a prefill): attend over the slots before it plus the new keys, then store the newest;
+        # a slot holding a rewound position (>= pos) is stale
+        old_pos = torch.where(self.slot_pos < pos, self.slot_pos, -1)
         k_all, v_all = torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
-        k_pos = torch.cat([old_pos, torch.arange(pos, pos + T, device=dev)])
-        keep = min(T, self.size)
-        idx = torch.arange(pos + T - keep, pos + T, device=dev) % self.size
-        self.k[:, :, idx], self.v[:, :, idx] = k_new[:, :, T - keep:], v_new[:, :, T - keep:]
-        return k_all, v_all, k_pos
+        self.k[:, :, slot], self.v[:, :, slot] = k_new[:, :, T - keep:], v_new[:, :, T - keep:]
+        self.slot_pos[slot] = new_pos[T - keep:]
+        return k_all, v_all, torch.cat([old_pos, new_pos])
 
 
 class KVCache:
@@ -112,7 +117,8 @@ class KVCache:
     pad (B,) long: rows of different lengths are left-padded, row b by pad[b] slots, which attention masks out.
     Row b's tokens then sit pad[b] positions later than alone; RoPE needs no per-row positions because attention
     scores depend only on the distance between query and key (RoFormer, https://arxiv.org/abs/2104.09864), and
-    the sliding window is a distance too."""
+    the sliding window is a distance too. The layers of one kind (full, or ring) see the same positions, so
+    each step builds one attention mask per kind, not per layer."""
 
     def __init__(self, config, batch_size, capacity, device="cpu", dtype=torch.float32, slack=4, layer_types=None,
                  pad=None):
@@ -126,6 +132,7 @@ class KVCache:
         self.layers = [make(lt) for lt in (layer_types or config.layer_types)]
         self.pos, self.layer = 0, 0
         self.pad = pad
+        self.masks = {}  # this step's attention masks, per (ring, window)
         self.mtp = None
         if layer_types is None and config.num_mtp_layers:
             self.mtp = KVCache(config, batch_size, capacity, device, dtype, slack, layer_types=[M.SLIDING], pad=pad)
@@ -137,20 +144,25 @@ class KVCache:
             c.k, c.v = c.k[rows], c.v[rows]
         if self.pad is not None:
             self.pad = self.pad[rows]
+        self.masks = {}
         if self.mtp is not None:
             self.mtp.select(rows)
 
-    def update(self, k, v):  # called by each attention layer in order during one forward
-        out = self.layers[self.layer].update(self.pos, k, v)
+    def update(self, k, v, window):  # called by each attention layer in order during one forward
+        c, T = self.layers[self.layer], k.size(2)
         self.layer += 1
-        return out
+        k, v, k_pos = c.update(self.pos, k, v, window)
+        if (c.ring, window) not in self.masks:
+            q_pos = torch.arange(self.pos, self.pos + T, device=k.device)
+            self.masks[c.ring, window] = M.attention_mask(q_pos, k_pos, window, self.pad)
+        return k, v, self.masks[c.ring, window]
 
     def advance(self, T):
-        self.pos, self.layer = self.pos + T, 0
+        self.pos, self.layer, self.masks = self.pos + T, 0, {}
 
     def rewind(self, n):
         """Forget the last n positions (rejected speculative tokens). Ring slots keep `slack` spare positions."""
-        self.pos -= n
+        self.pos, self.masks = self.pos - n, {}
 
     def nbytes(self):
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers) + (self.mtp.nbytes() if self.mtp else 0)

@@ -85,27 +85,34 @@ def test_rope_matches_complex_rotation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 7), (1, 1)])  # many tokens per expert, and one token (empty experts)
+# many tokens per expert (the sorted dispatch), and 1 / 4 / 8 tokens of 2 experts each: decoding's rows in place
+@pytest.mark.parametrize("shape", [(2, 7), (3, 5), (1, 1), (2, 2), (8, 1)])
 def test_moe_matches_per_token_loop(shape):
     torch.manual_seed(0)
     cfg = M.get_config("test")
     moe = M.MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    x = torch.randn(*shape, cfg.hidden_size)
-    with torch.no_grad():
-        got = moe(x)
-    want = torch.zeros_like(x).view(-1, cfg.hidden_size)
+    x = torch.randn(*shape, cfg.hidden_size, requires_grad=True)
+    g = torch.randn(*shape, cfg.hidden_size)
+    got = moe(x)
+    grads = torch.autograd.grad((got * g).sum(), [x, *moe.parameters()])
+    # the reference: token by token, expert by expert, with autograd through the router's renormalised weights
+    want = []
     Fe = cfg.moe_intermediate_size
-    for t, xt in enumerate(x.view(-1, cfg.hidden_size)):
-        probs = torch.softmax((moe.gate.weight.detach() @ xt).double(), dim=0)
-        top = sorted(range(cfg.num_experts), key=lambda e: -probs[e])[: cfg.num_experts_per_tok]
+    for xt in x.view(-1, cfg.hidden_size):
+        probs = torch.softmax(moe.gate.weight @ xt, dim=0)
+        top = sorted(range(cfg.num_experts), key=lambda e: -probs[e].item())[: cfg.num_experts_per_tok]
         norm = sum(probs[e] for e in top)
+        out = 0
         for e in top:
             gate_up = moe.experts.gate_up_proj[e] @ xt
-            h = F.silu(gate_up[:Fe]) * gate_up[Fe:]
-            want[t] += float(probs[e] / norm) * (moe.experts.down_proj[e] @ h).detach()
-    torch.testing.assert_close(got, want.view_as(x), rtol=1e-4, atol=1e-4)
+            out = out + probs[e] / norm * (moe.experts.down_proj[e] @ (F.silu(gate_up[:Fe]) * gate_up[Fe:]))
+        want.append(out)
+    want = torch.stack(want).view_as(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, torch.autograd.grad((want * g).sum(), [x, *moe.parameters()])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # load statistics count every routed slot
     assert moe.count_E.sum().item() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
 
