@@ -18,9 +18,9 @@ Not here: the KV cache (sample.py), the Hugging Face format and checkpoints (tra
 (`python pretrain.py --preset NAME --phase 1 --dry-run`), the MoE dispatch benchmark (kernels.py).
 
 The cache interface (sample.KVCache implements it; every forward takes cache=None): `cache.pos`, the position of
-the first new token; `cache.update(k, v, window)`, called by each attention layer in order, stores the new keys/values and
-returns (k, v, mask) to attend over (mask: attention_mask's, which hides empty slots and left padding);
-`cache.advance(T)` after the layers ran; `cache.mtp`, the MTP block's own cache or None.
+the first new token; `cache.update(k, v, window)`, called by each attention layer in order, stores the new
+keys/values and returns (k, v, mask) to attend over (mask: attention_mask's, which hides empty slots and left
+padding); `cache.advance(T)` after the layers ran; `cache.mtp`, the MTP block's own cache or None.
 
 Parameter names are those of Hugging Face's `MellumForCausalLM`, so released checkpoints load with no mapping
 table; the MTP module lives under `mtp.*` (which transformers ignores).
