@@ -2936,7 +2936,9 @@ def test_generate_batch_stops_each_row_on_its_own():
     assert len(out[0].tokens) <= 4 and len(out[2].tokens) <= 7
 
 
-def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monkeypatch):
+# top-k at a temperature; plain sampling at 1 (its log-probabilities read off the sampled distribution); greedy
+@pytest.mark.parametrize("temperature, top_k", [(0.7, 5), (1.0, None), (0.0, None)])
+def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monkeypatch, temperature, top_k):
     model = M.Mellum(M.get_config("test")).init_weights(4).eval()  # near-uniform: samples differ
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
     shapes = []
@@ -2944,18 +2946,23 @@ def test_generate_batch_shares_the_prefill_and_reports_untruncated_logprobs(monk
     monkeypatch.setattr(model, "hidden", lambda idx, cache=None, shared=None: shapes.append(tuple(idx.shape))
                         or hidden(idx, cache, shared))
     gen = torch.Generator().manual_seed(0)
-    out = S.generate_batch(model, prompts, 6, n_samples=4, temperature=0.7, top_k=5, generator=gen, n_vocab=200)
+    out = S.generate_batch(model, prompts, 6, n_samples=4, temperature=temperature, top_k=top_k, generator=gen,
+                           n_vocab=200)
     assert shapes[0] == (2, 7)  # one prefill of the two prompts, not of the 8 rows
     assert shapes[1:] == [(8, 1)] * 5  # then one token per row per step (the 6th token needs no forward)
-    assert len({tuple(c.tokens) for c in out[:4]}) > 1  # the 4 samples of prompt 0 differ
+    assert (len({tuple(c.tokens) for c in out[:4]}) > 1) == (temperature > 0)  # the 4 samples of prompt 0 differ
     with torch.no_grad():
-        for c in out:  # reference: full forward over prompt + completion, softmax at temperature, no top-k
+        for c in out:  # reference: full forward over prompt + completion, softmax at temperature (greedy: 1), no top-k
             seq = torch.tensor([prompts[c.prompt_index] + c.tokens])
             logits = model(seq)[0][0, len(prompts[c.prompt_index]) - 1:-1, :200].float()
-            logp = torch.log_softmax(logits / 0.7, -1)
+            logp = torch.log_softmax(logits / (temperature or 1.0), -1)
             torch.testing.assert_close(torch.tensor(c.logprobs), logp[torch.arange(6), c.tokens], atol=1e-4, rtol=0)
+            if temperature == 0:
+                assert c.tokens == logits.argmax(-1).tolist()
+                continue
             top5 = logits.topk(5, -1).indices
-            assert all(t in top5[i] for i, t in enumerate(c.tokens))  # top-k did restrict the sampling
+            if top_k:
+                assert all(t in top5[i] for i, t in enumerate(c.tokens))  # top-k did restrict the sampling
 
 
 def test_generate_batch_tool_hook_injects_untrained_tokens():
