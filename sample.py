@@ -92,12 +92,12 @@ class LayerCache:
     def update(self, pos, k_new, v_new, window):
         """Store positions pos..pos+T-1; return the keys/values/positions attention should see."""
         T, dev = k_new.size(2), k_new.device
-        new_pos = torch.arange(pos, pos + T, device=dev)
         if not self.ring:
             if pos + T > self.size:
                 raise ValueError(f"KV cache full: {pos + T} positions > capacity {self.size}")
             self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k_new, v_new
             return self.k[:, :, :pos + T], self.v[:, :, :pos + T], torch.arange(pos + T, device=dev)
+        new_pos = torch.arange(pos, pos + T, device=dev)
         keep = min(T, self.size)  # the newest `size` new positions go into their slots
         slot = new_pos[T - keep:] % self.size
         if T <= self.size - window + 1:  # the ring still holds every key in the first new query's window
@@ -282,7 +282,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     n_vocab = min(n_vocab or config.vocab_size, config.vocab_size)
     draft_vocab = min(draft_vocab or n_vocab, n_vocab)
 
-    def dist(h, rows=n_vocab):  # final hidden states (R, D) -> logits (greedy) or probabilities over ids < rows
+    def draw(h):  # final hidden states (R, D) -> one token per row, as generate_batch draws it
+        return _sample(_logits(model, h, n_vocab).float(), temperature, top_k, top_p, generator)[0]
+
+    def dist(h, rows=n_vocab):  # the speculative rule's: logits (greedy) or probabilities over ids < rows
         logits = _logits(model, h, rows)
         return logits if greedy else probabilities(logits, temperature, top_k, top_p)
 
@@ -302,19 +305,19 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     t0 = time.perf_counter()
     if not use_cache:
         seq = idx
-        while not emit(x := _pick(dist(model.hidden(seq)[:, -1]), greedy, generator)):
+        while not emit(x := draw(model.hidden(seq)[:, -1])):
             seq = torch.cat([seq, x[:, None]], dim=1)
             stats["forwards"] += 1
     else:
         dtype = next(model.parameters()).dtype
         cache = KVCache(config, B, T + max_new_tokens, device=idx.device, dtype=dtype)
         h = model.hidden(idx, cache)
-        x = _pick(dist(h[:, -1]), greedy, generator)
+        x = draw(h[:, -1])
         if speculative:
             _speculate(model, idx, h, x, cache, dist, greedy, generator, emit, stats, draft_vocab)
         else:
             while not emit(x):
-                x = _pick(dist(model.hidden(x[:, None], cache)[:, -1]), greedy, generator)
+                x = draw(model.hidden(x[:, None], cache)[:, -1])
                 stats["forwards"] += 1
         stats["kv_cache_bytes"] = cache.nbytes()
     seconds = time.perf_counter() - t0
