@@ -220,6 +220,13 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
+def experts_in_place(rows, device, fp8=False):
+    """Whether a MoE layer sends its `rows` (token, expert) pairs through their experts in place (Experts.per_row)
+    instead of sorting them into one group per expert: a CPU decoding a token or two, where _grouped_mm's one call
+    per expert and the sort and scatter around it cost more than copying the rows' expert weights."""
+    return rows <= 16 and device.type == "cpu" and not fp8
+
+
 def attention_mask(q_pos, k_pos, window, pad=None, seg=None):
     """Which keys each query sees: (T, S) bool from absolute positions q_pos (T,), k_pos (S,) (k_pos < 0: an
     empty cache slot), causal and, with a window, sliding. pad (B,): row b's first pad[b] positions are left
@@ -352,8 +359,7 @@ class Experts(nn.Module):
 
     def per_row(self, x_RD, expert_R):
         """Row r through expert expert_R[r] (rows in any order): one batched GEMM per projection over copies of the
-        rows' experts. For the few rows of decoding on a CPU, where _grouped_mm makes one call per expert and the
-        sort and scatter around it cost more than copying R experts' weights (the layer 2x faster for one token)."""
+        rows' experts, for the few rows of decoding on a CPU (experts_in_place; the layer 2x faster for one token)."""
         gate_up_RFD = self.gate_up_proj.index_select(0, expert_R)
         gate_RF, up_RF = torch.bmm(x_RD[:, None], gate_up_RFD.transpose(1, 2))[:, 0].chunk(2, dim=-1)
         down_RDF = self.down_proj.index_select(0, expert_R)
@@ -396,8 +402,7 @@ class MoE(nn.Module):
 
         expert_R = topi_TK.reshape(-1)
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
-        if len(expert_R) <= 16 and x.device.type == "cpu" and self.ep_group is None and not self.experts.fp8:
-            # decoding a token or two on a CPU: the (token, expert) rows in place, no sort, no scatter
+        if self.ep_group is None and experts_in_place(len(expert_R), x.device, self.experts.fp8):
             y_TKD = self.experts.per_row(x_TD.repeat_interleave(self.top_k, dim=0), expert_R).view(-1, self.top_k, D)
             out_TD = (y_TKD * topw_TK[..., None].to(y_TKD.dtype)).sum(dim=1)
         else:

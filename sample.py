@@ -212,11 +212,11 @@ def _pick(dist, greedy, gen, block=128):
     return (b * block + j)[:, 0]
 
 
-def _sample(logits, temperature, top_k, top_p, gen):
+def _sample(logits, temperature, top_k, top_p, gen, logprobs=True):
     """One token per row of (R, V) logits, and its log-probability under the *untruncated* distribution at the
-    temperature (the sampler's, which RL's IcePop compares with the trainer's). With top_k the draw runs over the k
-    largest only: the other ids have probability 0, and past the top-k a step costs O(k), not O(V). Greedy: the
-    log-probability at temperature 1."""
+    temperature (the sampler's, which RL's IcePop compares with the trainer's; None unless `logprobs`). With top_k
+    the draw runs over the k largest only: the other ids have probability 0, and past the top-k a step costs O(k),
+    not O(V). Greedy: the log-probability at temperature 1."""
     scaled = logits if temperature in (0, 1) else logits / temperature
     if temperature == 0:
         x = _pick(logits, True, gen)
@@ -226,8 +226,10 @@ def _sample(logits, temperature, top_k, top_p, gen):
     else:
         probs = probabilities(scaled, 1.0, None, top_p)
         x = _pick(probs, False, gen)
-        if top_p is None or top_p >= 1:  # probs is the untruncated distribution: no second pass over the logits
+        if logprobs and (top_p is None or top_p >= 1):  # probs is the untruncated distribution: no second pass
             return x, probs.gather(-1, x[:, None])[:, 0].log()
+    if not logprobs:
+        return x, None
     return x, scaled.gather(-1, x[:, None])[:, 0] - scaled.logsumexp(-1)
 
 
@@ -283,7 +285,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     draft_vocab = min(draft_vocab or n_vocab, n_vocab)
 
     def draw(h):  # final hidden states (R, D) -> one token per row, as generate_batch draws it
-        return _sample(_logits(model, h, n_vocab).float(), temperature, top_k, top_p, generator)[0]
+        return _sample(_logits(model, h, n_vocab).float(), temperature, top_k, top_p, generator, logprobs=False)[0]
 
     def dist(h, rows=n_vocab):  # the speculative rule's: logits (greedy) or probabilities over ids < rows
         logits = _logits(model, h, rows)
