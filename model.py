@@ -253,9 +253,29 @@ def attention(q, k, v, window, mask=None):
         T = q.size(2)
         if window is None or window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if T > 4 * window:  # where a dense mask would waste most of its T x T pairs (measured in RESULTS.md)
+            return sliding_window_attention(q, k, v, window)
         pos = torch.arange(T, device=q.device)
         mask = attention_mask(pos, pos, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def sliding_window_attention(q, k, v, window):
+    """attention() with a window W, in blocks of W queries: block i sees only keys (i-1)W .. (i+1)W - 1, the
+    one block before it and its own, so it computes T x 2W query-key pairs where a dense mask computes T x T."""
+    B, H, T, hd = q.shape
+    W, n = window, -(-T // window)
+    qb = F.pad(q, (0, 0, 0, n * W - T)).unflatten(2, (n, W)).transpose(1, 2)  # (B, n, H, W, hd); pad rows dropped
+
+    def key_blocks(t):  # (B, K, T, hd) -> (B, n, K, 2W, hd): W empty slots in front, so block 0 has a "previous"
+        return F.pad(t, (0, 0, W, n * W - T)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)
+
+    # in its block's 2W keys, query j sits at W + j; block 0's first W slots are the empty ones (position -1)
+    qp, kp = torch.arange(W, 2 * W, device=q.device), torch.arange(2 * W, device=q.device)
+    first, rest = attention_mask(qp, kp.masked_fill(kp < W, -1), W), attention_mask(qp, kp, W)
+    mask = torch.stack([first] + [rest] * (n - 1))[:, None]  # (n, 1, W, 2W)
+    y = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
 @dataclass

@@ -60,12 +60,17 @@ def _tiny_model(seed=0, **overrides):
 # model.py
 
 
-@pytest.mark.parametrize("window", [None, 1, 5, 64])
-def test_attention_matches_naive_masked_softmax(window):
+# windows: none, wider than T, a dense mask (T <= 4W), and blocks (T > 4W: sliding_window_attention) whose last
+# block is ragged (19 = 4 x 4 + 3), whole (24 = 8 x 3), and of one key
+@pytest.mark.parametrize("T, window", [(19, None), (19, 64), (19, 5), (19, 4), (24, 3), (19, 1)])
+def test_attention_matches_naive_masked_softmax(T, window):
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 6, 19, 16), torch.randn(2, 2, 19, 16), torch.randn(2, 2, 19, 16)
-    torch.testing.assert_close(M.attention(q, k, v, window), _naive_attention(q, k, v, window),
-                               rtol=1e-5, atol=1e-5)
+    q, k, v = (torch.randn(2, h, T, 16, requires_grad=True) for h in (6, 2, 2))
+    out, ref = M.attention(q, k, v, window), _naive_attention(q, k, v, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_matches_complex_rotation():
