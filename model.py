@@ -220,11 +220,17 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
-def experts_in_place(rows, device, fp8=False):
-    """Whether a MoE layer sends its `rows` (token, expert) pairs through their experts in place (Experts.per_row)
-    instead of sorting them into one group per expert: a CPU decoding a token or two, where _grouped_mm's one call
-    per expert and the sort and scatter around it cost more than copying the rows' expert weights."""
-    return rows <= 16 and device.type == "cpu" and not fp8
+def experts_path(rows, device, fp8=False):
+    """How a MoE layer sends its `rows` (token, expert) pairs through their experts:
+      "in_place"  each row through a copy of its expert's weights (Experts.per_row): a CPU decoding a token or two,
+                  where sorting and scattering the rows costs more than the copies;
+      "padded"    sorted into one zero-padded block per expert, two batched GEMMs (Experts.padded): a CPU decoding a
+                  batch, where _grouped_mm's one GEMM call per expert costs more than the padding (2x at 32 tokens);
+      "grouped"   sorted, one group per expert (grouped_linear): training, prefill, GPUs, FP8.
+    The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline")."""
+    if device.type != "cpu" or fp8:
+        return "grouped"
+    return "in_place" if rows <= 16 else "padded" if rows <= 2048 else "grouped"
 
 
 def attention_mask(q_pos, k_pos, window, pad=None, seg=None):
@@ -377,9 +383,22 @@ class Experts(nn.Module):
         gate_RF, up_RF = grouped_linear(x_RD, self.gate_up_proj, offs_E, self.fp8).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate_RF) * up_RF, self.down_proj, offs_E, self.fp8)
 
+    def padded(self, x_RD, count_E):
+        """forward() for rows sorted by expert, count_E[e] of expert e, through one zero-padded block per expert:
+        two batched GEMMs over all experts, where _grouped_mm on a CPU makes one GEMM call per expert."""
+        E, cap, D = len(count_E), int(count_E.max()), x_RD.size(-1)
+        first_E = count_E.cumsum(0) - count_E  # each expert's first row
+        # row r, the j-th of expert e's rows, goes to slot e * cap + j of the padded blocks
+        slot_R = torch.arange(len(x_RD), device=x_RD.device) + torch.repeat_interleave(
+            torch.arange(E, device=x_RD.device) * cap - first_E, count_E)
+        x_ECD = x_RD.new_zeros(E * cap, D).index_copy(0, slot_R, x_RD).view(E, cap, D)
+        gate_ECF, up_ECF = torch.bmm(x_ECD, self.gate_up_proj.mT).chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, self.down_proj.mT)
+        return y_ECD.view(E * cap, D).index_select(0, slot_R)
+
     def per_row(self, x_RD, expert_R):
         """Row r through expert expert_R[r] (rows in any order): one batched GEMM per projection over copies of the
-        rows' experts, for the few rows of decoding on a CPU (experts_in_place; the layer 2x faster for one token)."""
+        rows' experts, for the few rows of decoding on a CPU (experts_path; the layer 2x faster for one token)."""
         gate_up_RFD = self.gate_up_proj.index_select(0, expert_R)
         gate_RF, up_RF = torch.bmm(x_RD[:, None], gate_up_RFD.transpose(1, 2))[:, 0].chunk(2, dim=-1)
         down_RDF = self.down_proj.index_select(0, expert_R)
@@ -422,17 +441,21 @@ class MoE(nn.Module):
 
         expert_R = topi_TK.reshape(-1)
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
-        if self.ep_group is None and experts_in_place(len(expert_R), x.device, self.experts.fp8):
+        path = "grouped" if self.ep_group is not None else experts_path(len(expert_R), x.device, self.experts.fp8)
+        if path == "in_place":
             y_TKD = self.experts.per_row(x_TD.repeat_interleave(self.top_k, dim=0), expert_R).view(-1, self.top_k, D)
             out_TD = (y_TKD * topw_TK[..., None].to(y_TKD.dtype)).sum(dim=1)
         else:
             # Dispatch: sort the T*K (token, expert) pairs by expert so each expert sees one contiguous block of rows.
             order_R = expert_R.argsort(stable=True)
             token_R = order_R // self.top_k
-            if self.ep_group is None:
-                y_RD = self.experts(x_TD.index_select(0, token_R), count_E.cumsum(0).to(torch.int32))
+            x_RD = x_TD.index_select(0, token_R)
+            if path == "padded":
+                y_RD = self.experts.padded(x_RD, count_E)
+            elif self.ep_group is None:
+                y_RD = self.experts(x_RD, count_E.cumsum(0).to(torch.int32))
             else:
-                y_RD = self.dispatch_ep(x_TD.index_select(0, token_R), count_E)
+                y_RD = self.dispatch_ep(x_RD, count_E)
             y_RD = y_RD * topw_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
             out_TD = torch.zeros_like(x_TD, dtype=y_RD.dtype).index_add_(0, token_R, y_RD)
 

@@ -90,9 +90,11 @@ def test_rope_matches_complex_rotation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-# many tokens per expert (the sorted dispatch), and 1 / 4 / 8 tokens of 2 experts each: decoding's rows in place
+# every path of model.experts_path on every shape: many tokens per expert, and 1 / 4 / 8 tokens of 2 experts each
+@pytest.mark.parametrize("path", ["grouped", "padded", "in_place"])
 @pytest.mark.parametrize("shape", [(2, 7), (3, 5), (1, 1), (2, 2), (8, 1)])
-def test_moe_matches_per_token_loop(shape):
+def test_moe_matches_per_token_loop(shape, path, monkeypatch):
+    monkeypatch.setattr(M, "experts_path", lambda rows, device, fp8=False: path)
     torch.manual_seed(0)
     cfg = M.get_config("test")
     moe = M.MoE(cfg)
