@@ -4,12 +4,13 @@ The Mellum 2 architecture (arXiv 2605.31268) in one file.
 Contents, top to bottom:
   Config + PRESETS        one dataclass; defaults are the CPU-sized `tiny` model
   RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on both types, YaRN on full layers only
-  dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention);
-                          attention_mask, the keys each query sees (a cache's slots, padding, SharedPrefix segments)
+  dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention)
+                          and the experts' path (experts_path); attention_mask, the keys each query sees (a cache's
+                          slots, padding, SharedPrefix segments); long sliding windows in blocks of the window
   Attention               GQA, QK-norm before RoPE, causal or sliding-window; SharedPrefix rows (one prompt read
                           once by several completions: RL's update)
-  MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM (the few
-                          rows of decoding on a CPU: each through its expert in place, Experts.per_row);
+  MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM (decoding
+                          on a CPU: a token or two in place, Experts.per_row, a batch in padded blocks, .padded);
                           expert parallelism (all_to_all dispatch) when shard_experts() gave it a process group
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
