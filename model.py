@@ -226,7 +226,7 @@ def experts_path(rows, device, fp8=False):
       "in_place"  each row through a copy of its expert's weights (Experts.per_row): a CPU decoding a token or two,
                   where sorting and scattering the rows costs more than the copies;
       "padded"    sorted into one zero-padded block per expert, two batched GEMMs (Experts.padded): a CPU decoding a
-                  batch, where _grouped_mm's one GEMM call per expert costs more than the padding (2x at 32 tokens);
+                  batch, where _grouped_mm's one GEMM call per expert costs more than the padding (1.7x at 32 tokens);
       "grouped"   sorted, one group per expert (grouped_linear): training, prefill, GPUs, FP8.
     The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline")."""
     if device.type != "cpu" or fp8:
