@@ -3,7 +3,8 @@ Triton kernels for nanoMellum, each next to the plain-PyTorch reference that def
 
 Sections, top to bottom:
   dispatch       `ENABLED`, `use_kernels(device)`, `fp8_supported(device)`, `bf16_matmul_fast(device)`: model.py,
-                 muon.py and train.py ask these, in one place
+                 muon.py and train.py ask these, in one place; `keep_freed_memory()`, glibc's allocator for
+                 tensor loops (every stage's entry point and muon.py's bench set it)
   attention      flash attention (causal, GQA, optional sliding window), forward + backward Triton kernels,
                  `flash_attention` (autograd) and `attention_ref`
   FP8            "hybrid" FP8 GEMMs as in DeepSeek-V3 (https://arxiv.org/abs/2412.19437, section 3.3):
@@ -32,6 +33,7 @@ Footguns:
 """
 import argparse
 import contextlib
+import ctypes
 import math
 import os
 from types import SimpleNamespace
@@ -76,6 +78,20 @@ def bf16_matmul_fast(device):
     fp32's rate on tiny's shapes, RESULTS.md). muon.ns_dtype and train.Compute.autocast ask this."""
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and _CPU_AMX)
+
+
+def keep_freed_memory():
+    """glibc's malloc hands every freed block above its mmap threshold back to the kernel, so a loop that makes
+    the same few-MiB tensors every step (decoding 128 rows: the (128, 16K) logits and probabilities, 8 MiB each)
+    page-faults them in again each time: 3x the minor faults, generation 1.2-1.4x slower (RESULTS.md). Keep such
+    blocks in the heap: the threshold at glibc's maximum, 32 MiB, and no trimming. Does nothing off glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
 def _check_launch(name, *tensors, strided=()):

@@ -312,9 +312,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def bench(preset, repeats=5):
     import model  # only the benchmark needs the architecture
-    import train
 
-    train.keep_freed_memory()  # as every stage does: glibc would otherwise page-fault each iteration's MiBs back in
+    kernels.keep_freed_memory()  # as every stage does: glibc would otherwise page-fault each iteration's MiBs back in
     with torch.device("meta"):  # shapes only, no memory
         net = model.Mellum(model.get_config(preset))
     shapes = Counter()

@@ -36,7 +36,6 @@ Footguns
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -825,25 +824,11 @@ def save_if_due(ctx, out_dir, step, end, first, args, raw, opt, meta, loader=Non
     return stop
 
 
-def keep_freed_memory():
-    """glibc's malloc hands every freed block above its mmap threshold back to the kernel, so a loop that makes
-    the same few-MiB tensors every step (decoding 128 rows: the (128, 16K) logits and probabilities, 8 MiB each)
-    page-faults them in again each time: 3x the minor faults, generation 1.2-1.4x slower (RESULTS.md). Keep such
-    blocks in the heap: the threshold at glibc's maximum, 32 MiB, and no trimming. Does nothing off glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    mallopt(M_TRIM_THRESHOLD, 2**30)
-
-
 def run(main, name):
     """A stage's entry point. Expected bad input (data.InputError: a file, a field, a flag; a missing file; a
     SystemExit with a message) ends in one line `name: message` and exit code 2, never a traceback; a non-finite
     loss or too little memory in one line and exit code 1."""
-    keep_freed_memory()
+    kernels.keep_freed_memory()
     try:
         main()
     except (data.InputError, FileNotFoundError) as e:
