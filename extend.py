@@ -116,8 +116,8 @@ def step_memory_bytes(config, batch_size, seq_len, device, training=True):
     # without the Triton kernel, a sliding layer up to 4 windows long attends through a (T, T) boolean mask (CPU's
     # fused attention takes it without materialising the scores; backward keeps each layer's mask); a longer one
     # in blocks of the window (model.sliding_window_attention), whose masks are small
-    W = config.sliding_window
-    mask = seq_len * seq_len if not kernels.use_kernels(device) and W < seq_len <= 4 * W else 0
+    dense = config.sliding_window < seq_len and not M.attends_in_blocks(seq_len, config.sliding_window)
+    mask = seq_len * seq_len if dense and not kernels.use_kernels(device) else 0
     if not training:
         return n_params * 4 + tokens * max(map(layer, mlp_types)) * act + mask + batch_size * LOGIT_CHUNK * V * 8
     n_sliding = (config.layer_types + [M.SLIDING] * config.num_mtp_layers).count(M.SLIDING)

@@ -214,10 +214,6 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     if torch.is_autocast_enabled(x_RI.device.type):  # _grouped_mm has no autocast rule: cast by hand
         dtype = torch.get_autocast_dtype(x_RI.device.type)
         x_RI, w_EOI = x_RI.to(dtype), w_EOI.to(dtype)
-    if x_RI.device.type == "cpu":  # one GEMM per group on a CPU, empty ones too: decoding one row fills 8 of 64
-        used = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).nonzero()[:, 0]
-        if len(used) < len(offs_E) // 4:  # copying the used experts' weights pays only when most groups are empty
-            w_EOI, offs_E = w_EOI.index_select(0, used), offs_E.index_select(0, used)
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
@@ -228,10 +224,17 @@ def experts_path(rows, device, fp8=False):
       "padded"    sorted into one zero-padded block per expert, two batched GEMMs (Experts.padded): a CPU decoding a
                   batch, where _grouped_mm's one GEMM call per expert costs more than the padding (1.7x at 32 tokens);
       "grouped"   sorted, one group per expert (grouped_linear): training, prefill, GPUs, FP8.
-    The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline")."""
+    The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline"). Expert parallelism always
+    sorts (MoE.dispatch_ep)."""
     if device.type != "cpu" or fp8:
         return "grouped"
     return "in_place" if rows <= 16 else "padded" if rows <= 2048 else "grouped"
+
+
+def attends_in_blocks(T, window):
+    """Whether attention() runs a window over T of its own positions in blocks (sliding_window_attention) rather
+    than through a dense (T, T) mask: where the mask would waste most of its pairs (measured in RESULTS.md)."""
+    return window is not None and T > 4 * window
 
 
 def attention_mask(q_pos, k_pos, window, pad=None, seg=None):
@@ -260,7 +263,7 @@ def attention(q, k, v, window, mask=None):
         T = q.size(2)
         if window is None or window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if T > 4 * window:  # where a dense mask would waste most of its T x T pairs (measured in RESULTS.md)
+        if attends_in_blocks(T, window):
             return sliding_window_attention(q, k, v, window)
         pos = torch.arange(T, device=q.device)
         mask = attention_mask(pos, pos, window)
@@ -442,7 +445,7 @@ class MoE(nn.Module):
 
         expert_R = topi_TK.reshape(-1)
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
-        path = "grouped" if self.ep_group is not None else experts_path(len(expert_R), x.device, self.experts.fp8)
+        path = "ep" if self.ep_group is not None else experts_path(len(expert_R), x.device, self.experts.fp8)
         if path == "in_place":
             y_TKD = self.experts.per_row(x_TD.repeat_interleave(self.top_k, dim=0), expert_R).view(-1, self.top_k, D)
             out_TD = (y_TKD * topw_TK[..., None].to(y_TKD.dtype)).sum(dim=1)
@@ -453,7 +456,7 @@ class MoE(nn.Module):
             x_RD = x_TD.index_select(0, token_R)
             if path == "padded":
                 y_RD = self.experts.padded(x_RD, count_E)
-            elif self.ep_group is None:
+            elif path == "grouped":
                 y_RD = self.experts(x_RD, count_E.cumsum(0).to(torch.int32))
             else:
                 y_RD = self.dispatch_ep(x_RD, count_E)
