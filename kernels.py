@@ -14,7 +14,7 @@ Sections, top to bottom:
                  `fp8_grouped_linear` / `fp8_linear` (autograd; Triton or the PyTorch emulation) and `*_ref`s
   head           `head_logprobs`: the LM head's log-probabilities of given tokens without materialising the
                  (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`,
-                 `head_matmuls(dtype)` (its matmuls' dtype outside autocast: bf16 on an AMX CPU)
+                 `head_matmuls(dtype)` (its matmuls' dtype outside autocast: bf16 on a bf16 CPU)
   bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
                  `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
 
@@ -70,14 +70,18 @@ def fp8_supported(device):
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-_CPU_AMX = getattr(torch.cpu, "_is_amx_tile_supported", bool)()  # torch 2.13 has no public name for it
+# A CPU whose oneDNN has bf16 matrix instructions: AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD
+# Zen 4 and later, Intel Cooper Lake; measured on a Zen 5). Without either, bf16 is emulated and slow. torch 2.13
+# has no public name for these checks.
+_CPU_BF16 = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("amx_tile", "avx512_bf16"))
 
 
 def bf16_matmul_fast(device):
-    """True where a bf16 matmul beats fp32: a GPU, or a CPU with AMX tiles (Intel Sapphire Rapids and later: 2-4x
-    fp32's rate on tiny's shapes, RESULTS.md). muon.ns_dtype and train.Compute.autocast ask this."""
+    """True where a bf16 matmul beats fp32: a GPU, or a CPU with bf16 matrix instructions (_CPU_BF16; on tiny's
+    shapes 2-4x fp32's rate with AMX, 1.3-4x on a Zen 5's AVX512-BF16; RESULTS.md). muon.ns_dtype and
+    train.Compute.autocast ask this."""
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and _CPU_AMX)
+    return device.type == "cuda" or (device.type == "cpu" and _CPU_BF16)
 
 
 def keep_freed_memory():
@@ -721,7 +725,7 @@ def fp8_linear(x, w, use_triton=None):
 HEAD_BLOCK = {"cpu": 2 ** 19, "cuda": 2 ** 27}  # logits per vocabulary block: ~2 MB fp32 (a core's L2) on a CPU
 
 
-_head_matmuls = torch.float32  # outside autocast; train.Compute.autocast sets bf16 on an AMX CPU (head_matmuls)
+_head_matmuls = torch.float32  # outside autocast; train.Compute.autocast sets bf16 where bf16_matmul_fast
 
 
 @contextlib.contextmanager

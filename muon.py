@@ -22,7 +22,7 @@ and five steps in bf16 are cheap). Wide form (rows <= cols) keeps X X^T the smal
 AdamW (Loshchilov & Hutter 2019) for the parameters Muon does not own, written out as torch.optim.AdamW computes it.
 
 Contents:
-  newton_schulz(G, steps)     quintic Newton-Schulz, batched over leading dims (bf16 on GPU and AMX CPUs, else fp32)
+  newton_schulz(G, steps)     quintic Newton-Schulz, batched over leading dims (bf16 on GPUs and bf16 CPUs, else fp32)
   param_groups(model, lr, ..) which parameter goes to Muon and which to AdamW (see the table there)
   MuonAdamW                   .step() for both kinds of groups; 1 process, DDP, or FSDP2 (DTensor parameters)
   python muon.py --bench      Newton-Schulz time per optimizer step for a preset's matrix shapes
@@ -62,8 +62,8 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: maximal slope 
 
 
 def ns_dtype(device):
-    """bf16 wherever its matmul is the fast one (kernels.bf16_matmul_fast: a GPU, a CPU with AMX): bf16 is accurate
-    enough for an approximate orthogonalisation; fp32 elsewhere."""
+    """bf16 wherever its matmul is the fast one (kernels.bf16_matmul_fast: a GPU, a CPU with AMX or AVX512-BF16):
+    bf16 is accurate enough for an approximate orthogonalisation; fp32 elsewhere."""
     return torch.bfloat16 if kernels.bf16_matmul_fast(device) else torch.float32
 
 

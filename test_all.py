@@ -774,7 +774,7 @@ def test_head_logprobs_under_bf16_autocast_follow_the_plain_head():
 
 
 def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs():
-    """kernels.head_matmuls(bf16) (the default head of training on an AMX CPU): the GEMMs take bf16 inputs and
+    """kernels.head_matmuls(bf16) (the default head of training on a bf16 CPU): the GEMMs take bf16 inputs and
     give bf16 logits (as F.linear under autocast), the softmax is fp32: log-probabilities are the float64 formula
     on those rounded logits, to fp32 accuracy (not merely close to the fp32 head); gradients within bf16's
     rounding of the softmax."""
@@ -798,15 +798,25 @@ def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs():
         assert ((got.double() - want).norm() / want.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("amx,dtype,want", [(True, "auto", torch.bfloat16), (False, "auto", torch.float32),
+@pytest.mark.parametrize("bf16_cpu,dtype,want", [(True, "auto", torch.bfloat16), (False, "auto", torch.float32),
                                             (True, "fp32", torch.float32)])
-def test_a_cpu_stage_runs_its_head_in_bf16_only_by_default_on_an_amx_cpu(monkeypatch, amx, dtype, want):
-    monkeypatch.setattr(kernels, "_CPU_AMX", amx)
+def test_a_cpu_stage_runs_its_head_in_bf16_only_by_default_on_a_bf16_cpu(monkeypatch, bf16_cpu, dtype, want):
+    monkeypatch.setattr(kernels, "_CPU_BF16", bf16_cpu)
     ctx = train.Compute(torch.device("cpu"), dtype=dtype)
     with ctx.autocast():
         assert not torch.is_autocast_enabled("cpu")  # the rest of the model stays fp32
         assert kernels._head_dtype(torch.device("cpu")) == want
     assert kernels._head_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_bf16_cpu_detection_agrees_with_the_cpus_own_flags():
+    """bf16_matmul_fast on a CPU is True exactly where the CPU has AMX tiles or AVX512-BF16, read independently from
+    the kernel's flag list: an AMX-only check missed AMD Zen 4/5, where bf16 GEMMs run 1.3-4x fp32 (RESULTS.md)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert kernels.bf16_matmul_fast("cpu") == ("amx_tile" in flags or "avx512_bf16" in flags)
+    assert muon.ns_dtype(torch.device("cpu")) == (torch.bfloat16 if kernels.bf16_matmul_fast("cpu") else torch.float32)
 
 
 def test_head_logprobs_gradient_of_a_confident_row_keeps_its_precision():
@@ -931,8 +941,8 @@ def _poly(s):
     return _A * s + _B * s ** 3 + _C * s ** 5
 
 
-# Comparisons with fp32 references and across world sizes pin Newton-Schulz to fp32: in bf16 (the default on an
-# AMX CPU) a rounding flip from another summation order moves an update by 2^-8 of itself.
+# Comparisons with fp32 references and across world sizes pin Newton-Schulz to fp32: in bf16 (the default on a
+# bf16 CPU) a rounding flip from another summation order moves an update by 2^-8 of itself.
 _NS32 = torch.float32
 
 
@@ -1018,7 +1028,8 @@ def test_newton_schulz_singular_values(rows, cols):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_newton_schulz_in_bf16_stays_in_band(device):
-    """bf16 is ns_dtype on a GPU and on an AMX CPU: its rounding must keep the singular values near the band."""
+    """bf16 is ns_dtype on a GPU and on a bf16 CPU (AMX, AVX512-BF16): its rounding must keep the singular values
+    near the band."""
     gen = torch.Generator().manual_seed(0)
     G = _matrix_with_spectrum(256, 768, torch.logspace(-1, 1, 256), gen).to(device)
     X = newton_schulz(G, dtype=torch.bfloat16)
@@ -2283,7 +2294,7 @@ def test_the_rl_update_in_bf16_is_close_to_fp32():
 # pretrain.py
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
-# Hand computations and fp32 references run the whole step in fp32: by default an AMX CPU runs the LM head's
+# Hand computations and fp32 references run the whole step in fp32: by default a bf16 CPU runs the LM head's
 # matmuls in bf16 (train.Compute.autocast), tested against its own reference in test_head_matmuls_in_bf16_*.
 _CPU = train.Compute(torch.device("cpu"), dtype="fp32")
 

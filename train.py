@@ -90,18 +90,18 @@ class Compute:
     @property
     def ns_dtype(self):
         """Muon's Newton-Schulz dtype: --dtype fp32 keeps it in fp32 too; else muon.ns_dtype's choice (bf16 on a
-        GPU and on an AMX CPU) or bf16 when asked."""
+        GPU and on a CPU with bf16 matrix instructions) or bf16 when asked."""
         return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.dtype)
 
     def autocast(self):
         """bf16 autocast when asked (--dtype bf16, on any device: how the tests run the GPU's precision on a CPU)
         and by default on a GPU. On a CPU by default the model runs in fp32 (bf16 autocast is slower there), but
-        where the CPU has AMX the LM head's matmuls run in bf16 (kernels.head_matmuls: ~40% of tiny's step, 1.8x
-        faster); --dtype fp32 keeps everything fp32. Master weights, gradients and optimizer state stay fp32;
-        the router and the losses run in fp32 inside (model.py)."""
+        where the CPU has bf16 matrix instructions (AMX, AVX512-BF16) the LM head's matmuls run in bf16
+        (kernels.head_matmuls: ~40% of tiny's step, 1.8x faster); --dtype fp32 keeps everything fp32. Master
+        weights, gradients and optimizer state stay fp32; the router and the losses run in fp32 inside (model.py)."""
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.dtype == "auto" and kernels.bf16_matmul_fast(self.device):  # here: a CPU with AMX
+        if self.dtype == "auto" and kernels.bf16_matmul_fast(self.device):  # here: a bf16 CPU
             return kernels.head_matmuls(torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -879,7 +879,7 @@ def bench_vs_transformers(preset="tiny", batch=4, seq_len=256, repeats=5, seed=0
         (ce + coef * out.aux_loss).backward()
         return ce.item()
 
-    def step_ours_bf16_head():  # what a CPU stage runs by default on an AMX CPU (Compute.autocast)
+    def step_ours_bf16_head():  # what a CPU stage runs by default on a bf16 CPU (Compute.autocast)
         with kernels.head_matmuls(torch.bfloat16):
             return step_ours()
 
