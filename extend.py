@@ -115,8 +115,8 @@ def step_memory_bytes(config, batch_size, seq_len, device, training=True):
     tokens = batch_size * seq_len
     # without the Triton kernel, a sliding layer longer than its window attends through a (T, T) boolean mask (CPU's
     # fused attention takes it without materialising the scores; backward keeps each layer's mask), unless it
-    # attends in blocks of the window (model.attends_in_blocks decides), whose masks are small
-    dense = config.sliding_window < seq_len and not M.attends_in_blocks(seq_len, config.sliding_window)
+    # attends in blocks of the window (kernels.attends_in_blocks decides), whose masks are small
+    dense = config.sliding_window < seq_len and not kernels.attends_in_blocks(seq_len, config.sliding_window)
     mask = seq_len * seq_len if dense and not kernels.use_kernels(device) else 0
     if not training:
         return n_params * 4 + tokens * max(map(layer, mlp_types)) * act + mask + batch_size * LOGIT_CHUNK * V * 8

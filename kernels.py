@@ -15,6 +15,8 @@ Sections, top to bottom:
   head           `head_logprobs`: the LM head's log-probabilities of given tokens without materialising the
                  (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`,
                  `head_matmuls(dtype)` (its matmuls' dtype outside autocast: bf16 on a bf16 CPU)
+  CPU paths      plain PyTorch that beats the general path on a CPU: the MoE experts of decoding in place or in
+                 padded blocks (`experts_path` decides), long sliding windows in blocks of the window
   bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
                  `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
 
@@ -816,6 +818,70 @@ def head_logprobs_ref(h_ND, w_VD, t_N):
     """The plain path: all N x V logits, log_softmax, gather; and the entropies."""
     logp_NV = F.linear(h_ND, w_VD).float().log_softmax(dim=-1)
     return logp_NV.gather(1, t_N[:, None])[:, 0], -(logp_NV.exp() * logp_NV).sum(dim=-1).detach()
+
+
+# -----------------------------------------------------------------------------
+# CPU paths: plain PyTorch that beats model.py's general path at the shapes a CPU meets (decoding, long windows),
+# computing the same thing. The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline").
+
+def experts_path(rows, device, fp8=False):
+    """How a MoE layer sends its `rows` (token, expert) pairs through their experts:
+      "in_place"  each row through a copy of its expert's weights (experts_in_place): a CPU decoding a token or
+                  two, where sorting and scattering the rows costs more than the copies;
+      "padded"    sorted into one zero-padded block per expert, two batched GEMMs (experts_padded): a CPU decoding
+                  a batch, where _grouped_mm's one GEMM call per expert costs more than the padding (1.7x at 32);
+      "grouped"   sorted, one group per expert (model.grouped_linear): training, prefill, GPUs, FP8.
+    Expert parallelism always sorts (model.MoE.dispatch_ep)."""
+    if device.type != "cpu" or fp8:
+        return "grouped"
+    return "in_place" if rows <= 16 else "padded" if rows <= 2048 else "grouped"
+
+
+def experts_in_place(x_RD, expert_R, gate_up_EFD, down_EDF):
+    """Row r through SwiGLU expert expert_R[r] (rows in any order; gate_up [E, 2F, D] gate rows first, down
+    [E, D, F]): one batched GEMM per projection over copies of the rows' experts (the layer 2x faster for one
+    token)."""
+    gate_RF, up_RF = torch.bmm(x_RD[:, None], gate_up_EFD.index_select(0, expert_R).mT)[:, 0].chunk(2, dim=-1)
+    return torch.bmm((F.silu(gate_RF) * up_RF)[:, None], down_EDF.index_select(0, expert_R).mT)[:, 0]
+
+
+def experts_padded(x_RD, count_E, gate_up_EFD, down_EDF):
+    """The experts of rows sorted by expert, count_E[e] of expert e, through one zero-padded block per expert:
+    two batched GEMMs over all experts, where _grouped_mm on a CPU makes one GEMM call per expert."""
+    E, cap, D = len(count_E), int(count_E.max()), x_RD.size(-1)
+    first_E = count_E.cumsum(0) - count_E  # each expert's first row
+    # row r, the j-th of expert e's rows, goes to slot e * cap + j of the padded blocks
+    slot_R = torch.arange(len(x_RD), device=x_RD.device) + torch.repeat_interleave(
+        torch.arange(E, device=x_RD.device) * cap - first_E, count_E)
+    x_ECD = x_RD.new_zeros(E * cap, D).index_copy(0, slot_R, x_RD).view(E, cap, D)
+    gate_ECF, up_ECF = torch.bmm(x_ECD, gate_up_EFD.mT).chunk(2, dim=-1)
+    y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, down_EDF.mT)
+    return y_ECD.view(E * cap, D).index_select(0, slot_R)
+
+
+def attends_in_blocks(T, window):
+    """Whether attention over T of its own positions with a window runs in blocks (sliding_window_attention)
+    rather than through a dense (T, T) mask: where the mask would waste most of its pairs."""
+    return window is not None and T > 4 * window
+
+
+def sliding_window_attention(q, k, v, window):
+    """Causal sliding-window attention with GQA (q (B, H, T, hd); k, v (B, K, T, hd)) in blocks of W queries:
+    block i sees only keys (i-1)W .. (i+1)W - 1, the one block before it and its own, so it computes T x 2W
+    query-key pairs where a dense mask computes T x T."""
+    B, H, T, hd = q.shape
+    W, n = window, -(-T // window)
+    qb = F.pad(q, (0, 0, 0, n * W - T)).unflatten(2, (n, W)).transpose(1, 2)  # (B, n, H, W, hd); pad rows dropped
+
+    def key_blocks(t):  # (B, K, T, hd) -> (B, n, K, 2W, hd): W empty slots in front, so block 0 has a "previous"
+        return F.pad(t, (0, 0, W, n * W - T)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)
+
+    # in its block's 2W keys, query j sits at W + j and sees slots j+1 .. W+j; block 0's first W slots are empty
+    qp, kp = torch.arange(W, 2 * W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)
+    rest = (kp <= qp) & (kp > qp - W)
+    mask = torch.stack([rest & (kp >= W)] + [rest] * (n - 1))[:, None]  # (n, 1, W, 2W)
+    y = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
 # -----------------------------------------------------------------------------

@@ -4,13 +4,13 @@ The Mellum 2 architecture (arXiv 2605.31268) in one file.
 Contents, top to bottom:
   Config + PRESETS        one dataclass; defaults are the CPU-sized `tiny` model
   RoPE (+ YaRN)           per-layer-type frequencies: theta 500k on both types, YaRN on full layers only
-  dispatch                the one place that picks Triton / FP8 / plain PyTorch (linear, grouped GEMM, attention)
-                          and the experts' path (experts_path); attention_mask, the keys each query sees (a cache's
-                          slots, padding, SharedPrefix segments); long sliding windows in blocks of the window
+  dispatch                the one place that picks Triton / FP8 / plain PyTorch / the CPU paths of kernels.py
+                          (linear, grouped GEMM, attention); attention_mask, the keys each query sees (a cache's
+                          slots, padding, SharedPrefix segments)
   Attention               GQA, QK-norm before RoPE, causal or sliding-window; SharedPrefix rows (one prompt read
                           once by several completions: RL's update)
   MoE                     fp32-softmax router, top-k, renormalised; experts as 3-D tensors, grouped GEMM (decoding
-                          on a CPU: a token or two in place, Experts.per_row, a batch in padded blocks, .padded);
+                          on a CPU: kernels.experts_path picks in place or padded blocks);
                           expert parallelism (all_to_all dispatch) when shard_experts() gave it a process group
   router losses           global-batch Switch balancing loss (counts over the step's micro-batches and ranks), z-loss
   DecoderLayer, MTP       pre-norm blocks; DeepSeek-V3-style multi-token prediction module
@@ -217,26 +217,6 @@ def grouped_linear(x_RI, w_EOI, offs_E, fp8=False):
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
-def experts_path(rows, device, fp8=False):
-    """How a MoE layer sends its `rows` (token, expert) pairs through their experts:
-      "in_place"  each row through a copy of its expert's weights (Experts.per_row): a CPU decoding a token or two,
-                  where sorting and scattering the rows costs more than the copies;
-      "padded"    sorted into one zero-padded block per expert, two batched GEMMs (Experts.padded): a CPU decoding a
-                  batch, where _grouped_mm's one GEMM call per expert costs more than the padding (1.7x at 32 tokens);
-      "grouped"   sorted, one group per expert (grouped_linear): training, prefill, GPUs, FP8.
-    The thresholds are this project's CPU measurements (RESULTS.md, "The CPU pipeline"). Expert parallelism always
-    sorts (MoE.dispatch_ep)."""
-    if device.type != "cpu" or fp8:
-        return "grouped"
-    return "in_place" if rows <= 16 else "padded" if rows <= 2048 else "grouped"
-
-
-def attends_in_blocks(T, window):
-    """Whether attention() runs a window over T of its own positions in blocks (sliding_window_attention) rather
-    than through a dense (T, T) mask: where the mask would waste most of its pairs (measured in RESULTS.md)."""
-    return window is not None and T > 4 * window
-
-
 def attention_mask(q_pos, k_pos, window, pad=None, seg=None):
     """Which keys each query sees: (T, S) bool from absolute positions q_pos (T,), k_pos (S,) (k_pos < 0: an
     empty cache slot), causal and, with a window, sliding. pad (B,): row b's first pad[b] positions are left
@@ -263,29 +243,11 @@ def attention(q, k, v, window, mask=None):
         T = q.size(2)
         if window is None or window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if attends_in_blocks(T, window):
-            return sliding_window_attention(q, k, v, window)
+        if kernels.attends_in_blocks(T, window):
+            return kernels.sliding_window_attention(q, k, v, window)
         pos = torch.arange(T, device=q.device)
         mask = attention_mask(pos, pos, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-def sliding_window_attention(q, k, v, window):
-    """attention() with a window W, in blocks of W queries: block i sees only keys (i-1)W .. (i+1)W - 1, the
-    one block before it and its own, so it computes T x 2W query-key pairs where a dense mask computes T x T."""
-    B, H, T, hd = q.shape
-    W, n = window, -(-T // window)
-    qb = F.pad(q, (0, 0, 0, n * W - T)).unflatten(2, (n, W)).transpose(1, 2)  # (B, n, H, W, hd); pad rows dropped
-
-    def key_blocks(t):  # (B, K, T, hd) -> (B, n, K, 2W, hd): W empty slots in front, so block 0 has a "previous"
-        return F.pad(t, (0, 0, W, n * W - T)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)
-
-    # in its block's 2W keys, query j sits at W + j; block 0's first W slots are the empty ones (position -1)
-    qp, kp = torch.arange(W, 2 * W, device=q.device), torch.arange(2 * W, device=q.device)
-    first, rest = attention_mask(qp, kp.masked_fill(kp < W, -1), W), attention_mask(qp, kp, W)
-    mask = torch.stack([first] + [rest] * (n - 1))[:, None]  # (n, 1, W, 2W)
-    y = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, enable_gqa=True)
-    return y.transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
 @dataclass
@@ -387,28 +349,6 @@ class Experts(nn.Module):
         gate_RF, up_RF = grouped_linear(x_RD, self.gate_up_proj, offs_E, self.fp8).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate_RF) * up_RF, self.down_proj, offs_E, self.fp8)
 
-    def padded(self, x_RD, count_E):
-        """forward() for rows sorted by expert, count_E[e] of expert e, through one zero-padded block per expert:
-        two batched GEMMs over all experts, where _grouped_mm on a CPU makes one GEMM call per expert."""
-        E, cap, D = len(count_E), int(count_E.max()), x_RD.size(-1)
-        first_E = count_E.cumsum(0) - count_E  # each expert's first row
-        # row r, the j-th of expert e's rows, goes to slot e * cap + j of the padded blocks
-        slot_R = torch.arange(len(x_RD), device=x_RD.device) + torch.repeat_interleave(
-            torch.arange(E, device=x_RD.device) * cap - first_E, count_E)
-        x_ECD = x_RD.new_zeros(E * cap, D).index_copy(0, slot_R, x_RD).view(E, cap, D)
-        gate_ECF, up_ECF = torch.bmm(x_ECD, self.gate_up_proj.mT).chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, self.down_proj.mT)
-        return y_ECD.view(E * cap, D).index_select(0, slot_R)
-
-    def per_row(self, x_RD, expert_R):
-        """Row r through expert expert_R[r] (rows in any order): one batched GEMM per projection over copies of the
-        rows' experts, for the few rows of decoding on a CPU (experts_path; the layer 2x faster for one token)."""
-        gate_up_RFD = self.gate_up_proj.index_select(0, expert_R)
-        gate_RF, up_RF = torch.bmm(x_RD[:, None], gate_up_RFD.transpose(1, 2))[:, 0].chunk(2, dim=-1)
-        down_RDF = self.down_proj.index_select(0, expert_R)
-        return torch.bmm((F.silu(gate_RF) * up_RF)[:, None], down_RDF.transpose(1, 2))[:, 0]
-
-
 class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -445,9 +385,11 @@ class MoE(nn.Module):
 
         expert_R = topi_TK.reshape(-1)
         count_E = torch.bincount(expert_R, minlength=self.num_experts)
-        path = "ep" if self.ep_group is not None else experts_path(len(expert_R), x.device, self.experts.fp8)
+        w = self.experts.gate_up_proj, self.experts.down_proj
+        path = "ep" if self.ep_group is not None else kernels.experts_path(len(expert_R), x.device, self.experts.fp8)
         if path == "in_place":
-            y_TKD = self.experts.per_row(x_TD.repeat_interleave(self.top_k, dim=0), expert_R).view(-1, self.top_k, D)
+            y_RD = kernels.experts_in_place(x_TD.repeat_interleave(self.top_k, dim=0), expert_R, *w)
+            y_TKD = y_RD.view(-1, self.top_k, D)
             out_TD = (y_TKD * topw_TK[..., None].to(y_TKD.dtype)).sum(dim=1)
         else:
             # Dispatch: sort the T*K (token, expert) pairs by expert so each expert sees one contiguous block of rows.
@@ -455,7 +397,7 @@ class MoE(nn.Module):
             token_R = order_R // self.top_k
             x_RD = x_TD.index_select(0, token_R)
             if path == "padded":
-                y_RD = self.experts.padded(x_RD, count_E)
+                y_RD = kernels.experts_padded(x_RD, count_E, *w)
             elif path == "grouped":
                 y_RD = self.experts(x_RD, count_E.cumsum(0).to(torch.int32))
             else:

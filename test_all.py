@@ -60,8 +60,8 @@ def _tiny_model(seed=0, **overrides):
 # model.py
 
 
-# windows: none, wider than T, a dense mask (T <= 4W), and blocks (T > 4W: sliding_window_attention) whose last
-# block is ragged (19 = 4 x 4 + 3), whole (24 = 8 x 3), and of one key
+# windows: none, wider than T, a dense mask (T <= 4W), and blocks (T > 4W: kernels.sliding_window_attention) whose
+# last block is ragged (19 = 4 x 4 + 3), whole (24 = 8 x 3), and of one key
 @pytest.mark.parametrize("T, window", [(19, None), (19, 64), (19, 5), (19, 4), (24, 3), (19, 1)])
 def test_attention_matches_naive_masked_softmax(T, window):
     torch.manual_seed(0)
@@ -90,11 +90,11 @@ def test_rope_matches_complex_rotation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-# every path of model.experts_path on every shape: many tokens per expert, and 1 / 4 / 8 tokens of 2 experts each
+# every path of kernels.experts_path on every shape: many tokens per expert, and 1 / 4 / 8 tokens of 2 experts each
 @pytest.mark.parametrize("path", ["grouped", "padded", "in_place"])
 @pytest.mark.parametrize("shape", [(2, 7), (3, 5), (1, 1), (2, 2), (8, 1)])
 def test_moe_matches_per_token_loop(shape, path, monkeypatch):
-    monkeypatch.setattr(M, "experts_path", lambda rows, device, fp8=False: path)
+    monkeypatch.setattr(kernels, "experts_path", lambda rows, device, fp8=False: path)
     torch.manual_seed(0)
     cfg = M.get_config("test")
     moe = M.MoE(cfg)
