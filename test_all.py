@@ -9,6 +9,7 @@ prefixed with _ and live next to the tests that use them.
 import base64
 import copy
 import datetime
+import faulthandler
 import functools
 import io
 import json
@@ -204,10 +205,26 @@ def test_router_losses_match_hand_formula_over_two_micro_batches():
 
 def _gloo(rank, world, tmp):
     """This process's rank of a gloo group over a file store in tmp (workers started by torch.multiprocessing).
-    Workers that test train.compute_init itself start through it instead (_init_rank)."""
+    Workers that test train.compute_init itself start through it instead (_init_rank). Every worker ends in
+    _leave()."""
+    faulthandler.enable()  # a worker that dies of a signal prints every thread's Python stack into the test's log
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
+
+
+def _leave():
+    """The end of every spawned worker, once its results are saved: leave together, then exit at once.
+    The barrier keeps any rank from tearing gloo down while a peer is still in a collective with it (a peer left
+    waiting forever, seen in a full CI run). os._exit skips Python's shutdown: during interpreter finalization
+    gloo's threads may still drop tensors that hold Python objects, and a thread that then asks for the GIL is
+    unwound and aborts the process (SIGABRT, "terminate called without an active exception"; twice in full CI
+    runs, in test_two_processes_match_one and test_fsdp_checkpoint_loads_in_one_process_and_resumes) after the
+    worker's work was done. The parent process still checks every result; a worker that failed raised before
+    this, and torch.multiprocessing reports that."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def _router_rank_worker(rank, world, tmp, xs):
@@ -219,7 +236,7 @@ def _router_rank_worker(rank, world, tmp, xs):
         _, losses = model(x, torch.roll(x, -1, 1))
         aux.append(losses["aux"].item())
     torch.save(aux, f"{tmp}/aux{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_global_batch_aux_loss_over_two_ranks(tmp_path):
@@ -1232,7 +1249,7 @@ def _dist_worker(rank, world, tmp):
     except FloatingPointError:
         out["nan_raised"] = True
     torch.save(out, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_two_processes_match_one(tmp_path):
@@ -2583,6 +2600,7 @@ def _init_rank(rank, world, port, ep=1):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    faulthandler.enable()  # as in _gloo
     return train.compute_init("cpu", ep)
 
 
@@ -2616,7 +2634,7 @@ def _fsdp_ckpt_worker(rank, world, port, tmp):
     _ckpt_steps(model, opt, range(2, 4), rank)
     out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
     torch.save(out, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.slow
@@ -2661,7 +2679,7 @@ def _ep_worker(rank, world, port, tmp, ep):
     out["stepped"] = {n: _full(p) for n, p in model.named_parameters()}
     train.save_checkpoint(f"{tmp}/ckpt", 1, model, opt, {}, None, ctx)
     torch.save(out, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.slow
@@ -4244,9 +4262,8 @@ def _rlvr_ddp_worker(rank, world, tmp, rows):
     mine = [r for r in rows if (r.group < 3) == (rank == 0)]
     stats = rlvr.update(ctx, model, opt, mine, 40, updates=1, micro=2, grad_clip=1e9)
     torch.save({"params": {n: p.detach() for n, p in raw.named_parameters()}, "stats": stats}, f"{tmp}/rank{rank}.pt")
-    del model  # release DDP's reducer, then leave together: a rank that exits while its peer still shuts gloo down
-    dist.barrier()  # left that peer waiting forever under load (seen once in a full CI run)
-    dist.destroy_process_group()
+    del model  # release DDP's reducer first
+    _leave()
 
 
 @pytest.mark.slow

@@ -137,6 +137,7 @@ def compute_cleanup(ctx):
         ctx.tracker.close()
         ctx.tracker = None
     if ctx.ddp and dist.is_initialized():
+        dist.barrier()  # leave together: no rank tears its group down while a peer is still in a collective with it
         dist.destroy_process_group()
 
 
