@@ -734,8 +734,8 @@ _head_matmuls = torch.float32  # outside autocast; train.Compute.autocast sets b
 def head_matmuls(dtype):
     """Run head_logprobs's matmuls in `dtype` when autocast is off (the softmax stays fp32). On a CPU with bf16
     matrix instructions (AMX, AVX512-BF16) the head's bf16 GEMMs run 2-4x fp32's rate, while bf16 autocast of the
-    whole model is slower than fp32 there
-    (oneDNN compiles a kernel for every new expert-group shape): train.Compute.autocast uses this instead."""
+    whole model is slower than fp32 there (oneDNN compiles a kernel for every new expert-group shape):
+    train.Compute.autocast uses this instead."""
     global _head_matmuls
     old, _head_matmuls = _head_matmuls, dtype
     try:
