@@ -13,12 +13,14 @@ Sections, top to bottom:
                  128x128 weight blocks, 128x1 column tiles per expert for the weight gradient), grouped GEMMs,
                  `fp8_grouped_linear` / `fp8_linear` (autograd; Triton or the PyTorch emulation) and `*_ref`s
   head           `head_logprobs`: the LM head's log-probabilities of given tokens without materialising the
-                 (N, V) logits (vocabulary blocks, online logsumexp, recompute in backward), `head_logprobs_ref`,
+                 (N, V) logits (vocabulary blocks, online logsumexp; the backward reuses the forward's logits
+                 where they fit HEAD_KEEP_BYTES, else recomputes them), `head_logprobs_ref`,
                  `head_matmuls(dtype)` (its matmuls' dtype outside autocast: bf16 on a bf16 CPU)
   CPU paths      plain PyTorch that beats the general path on a CPU: the MoE experts of decoding in place or in
                  padded blocks (`experts_path` decides), long sliding windows in blocks of the window
   bench          `python kernels.py --bench` (GPU): attention and FP8 grouped GEMM throughput vs PyTorch;
-                 `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU)
+                 `python kernels.py --bench-moe`: the grouped MoE dispatch against a per-expert loop (CPU);
+                 `python kernels.py --bench-head`: the head's backward keeping its logits against recomputing them
 
 Shape legend in the FP8 section: R routed rows (tokens sorted by expert), E experts, I in features, O out
 features, C columns of a tensor being quantised.
@@ -722,9 +724,13 @@ def fp8_linear(x, w, use_triton=None):
 # is walked in blocks small enough to stay in cache (HEAD_BLOCK logits): the forward keeps a running max and sum
 # per row (online logsumexp) and picks z_t from the block that holds t; the backward recomputes each block's
 # logits from h and the saved lse and forms d z = -g (softmax - onehot) there, as the plain path does (the
-# one-hot is subtracted before any cast, so p_t ~ 1 loses nothing to cancellation). Cost: one extra matmul.
+# one-hot is subtracted before any cast, so p_t ~ 1 loses nothing to cancellation). Cost: one extra matmul, except
+# where the blocks' logits fit HEAD_KEEP_BYTES: then the forward keeps them for the backward. On a CPU the
+# recomputing GEMM costs more than keeping (tiny's 512 rows x 16K: 32 MB, the head's forward + backward 1.1-1.4x
+# faster, RESULTS.md); on a GPU the matmul is cheap and the memory is what the blocks are there to save.
 
 HEAD_BLOCK = {"cpu": 2 ** 19, "cuda": 2 ** 27}  # logits per vocabulary block: ~2 MB fp32 (a core's L2) on a CPU
+HEAD_KEEP_BYTES = {"cpu": 2 ** 28, "cuda": 0}  # at most this many bytes of logits kept for the backward
 
 
 _head_matmuls = torch.float32  # outside autocast; train.Compute.autocast sets bf16 where bf16_matmul_fast
@@ -765,8 +771,14 @@ class _HeadLogProbs(torch.autograd.Function):
         # running max m, sum exp(z - m), sum exp(z - m) z; without the entropy m is the running logsumexp itself
         m = h_ND.new_full((N, 1), -math.inf, dtype=torch.float32)
         s, sz, z_t = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+        keep = []  # the blocks' logits as the GEMMs return them, for the backward where they fit HEAD_KEEP_BYTES
+        keeping = (any(ctx.needs_input_grad[:2])
+                   and N * V * hc.element_size() <= HEAD_KEEP_BYTES.get(h_ND.device.type, 0))
         for j, width, col, inb in _head_blocks(t_N, V, block):
-            z = (hc @ w_VD[j:j + width].to(dtype).T).float()
+            z = hc @ w_VD[j:j + width].to(dtype).T
+            if keeping:
+                keep.append(z)
+            z = z.float()
             z_t = torch.where(inb, z.gather(1, col), z_t)
             if not with_entropy:  # logsumexp fuses max, exp and sum: two passes over the block instead of four
                 m = torch.logaddexp(m, torch.logsumexp(z, dim=1, keepdim=True))
@@ -779,7 +791,7 @@ class _HeadLogProbs(torch.autograd.Function):
             m = m_new
         lse = m + s.log() if with_entropy else m
         ctx.save_for_backward(h_ND, w_VD, t_N, lse)
-        ctx.dtype, ctx.block = dtype, block
+        ctx.dtype, ctx.block, ctx.keep = dtype, block, keep
         entropy = (lse - sz / s)[:, 0] if with_entropy else torch.zeros_like(lse[:, 0])
         ctx.mark_non_differentiable(entropy)
         return (z_t - lse)[:, 0], entropy
@@ -793,9 +805,10 @@ class _HeadLogProbs(torch.autograd.Function):
         hc, hg = h_ND.to(dtype), (-g * h_ND.float()).to(dtype)
         dh = torch.zeros(h_ND.shape, dtype=torch.float32, device=h_ND.device)
         dw = torch.empty(w_VD.shape, dtype=torch.float32, device=w_VD.device)
-        for j, width, col, inb in _head_blocks(t_N, w_VD.size(0), block):
+        for b, (j, width, col, inb) in enumerate(_head_blocks(t_N, w_VD.size(0), block)):
             w_j = w_VD[j:j + width].to(dtype)
-            p = (hc @ w_j.T).float().sub_(lse).exp_()  # softmax of the block's logits
+            z = (ctx.keep[b] if ctx.keep else hc @ w_j.T).float()
+            p = (z - lse).exp_()  # softmax of the block's logits
             p = p.scatter_add_(1, col, -inb.float()).to(dtype)  # softmax - onehot, formed before any cast
             dh += (p @ w_j).float()
             dw[j:j + width] = p.T @ hg
@@ -1007,15 +1020,55 @@ def bench_moe(tokens=4096, D=128, E=64, K=8, F_=64, repeats=5):
     return t_loop, t_grouped
 
 
+def bench_head(rows=(368, 512, 1024), V=16_384, D=128, pairs=15):
+    """kernels.head_logprobs forward + backward with the blocks' logits kept for the backward against recomputed
+    (HEAD_KEEP_BYTES at its default against 0), interleaved pair by pair on this machine, fp32 matmuls and, where
+    the CPU has them fast, bf16 ones: the median of the pairs' ratios. The defaults are tiny's head at SFT's target
+    rows, pre-training's micro-batch and the transformers benchmark's step. `python kernels.py --bench-head`."""
+    import time
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep = HEAD_KEEP_BYTES.get(device.type, 0)
+    gen = torch.Generator().manual_seed(0)
+    w = (0.02 * torch.randn(V, D, generator=gen)).to(device).requires_grad_()
+    dtypes = [torch.float32] + [torch.bfloat16] * bf16_matmul_fast(device)
+    print(f"head_logprobs forward + backward, V={V}, D={D}, {device}, {torch.get_num_threads()} threads, "
+          f"{pairs} interleaved pairs: recomputing the logits / keeping them (HEAD_KEEP_BYTES {keep:,})")
+    for N in rows:
+        h = torch.randn(N, D, generator=gen).to(device).requires_grad_()
+        t = torch.randint(0, V, (N,), generator=gen).to(device)
+        for dtype in dtypes:
+            def run(budget):
+                HEAD_KEEP_BYTES[device.type] = budget
+                t0 = time.perf_counter()
+                with head_matmuls(dtype):
+                    head_logprobs(h, w, t)[0].sum().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0
+            try:
+                run(0), run(keep)  # warm-up
+                times = [(run(0), run(keep)) for _ in range(pairs)]
+            finally:
+                HEAD_KEEP_BYTES[device.type] = keep
+            ratio = sorted(a / b for a, b in times)[pairs // 2]
+            recompute, kept = (sorted(x)[pairs // 2] * 1e3 for x in zip(*times))
+            print(f"  {N:5d} rows, {str(dtype)[6:]:8s} recompute {recompute:7.1f} ms   keep {kept:7.1f} ms   "
+                  f"speed-up {ratio:.2f}x")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="nanoMellum Triton kernels")
     parser.add_argument("--bench", action="store_true", help="time the kernels on a GPU against PyTorch")
     parser.add_argument("--bench-moe", action="store_true", help="time the grouped MoE dispatch against a "
                         "per-expert loop (CPU or GPU)")
+    parser.add_argument("--bench-head", action="store_true", help="time the LM head's backward keeping its "
+                        "logits against recomputing them")
     cli = parser.parse_args()
     if cli.bench:
         bench()
     elif cli.bench_moe:
         bench_moe()
+    elif cli.bench_head:
+        bench_head()
     else:
         parser.print_help()

@@ -745,10 +745,12 @@ def _head_ref64(h, w, t):
     return z.gather(1, t[:, None])[:, 0] - lse, lse - (p * z).sum(dim=-1)
 
 
+@pytest.mark.parametrize("keep", [0, 2 ** 30])  # the backward recomputes the blocks' logits / reuses the forward's
 @pytest.mark.parametrize("block", [7, 10, 10_000])  # 6 blocks (a ragged last one), 4 blocks, one block
-def test_head_logprobs_match_the_formula_and_its_gradients(monkeypatch, block):
+def test_head_logprobs_match_the_formula_and_its_gradients(monkeypatch, block, keep):
     N, V, D = 5, 37, 8
     monkeypatch.setitem(kernels.HEAD_BLOCK, "cpu", block * N)  # `block` vocabulary rows per block
+    monkeypatch.setitem(kernels.HEAD_KEEP_BYTES, "cpu", keep)
     gen = torch.Generator().manual_seed(0)
     # later vocabulary rows larger: the running max changes from block to block (the online rescale is exercised)
     w = (torch.randn(V, D, generator=gen) * torch.linspace(0.1, 3, V)[:, None]).requires_grad_()
@@ -790,11 +792,13 @@ def test_head_logprobs_under_bf16_autocast_follow_the_plain_head():
         kernels.head_logprobs(h, w, t[:3])
 
 
-def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs():
+@pytest.mark.parametrize("keep", [0, 2 ** 30])
+def test_head_matmuls_in_bf16_compute_the_formula_on_bf16_rounded_inputs(monkeypatch, keep):
     """kernels.head_matmuls(bf16) (the default head of training on a bf16 CPU): the GEMMs take bf16 inputs and
     give bf16 logits (as F.linear under autocast), the softmax is fp32: log-probabilities are the float64 formula
     on those rounded logits, to fp32 accuracy (not merely close to the fp32 head); gradients within bf16's
     rounding of the softmax."""
+    monkeypatch.setitem(kernels.HEAD_KEEP_BYTES, "cpu", keep)  # the backward recomputes / reuses the logits
     gen = torch.Generator().manual_seed(5)
     N, V, D = 7, 300, 32
     h = torch.randn(N, D, generator=gen, requires_grad=True)
