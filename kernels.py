@@ -725,9 +725,9 @@ def fp8_linear(x, w, use_triton=None):
 # per row (online logsumexp) and picks z_t from the block that holds t; the backward recomputes each block's
 # logits from h and the saved lse and forms d z = -g (softmax - onehot) there, as the plain path does (the
 # one-hot is subtracted before any cast, so p_t ~ 1 loses nothing to cancellation). Cost: one extra matmul, except
-# where the blocks' logits fit HEAD_KEEP_BYTES: then the forward keeps them for the backward. On a CPU the
-# recomputing GEMM costs more than keeping (tiny's 512 rows x 16K: 32 MB, the head's forward + backward 1.1-1.4x
-# faster, RESULTS.md); on a GPU the matmul is cheap and the memory is what the blocks are there to save.
+# where the blocks' logits fit HEAD_KEEP_BYTES: then the forward keeps them for the backward. On a CPU with fp32
+# matmuls the recomputing GEMM costs more than keeping (tiny's 512 rows x 16K: 32 MB; a tiny step 1.10-1.15x
+# faster, bf16 matmuls about even, RESULTS.md); on a GPU the matmul is cheap and the memory is what the blocks save.
 
 HEAD_BLOCK = {"cpu": 2 ** 19, "cuda": 2 ** 27}  # logits per vocabulary block: ~2 MB fp32 (a core's L2) on a CPU
 HEAD_KEEP_BYTES = {"cpu": 2 ** 28, "cuda": 0}  # at most this many bytes of logits kept for the backward
@@ -1030,7 +1030,7 @@ def bench_head(rows=(368, 512, 1024), V=16_384, D=128, pairs=15):
     keep = HEAD_KEEP_BYTES.get(device.type, 0)
     gen = torch.Generator().manual_seed(0)
     w = (0.02 * torch.randn(V, D, generator=gen)).to(device).requires_grad_()
-    dtypes = [torch.float32] + [torch.bfloat16] * bf16_matmul_fast(device)
+    dtypes = [torch.float32, torch.bfloat16] if bf16_matmul_fast(device) else [torch.float32]
     print(f"head_logprobs forward + backward, V={V}, D={D}, {device}, {torch.get_num_threads()} threads, "
           f"{pairs} interleaved pairs: recomputing the logits / keeping them (HEAD_KEEP_BYTES {keep:,})")
     for N in rows:
